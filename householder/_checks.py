@@ -1,0 +1,111 @@
+"""Input validation shared by every public entry point.
+
+One place for the rules: argument names in messages, SciPy's ``check_finite``
+convention, NumPy broadcasting of batch dimensions, dtype promotion.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+FORMS = ("wy", "ut")
+
+
+def check_form(form: Any) -> str:
+    """Return ``form`` if it names a representation, else raise ValueError."""
+    if not isinstance(form, str) or form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}; got {form!r}")
+    return form
+
+
+def check_block_size(block_size: Any) -> int:
+    """Return ``block_size`` as a positive int, else raise."""
+    if isinstance(block_size, bool) or not isinstance(block_size, int):
+        raise TypeError(f"block_size must be an int; got {type(block_size).__name__}")
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1; got {block_size}")
+    return block_size
+
+
+def broadcast_batch(name_a: str, shape_a: tuple, name_b: str, shape_b: tuple) -> tuple:
+    """NumPy broadcasting of two batch shapes, with an error that names both arguments."""
+    out = []
+    la, lb = len(shape_a), len(shape_b)
+    for i in range(max(la, lb)):
+        a = shape_a[la - 1 - i] if i < la else 1
+        b = shape_b[lb - 1 - i] if i < lb else 1
+        if a != b and a != 1 and b != 1:
+            raise ValueError(
+                f"batch dimensions of {name_a} {tuple(shape_a)} and {name_b} {tuple(shape_b)} "
+                f"do not broadcast (NumPy rules)"
+            )
+        out.append(max(a, b) if a != 0 and b != 0 else 0)
+    return tuple(reversed(out))
+
+
+def _check_kind(backend, a, name: str) -> None:
+    kind = backend.dtype_kind(a)
+    if kind == "c":
+        raise TypeError(f"{name} must be real; got complex dtype {backend.dtype_name(a)}")
+    if kind not in ("f", "i"):
+        raise TypeError(
+            f"{name} must be a real floating or integer array; got dtype {backend.dtype_name(a)}"
+        )
+
+
+def _check_finite(backend, a, name: str) -> None:
+    if not backend.all_finite(a):
+        raise ValueError(
+            f"{name} must contain only finite numbers (got NaN or Inf); "
+            f"pass check_finite=False to skip this check"
+        )
+
+
+def check_keys_betas(backend, keys, betas, check_finite: bool):
+    """Validate and promote ``keys`` (..., n, d) and ``betas`` (..., n).
+
+    Returns ``(keys, betas)`` as floating arrays of one dtype, broadcast to a
+    common batch shape (views where the library allows).
+    """
+    keys = backend.asarray(keys, "keys")
+    betas = backend.asarray(betas, "betas")
+    _check_kind(backend, keys, "keys")
+    _check_kind(backend, betas, "betas")
+    kshape, bshape = tuple(keys.shape), tuple(betas.shape)
+    if len(kshape) < 2:
+        raise ValueError(f"keys must have shape (..., n, d) with at least 2 dimensions; got shape {kshape}")
+    if len(bshape) < 1:
+        raise ValueError(f"betas must have shape (..., n) with at least 1 dimension; got shape {bshape}")
+    n = kshape[-2]
+    if bshape[-1] not in (n, 1):
+        raise ValueError(
+            f"betas must have shape (..., n) matching keys.shape[:-1] = {kshape[:-1]} "
+            f"after broadcasting; got shape {bshape} (last dimension {bshape[-1]}, expected {n})"
+        )
+    batch = broadcast_batch("keys", kshape[:-2], "betas", bshape[:-1])
+    dtype = backend.result_float_dtype(keys, betas)
+    keys = backend.astype(keys, dtype)
+    betas = backend.astype(betas, dtype)
+    if check_finite:
+        _check_finite(backend, keys, "keys")
+        _check_finite(backend, betas, "betas")
+    keys = backend.broadcast_to(keys, batch + kshape[-2:])
+    betas = backend.broadcast_to(betas, batch + (n,))
+    return keys, betas
+
+
+def check_operand(backend, x, d: int, name: str, check_finite: bool):
+    """Validate a block ``x`` of shape (..., d, m) that a product is applied to."""
+    x = backend.asarray(x, name)
+    _check_kind(backend, x, name)
+    shape = tuple(x.shape)
+    if len(shape) < 2:
+        raise ValueError(
+            f"{name} must have shape (..., d, m) with at least 2 dimensions (use x[..., None] "
+            f"for a vector); got shape {shape}"
+        )
+    if shape[-2] != d:
+        raise ValueError(f"{name} must have shape (..., {d}, m) to match d = {d}; got shape {shape}")
+    if check_finite:
+        _check_finite(backend, x, name)
+    return x
