@@ -94,8 +94,8 @@ def check_keys_betas(backend, keys, betas, check_finite: bool):
     return keys, betas
 
 
-def check_operand(backend, x, d: int, name: str, check_finite: bool):
-    """Validate a block ``x`` of shape (..., d, m) that a product is applied to."""
+def check_operand(backend, x, d: int, name: str, check_finite: bool, batch: tuple = ()):
+    """Validate a block ``x`` of shape (..., d, m) that a product of batch shape ``batch`` is applied to."""
     x = backend.asarray(x, name)
     _check_kind(backend, x, name)
     shape = tuple(x.shape)
@@ -106,6 +106,7 @@ def check_operand(backend, x, d: int, name: str, check_finite: bool):
         )
     if shape[-2] != d:
         raise ValueError(f"{name} must have shape (..., {d}, m) to match d = {d}; got shape {shape}")
+    broadcast_batch("the product", tuple(batch), name, shape[:-2])
     if check_finite:
         _check_finite(backend, x, name)
     return x

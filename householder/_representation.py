@@ -155,7 +155,7 @@ class HouseholderProduct:
     def apply(self, x, transpose: bool = False, *, check_finite: bool = True):
         """P @ x (or P^T @ x if ``transpose``) for x (..., d, m), without forming P."""
         be = self._be
-        x = _checks.check_operand(be, x, self.d, "x", check_finite)
+        x = _checks.check_operand(be, x, self.d, "x", check_finite, self.batch_shape)
         dtype = be.result_float_dtype(self._keys, x)
         x = be.astype(x, dtype)
         segments = self._segments if transpose else self._segments[::-1]
