@@ -6,6 +6,7 @@ imports neither torch nor CuPy nor Triton.
 """
 
 from householder import reference
+from householder._delta import delta_product, delta_rule, delta_rule_recurrent
 from householder._registry import (
     BackendUnavailableError,
     available_backends,
@@ -24,6 +25,9 @@ __all__ = [
     "HouseholderProduct",
     "available_backends",
     "backend_names",
+    "delta_product",
+    "delta_rule",
+    "delta_rule_recurrent",
     "get_backend",
     "product",
     "reference",

@@ -110,3 +110,68 @@ def check_operand(backend, x, d: int, name: str, check_finite: bool, batch: tupl
     if check_finite:
         _check_finite(backend, x, name)
     return x
+
+
+# -- the delta rule's arguments (layout of flash-linear-attention) -------------
+
+
+def check_positive_int(value: Any, name: str) -> int:
+    """Return ``value`` as a positive int, else raise naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int; got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1; got {value}")
+    return value
+
+
+def check_delta_shapes(q: tuple, k: tuple, v: tuple, beta: tuple, g: tuple | None, num_householder: int = 1):
+    """Shapes of a delta-rule call; returns (B, T, H, K, V), T counted in tokens.
+
+    q (B, T, H, K); k (B, T*n, H, K); v (B, T*n, H, V); beta (B, T*n, H);
+    g (B, T, H) or None, with n = ``num_householder``.
+    """
+    n = num_householder
+    if len(q) != 4:
+        raise ValueError(f"q must have shape (B, T, H, K); got shape {tuple(q)}")
+    B, T, H, K = q
+    steps = T * n
+    per = f" (T * num_householder = {T} * {n})" if n > 1 else ""
+    if tuple(k) != (B, steps, H, K):
+        raise ValueError(f"k must have shape (B, T{'*n' if n > 1 else ''}, H, K) = {(B, steps, H, K)}{per} to match q {tuple(q)}; got shape {tuple(k)}")
+    if len(v) != 4 or tuple(v[:3]) != (B, steps, H):
+        raise ValueError(f"v must have shape (B, T{'*n' if n > 1 else ''}, H, V) = {(B, steps, H)} + (V,){per}; got shape {tuple(v)}")
+    if tuple(beta) != (B, steps, H):
+        raise ValueError(f"beta must have shape (B, T{'*n' if n > 1 else ''}, H) = {(B, steps, H)}{per}; got shape {tuple(beta)}")
+    if g is not None and tuple(g) != (B, T, H):
+        raise ValueError(f"g must have shape (B, T, H) = {(B, T, H)}, one log-decay per token; got shape {tuple(g)}")
+    if K == 0 or v[3] == 0 or H == 0:
+        raise ValueError(f"q, k and v need H, K and V >= 1; got H = {H}, K = {K}, V = {v[3]}")
+    return B, T, H, K, v[3]
+
+
+def check_cu_seqlens(offsets: list, batch: int, total: int) -> int:
+    """Validate packed-sequence offsets (FlashAttention's cu_seqlens); returns N.
+
+    ``offsets`` is the list of ints [0, t_1, ..., T]: non-decreasing, starting at
+    0 and ending at the packed length ``total``, with batch size 1.
+    """
+    if batch != 1:
+        raise ValueError(f"with cu_seqlens the inputs must be packed in a batch of size 1 (B = 1); got B = {batch}")
+    if len(offsets) < 2:
+        raise ValueError(f"cu_seqlens must have shape (N + 1,) with N >= 1 sequences; got {len(offsets)} entries")
+    if offsets[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0; got cu_seqlens[0] = {offsets[0]}")
+    if offsets[-1] != total:
+        raise ValueError(f"cu_seqlens must end at the packed length T = {total}; got cu_seqlens[-1] = {offsets[-1]}")
+    for i in range(len(offsets) - 1):
+        if offsets[i + 1] < offsets[i]:
+            raise ValueError(
+                f"cu_seqlens must be non-decreasing; got cu_seqlens[{i}] = {offsets[i]} > cu_seqlens[{i + 1}] = {offsets[i + 1]}"
+            )
+    return len(offsets) - 1
+
+
+def check_state_shape(shape: tuple, expected: tuple, name: str = "initial_state") -> None:
+    """Raise unless a recurrent state has shape (N, H, K, V) = ``expected``."""
+    if tuple(shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape (N, H, K, V) = {tuple(expected)}; got shape {tuple(shape)}")

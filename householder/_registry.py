@@ -122,11 +122,14 @@ def infer_backend_name(x: Any) -> str:
     return "numpy"
 
 
-def resolve(backend: str | None, x: Any):
-    """The backend for a call: explicit argument, then context, global, env var, inference."""
+def resolve_name(backend: str | None, x: Any) -> str:
+    """The backend name for a call: explicit argument, then context, global, env var, inference."""
     name = backend if backend is not None else _chosen_name()
     if name is None:
-        name = infer_backend_name(x)
-    else:
-        _check_name(name)
-    return get_backend(name)
+        return infer_backend_name(x)
+    return _check_name(name)
+
+
+def resolve(backend: str | None, x: Any):
+    """The backend for a call: explicit argument, then context, global, env var, inference."""
+    return get_backend(resolve_name(backend, x))
