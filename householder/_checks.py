@@ -71,6 +71,7 @@ def check_keys_betas(backend, keys, betas, check_finite: bool):
     betas = backend.asarray(betas, "betas")
     _check_kind(backend, keys, "keys")
     _check_kind(backend, betas, "betas")
+    backend.check_compatible(("keys", keys), ("betas", betas))
     kshape, bshape = tuple(keys.shape), tuple(betas.shape)
     if len(kshape) < 2:
         raise ValueError(f"keys must have shape (..., n, d) with at least 2 dimensions; got shape {kshape}")

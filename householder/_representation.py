@@ -133,7 +133,7 @@ class HouseholderProduct:
             return be.zeros(self.batch_shape + (0, 0), like=self._keys)
         # Compose the blocks' T pairwise (a tree) by the composition rule.
         parts = [
-            (seg.K[..., j, :, :], seg.F[..., j, :, :])
+            (be.astype(seg.K[..., j, :, :], seg.F.dtype), seg.F[..., j, :, :])
             for seg in self._segments
             for j in range(seg.K.shape[-3])
         ]
@@ -156,11 +156,14 @@ class HouseholderProduct:
         """P @ x (or P^T @ x if ``transpose``) for x (..., d, m), without forming P."""
         be = self._be
         x = _checks.check_operand(be, x, self.d, "x", check_finite, self.batch_shape)
+        be.check_compatible(("keys", self._keys), ("x", x))
         dtype = be.result_float_dtype(self._keys, x)
         x = be.astype(x, dtype)
         segments = self._segments if transpose else self._segments[::-1]
         for seg in segments:
-            K, beta, F = (be.astype(a, dtype) for a in (seg.K, seg.beta, seg.F))
+            K, beta = be.astype(seg.K, dtype), be.astype(seg.beta, dtype)
+            # factors stay in at least float32 (see Backend.factor_dtype)
+            F = be.astype(seg.F, be.factor_dtype(dtype))
             x = be.apply_blocks(self._form, K, beta, F, x, transpose)
         if not self._segments:
             x = x + 0  # a new array, as for n > 0
@@ -226,8 +229,13 @@ class HouseholderProduct:
         def cast(a, tail):
             return be.broadcast_to(be.astype(a, dtype), batch + tuple(a.shape[len(a.shape) - tail:]))
 
+        fdtype = be.factor_dtype(dtype)
+
+        def cast_factor(a):
+            return be.broadcast_to(be.astype(a, fdtype), batch + tuple(a.shape[len(a.shape) - 3:]))
+
         segments = [
-            _Segment(cast(s.K, 3), cast(s.beta, 2), cast(s.F, 3), s.n)
+            _Segment(cast(s.K, 3), cast(s.beta, 2), cast_factor(s.F), s.n)
             for s in self._segments + other._segments
         ]
         keys = be.concat([cast(self._keys, 2), cast(other._keys, 2)], axis=-2)

@@ -25,6 +25,18 @@ class Backend:
 
     name: str = "base"
 
+    # -- hooks with permissive defaults ----------------------------------------
+    def factor_dtype(self, dtype):
+        """dtype in which triangular factors are kept for inputs of ``dtype``.
+
+        Backends that accept half precision return float32 here: factors built or
+        stored in bfloat16/float16 lose the product's orthogonality.
+        """
+        return dtype
+
+    def check_compatible(self, *named) -> None:
+        """Raise if ``(name, array)`` pairs cannot be combined (device, dtype); default: no check."""
+
     # -- numerics with defaults built from the primitives -----------------
     def dense_blocks(self, form: str, K, beta, F):
         d = K.shape[-1]
