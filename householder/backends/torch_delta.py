@@ -40,13 +40,13 @@ def check_available(x) -> None:
 def chunk_factor(k: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """T^T for one block: k (..., C, K), beta (..., C) -> (..., C, C), lower triangular.
 
-    T is the compact WY factor of H_1 ... H_C in the core's convention
-    (P = I - K^T T K, T upper, DESIGN.md), so T^T = (I + tril(diag(beta) K K^T, -1))^{-1} diag(beta).
+    T is the core's compact WY factor of H_1 ... H_C (P = I - K^T T K, T upper,
+    DESIGN.md), taken from the torch backend; the delta rule's state update runs
+    the factors in the transposed order H_C ... H_1 = I - K^T T^T K.
     """
-    C = k.shape[-2]
-    eye = torch.eye(C, dtype=k.dtype, device=k.device)
-    lower = torch.tril((k @ k.mT) * beta[..., :, None], -1)
-    return torch.linalg.solve_triangular(eye + lower, torch.diag_embed(beta), upper=False, unitriangular=True)
+    from householder._registry import get_backend
+
+    return get_backend("torch").wy_factor(k, beta).mT
 
 
 def _to_chunks(x: torch.Tensor, C: int) -> torch.Tensor:
