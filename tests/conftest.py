@@ -53,7 +53,11 @@ def backend_case(name: str) -> BackendCase:
 
 @pytest.fixture(params=BACKENDS)
 def bk(request) -> BackendCase:
-    return backend_case(request.param)
+    # Select the backend explicitly: inference would send CPU tensors to "torch"
+    # also when "triton" runs them in the interpreter.
+    case = backend_case(request.param)
+    with householder.use_backend(request.param):
+        yield case
 
 
 @pytest.fixture
