@@ -1,0 +1,257 @@
+"""Triton kernels of the chunkwise delta rule: backward.
+
+Per chunk (notation of torch_delta.py; S the state at the chunk's start, dS'
+the gradient arriving at its end):
+
+    Vn = U - W S,  O = scale (diag(e^G) Q S + M Vn),  S' = e^{G_C} S + Kd^T Vn
+    dVn = scale M^T dO + Kd dS'
+    dS  = e^{G_C} dS' + scale (diag(e^G) Q)^T dO - W^T dVn          (reverse pass)
+
+then, chunk-parallel, the gradients through W = A diag(e^G) K, U = A V,
+A = (X o Gamma) diag(beta), X = (I + L)^{-1}, L = tril(diag(beta) K K^T, -1):
+
+    dA = dVn V^T - dVn S^T (diag(e^G) K)^T,  dV = A^T dVn
+    dX = (dA diag(beta)) o Gamma,  dL = -X^T dX X^T (strictly lower)
+    dbeta_s = sum_t (X o Gamma)_ts dA_ts + sum_s' dL_ss' (K K^T)_ss'
+    dK += (dL_b + dL_b^T) K with dL_b = diag(beta) dL
+
+and the log-decays through every exp(G_t - G_s): with E = dGamma o Gamma
+(= dA o A + dM o M), dG = rowsum(E) - colsum(E) + the e^G, e^{G_C - G} and
+e^{G_C} terms, and dg = the reverse running sum of dG inside the chunk.
+
+Kernels: ``bwd_state_kernel`` (one program per value block, sequence and head,
+sequential over chunks, writes dS' per chunk, dVn and dS_0) and
+``bwd_params_kernel`` (one program per chunk and head).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from householder.backends._triton_delta_fwd import _dot, chunk_bounds, chunk_factor, chunk_gates, seq_bounds
+
+
+@triton.jit
+def bwd_state_kernel(
+    q, k, w, aqk, g, do, dsT, dh, dvn, ds0, seqs, T_steps, NT, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BC: tl.constexpr, NH: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr, HAS_DST: tl.constexpr,
+    DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr,
+):
+    """Reverse pass over chunks: dS' of each chunk (into dh), dVn, and dS_0."""
+    i_v = tl.program_id(0)
+    i_nh = tl.program_id(1).to(tl.int64)
+    i_n = i_nh // H
+    i_h = i_nh % H
+    bos, eos, c0 = seq_bounds(i_n, seqs, T_steps, NT, VARLEN)
+    ck = tl.arange(0, BK)
+    cv = i_v * BV + tl.arange(0, BV)
+    mkv = (ck[:, None] < K) & (cv[None, :] < V)
+    soff = (i_nh * K + ck[:, None]) * V + cv[None, :]
+    if HAS_DST:
+        dS = tl.load(dsT + soff, mask=mkv, other=0.0).to(tl.float32)
+    else:
+        dS = tl.zeros((BK, BV), dtype=tl.float32)
+    r = tl.arange(0, BC)
+    nch = tl.cdiv(eos - bos, BC)
+    for jj in range(0, nch):
+        j = nch - 1 - jj
+        rows = bos + j * BC + r
+        valid = rows < eos
+        mk = valid[:, None] & (ck[None, :] < K)
+        qrow = valid & (rows % NH == NH - 1)
+        tok = rows // NH
+        tl.store(dh + ((c0 + j) * H + i_h) * K * V + ck[:, None] * V + cv[None, :], dS.to(dh.dtype.element_ty), mask=mkv)
+        kt = tl.load(k + (rows[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0).to(tl.float32)
+        qt = tl.load(q + (tok[:, None] * H + i_h) * K + ck[None, :], mask=qrow[:, None] & (ck[None, :] < K), other=0.0).to(tl.float32)
+        wt = tl.load(w + (rows[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0).to(DT)
+        dot_ = tl.load(do + (tok[:, None] * H + i_h) * V + cv[None, :], mask=qrow[:, None] & (cv[None, :] < V), other=0.0).to(DT)
+        at = tl.load(aqk + ((c0 + j) * H + i_h) * BC * BC + r[:, None] * BC + r[None, :]).to(DT)
+        if HAS_G:
+            Gc = chunk_gates(g, rows, valid, i_h, H, NH)
+            glast = tl.sum(tl.where(r == BC - 1, Gc, 0.0), 0)
+            kt = kt * tl.exp(glast - Gc)[:, None]
+            qt = qt * tl.exp(Gc)[:, None]
+        dvt = _dot(tl.trans(at), dot_, F32, PREC) * scale + _dot(kt.to(DT), dS.to(DT), F32, PREC)
+        tl.store(dvn + (rows[:, None] * H + i_h) * V + cv[None, :], dvt.to(dvn.dtype.element_ty), mask=valid[:, None] & (cv[None, :] < V))
+        if HAS_G:
+            dS = dS * tl.exp(glast)
+        dS += _dot(tl.trans(qt.to(DT)), dot_, F32, PREC) * scale - _dot(tl.trans(wt), dvt.to(DT), F32, PREC)
+    tl.store(ds0 + soff, dS, mask=mkv)
+
+
+@triton.jit
+def bwd_params_kernel(
+    q, k, v, beta, g, h, dh, vn, dvn, do, dq, dk, dv, dbeta, dg, chunks, T_steps, NT, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BKP: tl.constexpr, BV: tl.constexpr,
+    BC: tl.constexpr, NH: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr,
+    DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr, FPREC: tl.constexpr,
+):
+    """Per (chunk, head): dq, dk, dv, dbeta, dg. dk is float32 and written twice (partial, then final)."""
+    i_c = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1)
+    start, end = chunk_bounds(i_c, chunks, T_steps, NT, BC, VARLEN)
+    r = tl.arange(0, BC)
+    rows = start + r
+    valid = rows < end
+    qrow = valid & (rows % NH == NH - 1)
+    tok = rows // NH
+    causal = r[:, None] >= r[None, :]
+    hbase = (i_c * H + i_h) * K * V
+    b = tl.load(beta + rows * H + i_h, mask=valid, other=0.0).to(tl.float32)
+    if HAS_G:
+        Gc = chunk_gates(g, rows, valid, i_h, H, NH)
+    else:
+        Gc = tl.zeros((BC,), dtype=tl.float32)
+    glast = tl.sum(tl.where(r == BC - 1, Gc, 0.0), 0)
+    eG = tl.exp(Gc)
+    ed = tl.exp(glast - Gc)
+
+    # 0. recompute the chunk's Gram matrices and factor
+    Gm = tl.zeros((BC, BC), dtype=tl.float32)
+    QK = tl.zeros((BC, BC), dtype=tl.float32)
+    for k0 in tl.static_range(0, K, BKP):
+        ck = k0 + tl.arange(0, BKP)
+        mk = ck[None, :] < K
+        kb = tl.load(k + (rows[:, None] * H + i_h) * K + ck[None, :], mask=valid[:, None] & mk, other=0.0).to(DT)
+        qb = tl.load(q + (tok[:, None] * H + i_h) * K + ck[None, :], mask=qrow[:, None] & mk, other=0.0).to(DT)
+        Gm += _dot(kb, tl.trans(kb), F32, PREC)
+        QK += _dot(qb, tl.trans(kb), F32, PREC)
+    A, X, gam = chunk_factor(Gm, b, Gc, BC, HAS_G, FPREC)
+    Xg = X * gam
+    M = QK * gam
+
+    # 1. the C x C gradients that need every value column: dM = scale dO Vn^T, dA = dVn V^T
+    dM = tl.zeros((BC, BC), dtype=tl.float32)
+    dA = tl.zeros((BC, BC), dtype=tl.float32)
+    for v0 in tl.static_range(0, V, BV):
+        cv = v0 + tl.arange(0, BV)
+        mv = valid[:, None] & (cv[None, :] < V)
+        dob = tl.load(do + (tok[:, None] * H + i_h) * V + cv[None, :], mask=qrow[:, None] & (cv[None, :] < V), other=0.0).to(DT)
+        vnb = tl.load(vn + (rows[:, None] * H + i_h) * V + cv[None, :], mask=mv, other=0.0).to(DT)
+        dvnb = tl.load(dvn + (rows[:, None] * H + i_h) * V + cv[None, :], mask=mv, other=0.0).to(DT)
+        vb = tl.load(v + (rows[:, None] * H + i_h) * V + cv[None, :], mask=mv, other=0.0).to(DT)
+        dM += _dot(dob, tl.trans(vnb), F32, PREC)
+        dA += _dot(dvnb, tl.trans(vb), F32, PREC)
+    dM = tl.where(causal, dM * scale, 0.0)
+    dMg = dM * gam
+    dG = tl.zeros((BC,), dtype=tl.float32)
+    dGC = 0.0
+
+    # 2. per key block: the products with the states S (h) and dS' (dh)
+    for k0 in tl.static_range(0, K, BKP):
+        ck = k0 + tl.arange(0, BKP)
+        mk = valid[:, None] & (ck[None, :] < K)
+        dQ0 = tl.zeros((BC, BKP), dtype=tl.float32)
+        dKd = tl.zeros((BC, BKP), dtype=tl.float32)
+        dW = tl.zeros((BC, BKP), dtype=tl.float32)
+        for v0 in tl.static_range(0, V, BV):
+            cv = v0 + tl.arange(0, BV)
+            mv = valid[:, None] & (cv[None, :] < V)
+            mkv = (ck[:, None] < K) & (cv[None, :] < V)
+            hb = tl.load(h + hbase + ck[:, None] * V + cv[None, :], mask=mkv, other=0.0)
+            dhb = tl.load(dh + hbase + ck[:, None] * V + cv[None, :], mask=mkv, other=0.0)
+            dGC += tl.sum(tl.sum(hb.to(tl.float32) * dhb.to(tl.float32), 1), 0)
+            dob = tl.load(do + (tok[:, None] * H + i_h) * V + cv[None, :], mask=qrow[:, None] & (cv[None, :] < V), other=0.0).to(DT)
+            vnb = tl.load(vn + (rows[:, None] * H + i_h) * V + cv[None, :], mask=mv, other=0.0).to(DT)
+            dvnb = tl.load(dvn + (rows[:, None] * H + i_h) * V + cv[None, :], mask=mv, other=0.0).to(DT)
+            hT = tl.trans(hb.to(DT))
+            dQ0 += _dot(dob, hT, F32, PREC)
+            dW -= _dot(dvnb, hT, F32, PREC)
+            dKd += _dot(vnb, tl.trans(dhb.to(DT)), F32, PREC)
+        dQ0 = dQ0 * scale
+        kb = tl.load(k + (rows[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0).to(tl.float32)
+        qb = tl.load(q + (tok[:, None] * H + i_h) * K + ck[None, :], mask=qrow[:, None] & (ck[None, :] < K), other=0.0).to(tl.float32)
+        dqb = dQ0 * eG[:, None] + _dot(dMg.to(DT), kb.to(DT), F32, PREC)
+        tl.store(dq + (tok[:, None] * H + i_h) * K + ck[None, :], dqb.to(dq.dtype.element_ty), mask=qrow[:, None] & (ck[None, :] < K))
+        Kg = kb * eG[:, None]
+        Kd = kb * ed[:, None]
+        dA += _dot(dW.to(DT), tl.trans(Kg.to(DT)), F32, PREC)
+        dKg = _dot(tl.trans(A.to(DT)), dW.to(DT), F32, PREC)
+        if HAS_G:
+            # e^G in Q and W, e^{G_C - G} in Kd (its G_C part lands on the chunk's last row)
+            dKdKd = tl.sum(dKd * Kd, 1)
+            dG += tl.sum(dQ0 * qb * eG[:, None], 1) + tl.sum(dKg * Kg, 1) - dKdKd
+            dG += tl.where(r == BC - 1, tl.sum(dKdKd, 0), 0.0)
+        dkb = _dot(tl.trans(dMg.to(DT)), qb.to(DT), F32, PREC) + dKd * ed[:, None] + dKg * eG[:, None]
+        tl.store(dk + (rows[:, None] * H + i_h) * K + ck[None, :], dkb, mask=mk)
+
+    # 3. through the factor: A = (X o Gamma) diag(beta), X = (I + L)^{-1}
+    db = tl.sum(Xg * dA, 0)
+    dXg = dA * b[None, :]
+    E = dXg * Xg + dM * M
+    dX = dXg * gam
+    Xt = tl.trans(X)
+    dL = -_dot(_dot(Xt, dX, True, FPREC), Xt, True, FPREC)
+    dL = tl.where(r[:, None] > r[None, :], dL, 0.0)
+    db += tl.sum(dL * Gm, 1)
+    dLb = dL * b[:, None]
+    dLs = dLb + tl.trans(dLb)
+    tl.store(dbeta + rows * H + i_h, db.to(dbeta.dtype.element_ty), mask=valid)
+    if HAS_G:
+        dG += tl.sum(E, 1) - tl.sum(E, 0)
+        dG += tl.where(r == BC - 1, dGC * tl.exp(glast), 0.0)
+        dgs = tl.sum(dG, 0) - tl.cumsum(dG, 0) + dG  # reverse running sum inside the chunk
+        tl.store(dg + tok * H + i_h, dgs.to(dg.dtype.element_ty), mask=valid & (rows % NH == 0))
+    tl.debug_barrier()  # the partial dk above is read back by other threads
+    for k0 in tl.static_range(0, K, BKP):
+        ck = k0 + tl.arange(0, BKP)
+        mk = valid[:, None] & (ck[None, :] < K)
+        kb = tl.load(k + (rows[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0).to(tl.float32)
+        dkb = tl.load(dk + (rows[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
+        dkb += _dot(dLs, kb, True, FPREC)
+        tl.debug_barrier()
+        tl.store(dk + (rows[:, None] * H + i_h) * K + ck[None, :], dkb, mask=mk)
+
+    # 4. dV = A^T dU with dU = dVn
+    At = tl.trans(A.to(DT))
+    for v0 in tl.static_range(0, V, BV):
+        cv = v0 + tl.arange(0, BV)
+        mv = valid[:, None] & (cv[None, :] < V)
+        dvnb = tl.load(dvn + (rows[:, None] * H + i_h) * V + cv[None, :], mask=mv, other=0.0).to(DT)
+        tl.store(dv + (rows[:, None] * H + i_h) * V + cv[None, :], _dot(At, dvnb, F32, PREC).to(dv.dtype.element_ty), mask=mv)
+
+
+def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, tdelta):
+    """Gradients (dq, dk, dv, dbeta, dg, dS0) of the chunkwise delta rule; ``tdelta`` is the launcher module."""
+    H, K, V = plan.H, plan.K, plan.V
+    dev = q.device
+    do = do.contiguous() if do is not None else torch.zeros((plan.B, plan.T, H, V), dtype=q.dtype, device=dev)
+    # recompute the forward's chunk quantities and per-chunk states (nothing but the inputs was saved)
+    w, u, aqk = tdelta.prep(q, k, v, beta, g, plan)
+    _, _, hs, vn = tdelta.state_pass(q, k, w, u, aqk, g, scale, S0, plan, want_o=False, want_final=False, save_h=True)
+    dhs = torch.empty_like(hs)
+    dvn = torch.empty_like(vn)
+    ds0 = torch.empty((plan.N, H, K, V), dtype=torch.float32, device=dev)
+    dummy = u
+    tdelta._bwd.bwd_state_kernel[(triton.cdiv(V, plan.BV), plan.N * H)](
+        q, k, w, aqk, g if g is not None else dummy, do, dsT.contiguous() if dsT is not None else dummy,
+        dhs, dvn, ds0, plan.seqs, plan.T_steps, plan.NT, scale,
+        BK=plan.BK, BV=plan.BV, HAS_G=g is not None, HAS_DST=dsT is not None, num_warps=4, num_stages=2, **plan.common(),
+    )
+    dq = torch.empty_like(q)  # every token row is written once: at its last step
+    dk = torch.empty(k.shape, dtype=torch.float32, device=dev)
+    dv = torch.empty_like(v)
+    dbeta = torch.empty(beta.shape, dtype=torch.float32, device=dev)
+    dg = torch.empty(g.shape, dtype=torch.float32, device=dev) if g is not None else None
+    if plan.NT_total:
+        _bwd_params = tdelta._bwd.bwd_params_kernel
+        _bwd_params[(plan.NT_total, H)](
+            q, k, v, beta, g if g is not None else dummy, hs, dhs, vn, dvn, do, dq, dk, dv, dbeta,
+            dg if g is not None else dummy, plan.chunks, plan.T_steps, plan.NT, scale,
+            BKP=plan.BKP, BV=plan.BVP, HAS_G=g is not None, FPREC=plan.FPREC, num_warps=8, **plan.common(),
+        )
+    else:
+        dk.zero_(), dv.zero_(), dbeta.zero_()
+        if dg is not None:
+            dg.zero_()
+    return (
+        dq,
+        dk.to(k.dtype),
+        dv,
+        dbeta.to(beta.dtype),
+        None if g is None else dg.to(g.dtype),
+        None if S0 is None else ds0.to(S0.dtype),
+    )

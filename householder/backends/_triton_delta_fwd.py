@@ -1,0 +1,198 @@
+"""Triton kernels of the chunkwise delta rule: forward.
+
+Two kernels (the algorithm is the one written out in torch_delta.py):
+
+1. ``prep``, one program per (chunk, head), all chunks in parallel: the chunk's
+   WY factor A = T^T o Gamma (the core's factor from ``_triton_factor``, gated by
+   Gamma_ts = exp(G_t - G_s)), then W = A diag(e^G) K, U = A V and the masked
+   scores Aqk = tril(Q K^T) o Gamma, written to memory.
+2. ``state``, one program per (value block, sequence, head), sequential over
+   the sequence's chunks: the pseudo-values Vn = U - W S, the output
+   O = scale (diag(e^G) Q S + Aqk Vn) and the state pass
+   S <- e^{G_C} S + (diag(e^{G_C - G}) K)^T Vn, with S in float32 registers.
+   The backward pass runs it again to save the per-chunk states and Vn.
+
+Rows are steps of the flat (B * T_steps) axis (B = 1 for packed sequences).
+DeltaProduct (NH > 1 steps per token) is the delta rule over steps whose
+queries are read at a token's last step and whose decay acts at its first:
+token rows are ``step // NH``, with masks, so nothing is expanded in memory.
+Plain pointer arithmetic only (Triton 3.6 on GPUs, 3.9 under TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from householder.backends._triton_factor import unit_upper_inverse
+
+
+@triton.jit
+def _dot(a, b, F32: tl.constexpr, PREC: tl.constexpr):
+    """a @ b with float32 accumulation; float32 operands use ``PREC`` (interpreter: exact)."""
+    if F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def chunk_bounds(i_c, chunks, T_steps, NT, BC: tl.constexpr, VARLEN: tl.constexpr):
+    """First row of chunk ``i_c`` and the end row of its sequence (int64)."""
+    if VARLEN:
+        start = tl.load(chunks + 2 * i_c).to(tl.int64)
+        end = tl.load(chunks + 2 * i_c + 1).to(tl.int64)
+    else:
+        seq = i_c // NT
+        start = seq * T_steps + (i_c % NT) * BC
+        end = (seq + 1) * T_steps
+    return start, end
+
+
+@triton.jit
+def seq_bounds(i_n, seqs, T_steps, NT, VARLEN: tl.constexpr):
+    """First row, end row and first global chunk of sequence ``i_n`` (int64)."""
+    if VARLEN:
+        bos = tl.load(seqs + 2 * i_n).to(tl.int64)
+        c0 = tl.load(seqs + 2 * i_n + 1).to(tl.int64)
+        eos = tl.load(seqs + 2 * i_n + 2).to(tl.int64)
+    else:
+        bos = i_n * T_steps
+        eos = bos + T_steps
+        c0 = i_n * NT
+    return bos, eos, c0
+
+
+@triton.jit
+def chunk_gates(g, rows, valid, i_h, H: tl.constexpr, NH: tl.constexpr):
+    """Running sum G of the log-decays inside a chunk (BC,), float32; a token decays at its first step."""
+    gr = tl.load(g + (rows // NH) * H + i_h, mask=valid & (rows % NH == 0), other=0.0).to(tl.float32)
+    return tl.cumsum(gr, 0)
+
+
+@triton.jit
+def chunk_factor(Gm, b, Gc, BC: tl.constexpr, HAS_G: tl.constexpr, FPREC: tl.constexpr):
+    """The gated chunk factor A = (X o Gamma) diag(beta), X = (I + tril(diag(beta) K K^T, -1))^{-1}.
+
+    Gm = K K^T (BC, BC) float32, b = beta (BC,), Gc = running log-decay (BC,).
+    Returns (A, X, Gamma); Gamma is all ones on and below the diagonal without a gate.
+    """
+    r = tl.arange(0, BC)
+    causal = r[:, None] >= r[None, :]
+    # X^T = (I + striu(K K^T diag(beta)))^{-1}, and X diag(beta) = T^T for the core's factor T
+    X = tl.trans(unit_upper_inverse(Gm * b[None, :], BC, FPREC))
+    if HAS_G:
+        gam = tl.where(causal, tl.exp(tl.where(causal, Gc[:, None] - Gc[None, :], 0.0)), 0.0)
+    else:
+        gam = tl.where(causal, 1.0, 0.0)
+    return X * gam * b[None, :], X, gam
+
+
+@triton.jit
+def prep_kernel(
+    q, k, v, beta, g, w, u, aqk, chunks, T_steps, NT,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BKP: tl.constexpr, BV: tl.constexpr,
+    BC: tl.constexpr, NH: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr,
+    DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr, FPREC: tl.constexpr,
+):
+    """Per (chunk, head): W = A diag(e^G) K, U = A V and Aqk = tril(Q K^T) o Gamma."""
+    i_c = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1)
+    start, end = chunk_bounds(i_c, chunks, T_steps, NT, BC, VARLEN)
+    r = tl.arange(0, BC)
+    rows = start + r
+    valid = rows < end
+    qrow = valid & (rows % NH == NH - 1)
+    tok = rows // NH
+    b = tl.load(beta + rows * H + i_h, mask=valid, other=0.0).to(tl.float32)
+    Gm = tl.zeros((BC, BC), dtype=tl.float32)
+    QK = tl.zeros((BC, BC), dtype=tl.float32)
+    for k0 in tl.static_range(0, K, BKP):
+        ck = k0 + tl.arange(0, BKP)
+        mk = ck[None, :] < K
+        kb = tl.load(k + (rows[:, None] * H + i_h) * K + ck[None, :], mask=valid[:, None] & mk, other=0.0).to(DT)
+        qb = tl.load(q + (tok[:, None] * H + i_h) * K + ck[None, :], mask=qrow[:, None] & mk, other=0.0).to(DT)
+        Gm += _dot(kb, tl.trans(kb), F32, PREC)
+        QK += _dot(qb, tl.trans(kb), F32, PREC)
+    if HAS_G:
+        Gc = chunk_gates(g, rows, valid, i_h, H, NH)
+    else:
+        Gc = tl.zeros((BC,), dtype=tl.float32)
+    A, _, gam = chunk_factor(Gm, b, Gc, BC, HAS_G, FPREC)
+    QK = QK * gam
+    base = (i_c * H + i_h) * BC * BC
+    tl.store(aqk + base + r[:, None] * BC + r[None, :], QK.to(aqk.dtype.element_ty))
+    Ad = A.to(DT)
+    for k0 in tl.static_range(0, K, BKP):
+        ck = k0 + tl.arange(0, BKP)
+        m = valid[:, None] & (ck[None, :] < K)
+        kb = tl.load(k + (rows[:, None] * H + i_h) * K + ck[None, :], mask=m, other=0.0)
+        if HAS_G:
+            kb = kb.to(tl.float32) * tl.exp(Gc)[:, None]
+        wb = _dot(Ad, kb.to(DT), F32, PREC)
+        tl.store(w + (rows[:, None] * H + i_h) * K + ck[None, :], wb.to(w.dtype.element_ty), mask=m)
+    for v0 in tl.static_range(0, V, BV):
+        cv = v0 + tl.arange(0, BV)
+        m = valid[:, None] & (cv[None, :] < V)
+        vb = tl.load(v + (rows[:, None] * H + i_h) * V + cv[None, :], mask=m, other=0.0).to(DT)
+        ub = _dot(Ad, vb, F32, PREC)
+        tl.store(u + (rows[:, None] * H + i_h) * V + cv[None, :], ub.to(u.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def state_kernel(
+    q, k, w, u, aqk, g, o, s0, sT, h, vn, seqs, T_steps, NT, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BC: tl.constexpr, NH: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr,
+    HAS_S0: tl.constexpr, STORE_ST: tl.constexpr, WRITE_O: tl.constexpr, SAVE_H: tl.constexpr,
+    DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr,
+):
+    """Per (value block, sequence, head): the sequential pass over chunks, with the output."""
+    i_v = tl.program_id(0)
+    i_nh = tl.program_id(1).to(tl.int64)
+    i_n = i_nh // H
+    i_h = i_nh % H
+    bos, eos, c0 = seq_bounds(i_n, seqs, T_steps, NT, VARLEN)
+    ck = tl.arange(0, BK)
+    cv = i_v * BV + tl.arange(0, BV)
+    mkv = (ck[:, None] < K) & (cv[None, :] < V)
+    soff = (i_nh * K + ck[:, None]) * V + cv[None, :]
+    if HAS_S0:
+        S = tl.load(s0 + soff, mask=mkv, other=0.0).to(tl.float32)
+    else:
+        S = tl.zeros((BK, BV), dtype=tl.float32)
+    r = tl.arange(0, BC)
+    for j in range(0, tl.cdiv(eos - bos, BC)):
+        rows = bos + j * BC + r
+        valid = rows < eos
+        mk = valid[:, None] & (ck[None, :] < K)
+        mv = valid[:, None] & (cv[None, :] < V)
+        kt = tl.load(k + (rows[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
+        wt = tl.load(w + (rows[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0).to(DT)
+        ut = tl.load(u + (rows[:, None] * H + i_h) * V + cv[None, :], mask=mv, other=0.0).to(tl.float32)
+        Sd = S.to(DT)
+        if SAVE_H:
+            tl.store(h + ((c0 + j) * H + i_h) * K * V + ck[:, None] * V + cv[None, :], S.to(h.dtype.element_ty), mask=mkv)
+        vnew = ut - _dot(wt, Sd, F32, PREC)
+        if SAVE_H:
+            tl.store(vn + (rows[:, None] * H + i_h) * V + cv[None, :], vnew.to(vn.dtype.element_ty), mask=mv)
+        vd = vnew.to(DT)
+        if HAS_G:
+            Gc = chunk_gates(g, rows, valid, i_h, H, NH)
+            glast = tl.sum(tl.where(r == BC - 1, Gc, 0.0), 0)
+        if WRITE_O:
+            qrow = valid & (rows % NH == NH - 1)
+            tok = rows // NH
+            qt = tl.load(q + (tok[:, None] * H + i_h) * K + ck[None, :], mask=qrow[:, None] & (ck[None, :] < K), other=0.0).to(DT)
+            at = tl.load(aqk + ((c0 + j) * H + i_h) * BC * BC + r[:, None] * BC + r[None, :]).to(DT)
+            ot = _dot(qt, Sd, F32, PREC)
+            if HAS_G:
+                ot = ot * tl.exp(Gc)[:, None]
+            ot = (ot + _dot(at, vd, F32, PREC)) * scale
+            tl.store(o + (tok[:, None] * H + i_h) * V + cv[None, :], ot.to(o.dtype.element_ty), mask=qrow[:, None] & (cv[None, :] < V))
+        if HAS_G:
+            kt = kt.to(tl.float32) * tl.exp(glast - Gc)[:, None]
+            S = S * tl.exp(glast)
+        S += _dot(tl.trans(kt.to(DT)), vd, F32, PREC)
+    if STORE_ST:
+        tl.store(sT + soff, S, mask=mkv)

@@ -1,0 +1,196 @@
+"""The delta rule on fused Triton kernels: launchers and the autograd Function.
+
+Kernels: ``_triton_delta_fwd`` (chunk factor + state pass with the output) and
+``_triton_delta_bwd`` (reverse state pass + per-chunk gradients). Inputs in
+bfloat16, float16 or float32, accumulation in float32, final states float32.
+Chunk sizes 16, 32 or 64. On a machine without a GPU the kernels run on CPU
+tensors under TRITON_INTERPRET=1 (tests), with float32 matrix products.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from householder.backends import _triton_delta_bwd as _bwd
+from householder.backends import _triton_delta_fwd as _fwd
+
+MAX_K = 256
+CHUNK_SIZES = (16, 32, 64)
+_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on the CPU (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_available(x) -> None:
+    """Refuse tensors the kernels cannot run on here, with the reason."""
+    if x.device.type != "cuda" and not interpreting():
+        raise ValueError(
+            f"backend 'triton' needs CUDA tensors; got q on {x.device} (set TRITON_INTERPRET=1 before "
+            f"importing householder to run the kernels on the CPU, or pass backend='torch')"
+        )
+
+
+# -- launch plans -----------------------------------------------------------------------
+
+
+class _Plan:
+    """Sequences, chunks and meta-parameters of one call."""
+
+    def __init__(self, B, T, H, K, V, NH, BC, offsets, dtype, device):
+        self.B, self.T, self.H, self.K, self.V, self.NH, self.BC = B, T, H, K, V, NH, BC
+        self.T_steps = T * NH
+        self.varlen = offsets is not None
+        if self.varlen:
+            self.N = len(offsets) - 1
+            self.seqs, self.chunks, self.NT_total = _varlen_tables(tuple(offsets), NH, BC, str(device))
+            self.NT = 0
+        else:
+            self.N = B
+            self.NT = triton.cdiv(self.T_steps, BC)
+            self.NT_total = B * self.NT
+            self.seqs = self.chunks = torch.empty(2, dtype=torch.int64, device=device)
+        self.dtype = dtype
+        interp = interpreting()
+        self.F32 = interp or dtype == torch.float32
+        self.DT = tl.float32 if self.F32 else _TL[dtype]
+        self.PREC = "ieee" if interp else "tf32x3"  # float32 operands only; half operands ignore it
+        self.FPREC = "ieee" if interp else "tf32x3"  # the chunk factor is always float32
+        self.BK = max(16, triton.next_power_of_2(K))
+        self.BKP = min(64, self.BK)
+        self.BVP = min(64, max(16, triton.next_power_of_2(V)))
+        if interp:
+            self.BV = max(16, triton.next_power_of_2(V))  # few programs: the interpreter pays per program
+        else:
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+            self.BV = 64 if self.N * H * triton.cdiv(V, 64) >= 2 * sms else 32
+            self.BV = min(self.BV, max(16, triton.next_power_of_2(V)))
+
+    def common(self):
+        return dict(H=self.H, K=self.K, V=self.V, BC=self.BC, NH=self.NH, VARLEN=self.varlen, DT=self.DT, F32=self.F32, PREC=self.PREC)
+
+
+@functools.lru_cache(maxsize=64)
+def _varlen_tables(offsets: tuple, NH: int, BC: int, device: str):
+    """Per sequence (first step, first global chunk); per chunk (first step, end step of its sequence)."""
+    seqs, chunks = [], []
+    for a, b in zip(offsets[:-1], offsets[1:]):
+        seqs.append((a * NH, len(chunks)))
+        for start in range(a * NH, b * NH, BC):
+            chunks.append((start, b * NH))
+    seqs.append((offsets[-1] * NH, len(chunks)))
+    seq_t = torch.tensor(seqs, dtype=torch.int64, device=device).reshape(-1)
+    chunk_t = torch.tensor(chunks or [(0, 0)], dtype=torch.int64, device=device).reshape(-1)
+    return seq_t, chunk_t, len(chunks)
+
+
+def _g_arg(g, like):
+    return g if g is not None else like  # never read when HAS_G is False
+
+
+# -- forward ------------------------------------------------------------------------------
+
+
+def prep(q, k, v, beta, g, plan: _Plan):
+    """W (B, T_steps, H, K), U (B, T_steps, H, V) and Aqk (NT_total, H, BC, BC) of every chunk."""
+    w = torch.empty_like(k)
+    u = torch.empty_like(v)
+    aqk = torch.empty((plan.NT_total, plan.H, plan.BC, plan.BC), dtype=q.dtype, device=q.device)
+    if plan.NT_total:
+        _fwd.prep_kernel[(plan.NT_total, plan.H)](
+            q, k, v, beta, _g_arg(g, beta), w, u, aqk, plan.chunks, plan.T_steps, plan.NT,
+            BKP=plan.BKP, BV=plan.BVP, HAS_G=g is not None, FPREC=plan.FPREC, num_warps=4, **plan.common(),
+        )
+    return w, u, aqk
+
+
+def state_pass(q, k, w, u, aqk, g, scale, S0, plan: _Plan, *, want_o=True, want_final=True, save_h=False):
+    """The sequential pass: o (B, T, H, V), final states (N, H, K, V) float32, and the per-chunk states."""
+    B, T, H, K, V = plan.B, plan.T, plan.H, plan.K, plan.V
+    dev = q.device
+    o = torch.empty((B, T, H, V), dtype=q.dtype, device=dev) if want_o else None
+    sT = torch.empty((plan.N, H, K, V), dtype=torch.float32, device=dev) if want_final else None
+    h = torch.empty((plan.NT_total, H, K, V), dtype=q.dtype, device=dev) if save_h else None
+    vn = torch.empty_like(u) if save_h else None
+    dummy = u
+    _fwd.state_kernel[(triton.cdiv(V, plan.BV), plan.N * H)](
+        q, k, w, u, aqk, _g_arg(g, dummy), o if want_o else dummy, S0 if S0 is not None else dummy,
+        sT if want_final else dummy, h if save_h else dummy, vn if save_h else dummy,
+        plan.seqs, plan.T_steps, plan.NT, scale,
+        BK=plan.BK, BV=plan.BV, HAS_G=g is not None, HAS_S0=S0 is not None, STORE_ST=want_final,
+        WRITE_O=want_o, SAVE_H=save_h, num_warps=4, num_stages=2, **plan.common(),
+    )
+    return o, sT, h, vn
+
+
+def _forward(q, k, v, beta, g, scale, S0, plan, want_final):
+    w, u, aqk = prep(q, k, v, beta, g, plan)
+    o, sT, _, _ = state_pass(q, k, w, u, aqk, g, scale, S0, plan, want_final=want_final)
+    return o, sT
+
+
+# -- autograd -----------------------------------------------------------------------------
+
+
+class _DeltaRuleFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, beta, g, S0, scale, plan):
+        o, sT = _forward(q, k, v, beta, g, scale, S0, plan, want_final=True)
+        ctx.save_for_backward(q, k, v, beta, g, S0)
+        ctx.scale, ctx.plan = scale, plan
+        return o, sT
+
+    @staticmethod
+    def backward(ctx, do, dsT):
+        q, k, v, beta, g, S0 = ctx.saved_tensors
+        grads = _bwd.backward(q, k, v, beta, g, S0, ctx.scale, ctx.plan, do, dsT, sys_module())
+        dq, dk, dv, dbeta, dg, dS0 = grads
+        return dq, dk, dv, dbeta, dg, dS0, None, None
+
+
+def sys_module():
+    import sys
+
+    return sys.modules[__name__]
+
+
+def chunk(q, k, v, beta, g, scale: float, initial_state, offsets, chunk_size: int, num_householder: int = 1, cu_seqlens=None):
+    """Chunkwise delta rule / DeltaProduct on Triton; same contract as torch_delta.chunk.
+
+    Returns o (B, T, H, V) in the promoted dtype of q, k, v and the final
+    states (N, H, K, V) in float32.
+    """
+    dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    if dtype not in _TL:
+        raise TypeError(
+            f"backend 'triton' takes float32, bfloat16 or float16 q, k, v; got {dtype} (use backend='torch' for float64)"
+        )
+    if chunk_size not in CHUNK_SIZES:
+        raise ValueError(f"chunk_size must be one of {CHUNK_SIZES} on backend 'triton'; got {chunk_size}")
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    if K > MAX_K:
+        raise ValueError(f"backend 'triton' supports K <= {MAX_K} (the state's key dimension lives in registers); got K = {K}")
+    q, k, v = (x.to(dtype).contiguous() for x in (q, k, v))
+    beta = beta.contiguous()
+    g = None if g is None else g.contiguous()
+    S0 = None if initial_state is None else initial_state.contiguous()
+    plan = _Plan(B, T, H, K, V, num_householder, chunk_size, offsets, dtype, q.device)
+    inputs = [x for x in (q, k, v, beta, g, S0) if x is not None]
+    if torch.is_grad_enabled() and any(x.requires_grad for x in inputs):
+        o, sT = _DeltaRuleFunction.apply(q, k, v, beta, g, S0, scale, plan)
+    else:
+        o, sT = _forward(q, k, v, beta, g, scale, S0, plan, want_final=True)
+    return o, sT
+
+
+def recurrent(q, k, v, beta, g, scale: float, initial_state, offsets, num_householder: int = 1, cu_seqlens=None):
+    """Token-by-token delta rule (decoding): one chunk of 16 steps at a time through the same kernels."""
+    return chunk(q, k, v, beta, g, scale, initial_state, offsets, 16, num_householder, cu_seqlens)

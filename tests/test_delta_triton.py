@@ -1,0 +1,159 @@
+"""The delta rule's Triton kernels against the float64 recurrence (values) and the torch path (gradients).
+
+Without a GPU the kernels run under TRITON_INTERPRET=1 (set by conftest.py) on
+tiny shapes; with one, on CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+import householder as hh  # noqa: E402
+from householder import reference as ref  # noqa: E402
+
+pytestmark = pytest.mark.interpret
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_inputs(rng, B, T, H, K, V, *, n=1, gated=True, state=None, dtype=torch.float32):
+    k = rng.standard_normal((B, T * n, H, K))
+    k /= np.linalg.norm(k, axis=-1, keepdims=True)
+    out = dict(
+        q=rng.standard_normal((B, T, H, K)),
+        k=k,
+        v=rng.standard_normal((B, T * n, H, V)),
+        beta=rng.uniform(0.0, 2.0, (B, T * n, H)),
+    )
+    if gated:
+        out["g"] = -rng.uniform(0.0, 1.0, (B, T, H))
+    if state is not None:
+        out["initial_state"] = rng.standard_normal((state, H, K, V))
+    return {name: torch.tensor(a, dtype=dtype if name in ("q", "k", "v") else torch.float32, device=DEVICE) for name, a in out.items()}
+
+
+def rel_err(a, b) -> float:
+    a = a.detach().double().cpu().numpy() if hasattr(a, "detach") else a
+    b = b.detach().double().cpu().numpy() if hasattr(b, "detach") else b
+    assert a.shape == b.shape and np.all(np.isfinite(a))
+    return float(np.abs(a - b).max() / max(1.0, np.abs(b).max()))
+
+
+def ref_of(inp, n=1, cu=None, scale=None):
+    rest = {k: v for k, v in inp.items() if k in ("g", "initial_state")}
+    return ref.delta_product(inp["q"], inp["k"], inp["v"], inp["beta"], n, scale=scale, cu_seqlens=cu, **rest)
+
+
+@pytest.mark.parametrize(
+    "B, T, H, K, V, n, chunk, gated",
+    [
+        (1, 37, 2, 16, 24, 1, 16, True),  # T not a multiple of the chunk, K != V, H > 1
+        (2, 20, 1, 8, 8, 1, 16, False),  # K, V below the 16-wide tiles
+        (1, 70, 1, 32, 16, 1, 64, True),  # the 64 chunk: all four diagonal blocks and their coupling
+        (1, 11, 2, 16, 16, 3, 32, True),  # DeltaProduct: chunks cut through tokens
+    ],
+)
+def test_forward_matches_reference(rng, B, T, H, K, V, n, chunk, gated):
+    inp = make_inputs(rng, B, T, H, K, V, n=n, gated=gated, state=B)
+    o, S = hh.delta_product(**inp, num_householder=n, output_final_state=True, chunk_size=chunk, backend="triton")
+    ro, rS = ref_of(inp, n)
+    assert o.dtype == torch.float32 and S.dtype == torch.float32
+    assert rel_err(o, ro) < 1e-4
+    assert rel_err(S, rS) < 1e-4
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_varlen_forward_matches_reference(rng, n):
+    cu = [0, 5, 5, 22, 40]
+    inp = make_inputs(rng, 1, cu[-1], 2, 16, 8, n=n, state=len(cu) - 1)
+    o, S = hh.delta_product(
+        **inp, num_householder=n, cu_seqlens=torch.tensor(cu, device=DEVICE), output_final_state=True,
+        chunk_size=16, backend="triton",
+    )
+    ro, rS = ref_of(inp, n, cu=cu)
+    assert rel_err(o, ro) < 1e-4
+    assert rel_err(S, rS) < 1e-4
+
+
+@pytest.mark.parametrize("beta_value", [0.0, 2.0])
+def test_beta_edges_and_scale(rng, beta_value):
+    inp = make_inputs(rng, 1, 24, 1, 16, 16, state=1)
+    inp["beta"] = torch.full_like(inp["beta"], beta_value)
+    o, S = hh.delta_rule(**inp, scale=0.3, output_final_state=True, chunk_size=16, backend="triton")
+    ro, rS = ref_of(inp, scale=0.3)
+    assert rel_err(o, ro) < 1e-4
+    assert rel_err(S, rS) < 1e-4
+
+
+def test_half_inputs_give_half_outputs(rng):
+    inp = make_inputs(rng, 1, 20, 2, 16, 16, state=1, dtype=torch.bfloat16)
+    o, S = hh.delta_rule(**inp, output_final_state=True, chunk_size=16, backend="triton")
+    assert o.dtype == torch.bfloat16 and S.dtype == torch.float32
+    ro, rS = ref_of(inp)  # the reference sees the rounded inputs
+    assert rel_err(o, ro) < 3e-2
+    assert rel_err(S, rS) < 3e-2
+
+
+def _grads(inp, backend, n, cu, do, dS, chunk):
+    leaves = {name: x.detach().clone().requires_grad_() for name, x in inp.items()}
+    o, S = hh.delta_product(
+        **leaves, num_householder=n, cu_seqlens=cu, output_final_state=True, chunk_size=chunk, backend=backend
+    )
+    grads = torch.autograd.grad((o * do).sum() + (S * dS).sum(), list(leaves.values()))
+    return [o, S, *grads]
+
+
+@pytest.mark.parametrize(
+    "B, T, H, K, V, n, chunk, gated, cu",
+    [
+        (2, 37, 2, 8, 24, 1, 16, True, None),
+        (1, 40, 1, 16, 16, 1, 32, False, None),
+        (1, 13, 2, 8, 8, 3, 16, True, None),
+        (1, 30, 2, 16, 8, 2, 16, True, [0, 7, 7, 30]),
+    ],
+)
+def test_backward_matches_torch_path(rng, B, T, H, K, V, n, chunk, gated, cu):
+    N = B if cu is None else len(cu) - 1
+    inp = make_inputs(rng, B, T, H, K, V, n=n, gated=gated, state=N)
+    cu_t = None if cu is None else torch.tensor(cu, device=DEVICE)
+    do = torch.tensor(rng.standard_normal((B, T, H, V)), dtype=torch.float32, device=DEVICE)
+    dS = torch.tensor(rng.standard_normal((N, H, K, V)), dtype=torch.float32, device=DEVICE)
+    got = _grads(inp, "triton", n, cu_t, do, dS, chunk)
+    # the torch path in float64 is the reference for gradients (itself gradchecked)
+    want = _grads({k: x.double() for k, x in inp.items()}, "torch", n, cu_t, do.double(), dS.double(), 64)
+    names = ["o", "S"] + [f"d{name}" for name in inp]
+    for name, a, b in zip(names, got, want):
+        assert a.dtype == (torch.float32), name
+        assert rel_err(a, b) < 2e-4, name
+
+
+def test_gradients_reach_every_input_in_bfloat16(rng):
+    inp = make_inputs(rng, 1, 20, 1, 16, 16, state=1, dtype=torch.bfloat16)
+    leaves = {name: x.requires_grad_() for name, x in inp.items()}
+    o, S = hh.delta_rule(**leaves, output_final_state=True, chunk_size=16, backend="triton")
+    (o.float().sum() + S.sum()).backward()
+    for name, x in leaves.items():
+        assert x.grad is not None and x.grad.dtype == x.dtype and bool(torch.isfinite(x.grad).all()), name
+    want = _grads({k: x.detach().double() for k, x in inp.items()}, "torch", 1, None, torch.ones_like(o, dtype=torch.float64), torch.ones_like(S, dtype=torch.float64), 64)
+    for (name, x), w in zip(leaves.items(), want[2:]):
+        assert rel_err(x.grad, w) < 5e-2, name
+
+
+def test_recurrent_decoding_steps(rng):
+    inp = make_inputs(rng, 2, 6, 2, 16, 8, n=2, state=2)
+    o, S = hh.delta_rule_recurrent(**inp, num_householder=2, backend="triton")
+    ro, rS = ref_of(inp, 2)
+    assert rel_err(o, ro) < 1e-4
+    assert rel_err(S, rS) < 1e-4
+
+
+def test_triton_refuses_what_it_cannot_run(rng):
+    inp = make_inputs(rng, 1, 8, 1, 16, 16)
+    with pytest.raises(ValueError, match="chunk_size must be one of"):
+        hh.delta_rule(**inp, chunk_size=48, backend="triton")
+    with pytest.raises(TypeError, match="float64"):
+        hh.delta_rule(**{k: x.double() for k, x in inp.items()}, backend="triton")
