@@ -53,6 +53,19 @@ def _load_factor(F, off, r, b, TRANSPOSE: tl.constexpr, CDT: tl.constexpr):
 
 
 @triton.jit
+def _k_times_x(Kp, X, WS, step, off_x, off_in, r, cc, b, D, C, IDENTITY: tl.constexpr,
+               BT: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr, CDT: tl.constexpr, PRECISION: tl.constexpr):
+    """Z = K_j x (BT, BC), tiled over d."""
+    Z = tl.zeros((BT, BC), dtype=CDT)
+    for d0 in range(0, D, BD):
+        dd = d0 + tl.arange(0, BD)
+        k = tl.load(Kp + r[:, None] * D + dd[None, :], mask=(r[:, None] < b) & (dd[None, :] < D), other=0.0).to(CDT)
+        x = _load_x(X, WS, step, off_x, off_in, dd, cc, D, C, IDENTITY, CDT)
+        Z += tl.dot(k, x, input_precision=PRECISION)
+    return Z
+
+
+@triton.jit
 def _apply_fwd_kernel(
     K, F, X, Y, WS,
     m, b, D, C, ws_step,
@@ -74,12 +87,15 @@ def _apply_fwd_kernel(
         Kp = K + (pb * m + j) * b * D
         T = _load_factor(F, (pb * m + j) * b * b, r, b, TRANSPOSE, CDT)
         off_in = ws_base + step * ws_step
-        Z = tl.zeros((BT, BC), dtype=CDT)
-        for d0 in range(0, D, BD):
-            dd = d0 + tl.arange(0, BD)
-            k = tl.load(Kp + r[:, None] * D + dd[None, :], mask=(r[:, None] < b) & (dd[None, :] < D), other=0.0).to(CDT)
-            x = _load_x(X, WS, step, off_x, off_in, dd, cc, D, C, IDENTITY, CDT)
-            Z += tl.dot(k, x, input_precision=PRECISION)
+        if IDENTITY:
+            if step == 0:
+                # K_j I[:, cc] is a slice of K_j: no product needed
+                Z = tl.load(Kp + r[:, None] * D + cc[None, :], mask=(r[:, None] < b) & (cc[None, :] < D), other=0.0)
+                Z = Z.to(CDT)
+            else:
+                Z = _k_times_x(Kp, X, WS, step, off_x, off_in, r, cc, b, D, C, IDENTITY, BT, BD, BC, CDT, PRECISION)
+        else:
+            Z = _k_times_x(Kp, X, WS, step, off_x, off_in, r, cc, b, D, C, IDENTITY, BT, BD, BC, CDT, PRECISION)
         W = tl.dot(T, Z, input_precision=PRECISION)
         off_out = ws_base + (step + 1) * ws_step
         for d0 in range(0, D, BD):
@@ -172,7 +188,7 @@ def _apply_bwd_kernel(
 
 def _tiles(D: int, C: int, B: int, interpret: bool) -> tuple[int, int]:
     """(BD, BC): large tiles under the interpreter (few program steps), else enough programs to fill the GPU."""
-    BD = max(16, min(64, triton.next_power_of_2(D)))
+    BD = max(16, min(128, triton.next_power_of_2(D)))
     if interpret:
         return max(16, min(128, triton.next_power_of_2(D))), max(16, min(64, triton.next_power_of_2(C)))
     BC = max(16, min(64, triton.next_power_of_2(C)))

@@ -185,7 +185,7 @@ def block_width(b: int) -> int:
 
 
 def _d_tile(D: int) -> int:
-    return max(16, min(64, triton.next_power_of_2(D)))
+    return max(16, min(128, triton.next_power_of_2(D)))
 
 
 def _warps(BT: int) -> int:

@@ -43,6 +43,32 @@ class TritonBackend(TorchBackend):
     def __init__(self, interpret: bool):
         self.interpret = interpret
         self.fp32_precision = "ieee" if interpret else "tf32x3"
+        self._fp64_kernels: bool | None = True if interpret else None
+
+    def _kernels_for(self, dtype: torch.dtype) -> bool:
+        """Whether the kernels run for ``dtype``; False only where Triton cannot compile a float64 tl.dot.
+
+        Checked once per process on the first float64 call; the float64 work then
+        runs on the torch primitives (cuBLAS), with a warning.
+        """
+        if dtype != torch.float64 or self._fp64_kernels is not None:
+            return dtype != torch.float64 or bool(self._fp64_kernels)
+        try:
+            k = torch.eye(16, dtype=torch.float64, device="cuda")[None]
+            _factor.factor_forward("wy", k, torch.ones(1, 16, dtype=torch.float64, device="cuda"), torch.float64, "ieee")
+            torch.cuda.synchronize()
+            self._fp64_kernels = True
+        except Exception as exc:  # a compiler error of this Triton version
+            import warnings
+
+            warnings.warn(
+                f"Triton {__import__('triton').__version__} cannot compile float64 tl.dot here ({type(exc).__name__}); "
+                f"backend 'triton' computes float64 inputs with the torch primitives",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self._fp64_kernels = False
+        return self._fp64_kernels
 
     # -- plumbing -----------------------------------------------------------
     def asarray(self, x, name: str) -> torch.Tensor:
@@ -66,7 +92,11 @@ class TritonBackend(TorchBackend):
         import triton
 
         where = "interpreter on the CPU" if self.interpret else torch.cuda.get_device_name()
-        return f"triton {triton.__version__}, torch {torch.__version__} on {where} (fp32 dots: {self.fp32_precision})"
+        fp64 = {None: "not yet checked", True: "kernels", False: "torch primitives"}[self._fp64_kernels]
+        return (
+            f"triton {triton.__version__}, torch {torch.__version__} on {where} "
+            f"(fp32 dots: {self.fp32_precision}; float64: {fp64})"
+        )
 
     def _precision(self, cdt: torch.dtype, dtype: torch.dtype) -> str:
         if cdt == torch.float64:
@@ -89,6 +119,8 @@ class TritonBackend(TorchBackend):
         return out.reshape(batch + (b, b))
 
     def wy_factor(self, K, beta):
+        if not self._kernels_for(K.dtype):
+            return super().wy_factor(K, beta)
         b = K.shape[-2]
         if b <= _factor.MAX_BT:
             return self._factor("wy", K, beta)
@@ -102,7 +134,7 @@ class TritonBackend(TorchBackend):
         return T
 
     def ut_factor(self, K, beta):
-        if K.shape[-2] <= _factor.MAX_BT:
+        if K.shape[-2] <= _factor.MAX_BT and self._kernels_for(K.dtype):
             return self._factor("ut", K, beta)
         # the n x n matrix of a long product (P.factor): a plain Gram matrix, no inverse
         return super().ut_factor(K, beta)
@@ -128,6 +160,8 @@ class TritonBackend(TorchBackend):
         return K, F
 
     def apply_blocks(self, form, K, beta, F, x, transpose: bool):
+        if not self._kernels_for(x.dtype):
+            return super().apply_blocks(form, K, beta, F, x, transpose)
         K, T = self._wy_blocks(form, K, beta, F)
         m, b, d = K.shape[-3:]
         batch = torch.broadcast_shapes(K.shape[:-3], T.shape[:-3], x.shape[:-2])
@@ -139,6 +173,8 @@ class TritonBackend(TorchBackend):
         return y.reshape(batch + (d, c))
 
     def dense_blocks(self, form, K, beta, F):
+        if not self._kernels_for(K.dtype):
+            return super().dense_blocks(form, K, beta, F)
         K, T = self._wy_blocks(form, K, beta, F)
         m, b, d = K.shape[-3:]
         batch = torch.broadcast_shapes(K.shape[:-3], T.shape[:-3])
