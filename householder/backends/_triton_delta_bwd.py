@@ -138,7 +138,7 @@ def bwd_params_kernel(
     dM = tl.where(causal, dM * scale, 0.0)
     dMg = dM * gam
     dG = tl.zeros((BC,), dtype=tl.float32)
-    dGC = 0.0
+    dGC = tl.sum(tl.zeros((BC,), dtype=tl.float32), 0)  # a float32 scalar (tensor) for the unrolled loops
 
     # 2. per key block: the products with the states S (h) and dS' (dh)
     for k0 in tl.static_range(0, K, BKP):
@@ -214,8 +214,10 @@ def bwd_params_kernel(
         tl.store(dv + (rows[:, None] * H + i_h) * V + cv[None, :], _dot(At, dvnb, F32, PREC).to(dv.dtype.element_ty), mask=mv)
 
 
-def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, tdelta):
-    """Gradients (dq, dk, dv, dbeta, dg, dS0) of the chunkwise delta rule; ``tdelta`` is the launcher module."""
+def backward(q, k, v, beta, g, S0, scale, plan, do, dsT):
+    """Gradients (dq, dk, dv, dbeta, dg, dS0) of the chunkwise delta rule for output gradients do, dsT."""
+    from householder.backends import triton_delta as tdelta  # the launchers (imported here: no cycle)
+
     H, K, V = plan.H, plan.K, plan.V
     dev = q.device
     do = do.contiguous() if do is not None else torch.zeros((plan.B, plan.T, H, V), dtype=q.dtype, device=dev)
@@ -226,10 +228,10 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, tdelta):
     dvn = torch.empty_like(vn)
     ds0 = torch.empty((plan.N, H, K, V), dtype=torch.float32, device=dev)
     dummy = u
-    tdelta._bwd.bwd_state_kernel[(triton.cdiv(V, plan.BV), plan.N * H)](
+    bwd_state_kernel[(triton.cdiv(V, plan.BV), plan.N * H)](
         q, k, w, aqk, g if g is not None else dummy, do, dsT.contiguous() if dsT is not None else dummy,
         dhs, dvn, ds0, plan.seqs, plan.T_steps, plan.NT, scale,
-        BK=plan.BK, BV=plan.BV, HAS_G=g is not None, HAS_DST=dsT is not None, num_warps=4, num_stages=2, **plan.common(),
+        BK=plan.BK, BV=plan.BV, HAS_G=g is not None, HAS_DST=dsT is not None, **tdelta.CONFIG["bwd_state"], **plan.common(),
     )
     dq = torch.empty_like(q)  # every token row is written once: at its last step
     dk = torch.empty(k.shape, dtype=torch.float32, device=dev)
@@ -237,11 +239,10 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, tdelta):
     dbeta = torch.empty(beta.shape, dtype=torch.float32, device=dev)
     dg = torch.empty(g.shape, dtype=torch.float32, device=dev) if g is not None else None
     if plan.NT_total:
-        _bwd_params = tdelta._bwd.bwd_params_kernel
-        _bwd_params[(plan.NT_total, H)](
+        bwd_params_kernel[(plan.NT_total, H)](
             q, k, v, beta, g if g is not None else dummy, hs, dhs, vn, dvn, do, dq, dk, dv, dbeta,
             dg if g is not None else dummy, plan.chunks, plan.T_steps, plan.NT, scale,
-            BKP=plan.BKP, BV=plan.BVP, HAS_G=g is not None, FPREC=plan.FPREC, num_warps=8, **plan.common(),
+            BKP=plan.BKP, BV=plan.BVP, HAS_G=g is not None, FPREC=plan.FPREC, **tdelta.CONFIG["bwd_params"], **plan.common(),
         )
     else:
         dk.zero_(), dv.zero_(), dbeta.zero_()

@@ -20,6 +20,15 @@ from householder.backends import _triton_delta_bwd as _bwd
 from householder.backends import _triton_delta_fwd as _fwd
 
 MAX_K = 256
+# Launch settings per kernel on GPUs (the interpreter ignores them); "BV" None picks the value block
+# from the number of programs. Benchmarks may sweep these.
+CONFIG = {
+    "BV": None,
+    "prep": dict(num_warps=4, num_stages=2),
+    "state": dict(num_warps=4, num_stages=2),
+    "bwd_state": dict(num_warps=4, num_stages=2),
+    "bwd_params": dict(num_warps=8, num_stages=1),
+}
 CHUNK_SIZES = (16, 32, 64)
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -61,8 +70,11 @@ class _Plan:
         interp = interpreting()
         self.F32 = interp or dtype == torch.float32
         self.DT = tl.float32 if self.F32 else _TL[dtype]
-        self.PREC = "ieee" if interp else "tf32x3"  # float32 operands only; half operands ignore it
-        self.FPREC = "ieee" if interp else "tf32x3"  # the chunk factor is always float32
+        # tl.dot precision of float32 operands (the interpreter is exact whatever it is told). The
+        # chunk factor is float32 for every input dtype: tf32x3 keeps float32 inputs near float32
+        # accuracy, tf32 is enough for half inputs, whose outputs round to 8 (bf16) bits anyway.
+        self.PREC = "ieee" if interp else "tf32x3"
+        self.FPREC = "ieee" if interp else ("tf32x3" if dtype == torch.float32 else "tf32")
         self.BK = max(16, triton.next_power_of_2(K))
         self.BKP = min(64, self.BK)
         self.BVP = min(64, max(16, triton.next_power_of_2(V)))
@@ -70,7 +82,7 @@ class _Plan:
             self.BV = max(16, triton.next_power_of_2(V))  # few programs: the interpreter pays per program
         else:
             sms = torch.cuda.get_device_properties(device).multi_processor_count
-            self.BV = 64 if self.N * H * triton.cdiv(V, 64) >= 2 * sms else 32
+            self.BV = CONFIG["BV"] or (64 if self.N * H * triton.cdiv(V, 64) >= 2 * sms else 32)
             self.BV = min(self.BV, max(16, triton.next_power_of_2(V)))
 
     def common(self):
@@ -106,7 +118,7 @@ def prep(q, k, v, beta, g, plan: _Plan):
     if plan.NT_total:
         _fwd.prep_kernel[(plan.NT_total, plan.H)](
             q, k, v, beta, _g_arg(g, beta), w, u, aqk, plan.chunks, plan.T_steps, plan.NT,
-            BKP=plan.BKP, BV=plan.BVP, HAS_G=g is not None, FPREC=plan.FPREC, num_warps=4, **plan.common(),
+            BKP=plan.BKP, BV=plan.BVP, HAS_G=g is not None, FPREC=plan.FPREC, **CONFIG["prep"], **plan.common(),
         )
     return w, u, aqk
 
@@ -125,7 +137,7 @@ def state_pass(q, k, w, u, aqk, g, scale, S0, plan: _Plan, *, want_o=True, want_
         sT if want_final else dummy, h if save_h else dummy, vn if save_h else dummy,
         plan.seqs, plan.T_steps, plan.NT, scale,
         BK=plan.BK, BV=plan.BV, HAS_G=g is not None, HAS_S0=S0 is not None, STORE_ST=want_final,
-        WRITE_O=want_o, SAVE_H=save_h, num_warps=4, num_stages=2, **plan.common(),
+        WRITE_O=want_o, SAVE_H=save_h, **CONFIG["state"], **plan.common(),
     )
     return o, sT, h, vn
 
@@ -150,15 +162,8 @@ class _DeltaRuleFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dsT):
         q, k, v, beta, g, S0 = ctx.saved_tensors
-        grads = _bwd.backward(q, k, v, beta, g, S0, ctx.scale, ctx.plan, do, dsT, sys_module())
-        dq, dk, dv, dbeta, dg, dS0 = grads
+        dq, dk, dv, dbeta, dg, dS0 = _bwd.backward(q, k, v, beta, g, S0, ctx.scale, ctx.plan, do, dsT)
         return dq, dk, dv, dbeta, dg, dS0, None, None
-
-
-def sys_module():
-    import sys
-
-    return sys.modules[__name__]
 
 
 def chunk(q, k, v, beta, g, scale: float, initial_state, offsets, chunk_size: int, num_householder: int = 1, cu_seqlens=None):

@@ -1,0 +1,356 @@
+"""Side-by-side timing of the delta-rule ops: ours (Triton) vs flash-linear-attention, with SDPA for context.
+
+Usage (on a CUDA machine)::
+
+    python benchmarks/compare_delta.py --out benchmarks/results/delta_h100.md
+
+Writes device, versions, commit and the tables to ``--out``: median times
+(CUDA events, ``triton.testing.do_bench``) of forward and forward+backward,
+ratios (peer time / our time: > 1 means ours is faster), peak memory of
+forward+backward, achieved bandwidth and arithmetic rate of our forward, and
+the accuracy of ours and of the peer against a float64 computation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import householder as hh  # noqa: E402
+
+SHAPES = [(16, 2048), (8, 4096), (4, 8192), (2, 16384)]
+
+
+# -- peers ----------------------------------------------------------------------------------
+
+
+def load_fla():
+    """fla's chunk ops, or None; its refusal of the gated backward on Triton < 3.7.1 + Hopper is switched off."""
+    try:
+        import fla
+        import fla.ops.common.chunk_o as chunk_o
+        from fla.ops.delta_rule import chunk_delta_rule
+        from fla.ops.gated_delta_product import chunk_gated_delta_product
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    except Exception as exc:  # report and go on without the peer
+        print(f"fla unavailable: {exc!r}")
+        return None
+    chunk_o.TRITON_ABOVE_3_7_1 = True  # its version check (issue #640); measured anyway, accuracy reported below
+    return dict(version=fla.__version__, delta=chunk_delta_rule, gated=chunk_gated_delta_rule, product=chunk_gated_delta_product)
+
+
+def make(B, T, H, K, V, n=1, gated=False, dtype=torch.bfloat16, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, device="cuda", generator=gen)
+
+    q = rnd(B, T, H, K).to(dtype)
+    k = F.normalize(rnd(B, T * n, H, K), dim=-1).to(dtype)
+    v = rnd(B, T * n, H, V).to(dtype)
+    beta = torch.rand(B, T * n, H, device="cuda", generator=gen).to(dtype)
+    g = F.logsigmoid(rnd(B, T, H)).float() if gated else None
+    return q, k, v, beta, g
+
+
+def ours_fn(n, gated):
+    def f(q, k, v, beta, g):
+        if n == 1:
+            return hh.delta_rule(q, k, v, beta, g=g, backend="triton", check_finite=False)[0]
+        return hh.delta_product(q, k, v, beta, g=g, num_householder=n, backend="triton", check_finite=False)[0]
+
+    return f
+
+
+def fla_fn(fla, n, gated):
+    def f(q, k, v, beta, g):
+        if n > 1:
+            gg = g if g is not None else torch.zeros(q.shape[:3], device=q.device, dtype=torch.float32)
+            return fla["product"](q, k, v, gg, beta, num_householder=n)[0]
+        if gated:
+            return fla["gated"](q, k, v, g, beta)[0]
+        return fla["delta"](q, k, v, beta)[0]
+
+    return f
+
+
+# -- measurement ------------------------------------------------------------------------------
+
+
+def bench(fn, args, backward: bool):
+    """Median ms of fn (and its backward) plus peak extra memory (MiB) of one call."""
+    from triton.testing import do_bench
+
+    leaves = [a for a in args if a is not None]
+    if backward:
+        for a in leaves:
+            a.requires_grad_(True)
+        do = torch.randn_like(fn(*args))
+
+        def run():
+            fn(*args).backward(do)
+
+    else:
+
+        def run():
+            with torch.no_grad():
+                fn(*args)
+
+    run()
+    torch.cuda.synchronize()
+    ms = do_bench(run, warmup=50, rep=200, grad_to_none=leaves if backward else None, return_mode="median")
+    for a in leaves:
+        a.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    run()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    for a in leaves:
+        a.grad = None
+        a.requires_grad_(False)
+    return ms, peak
+
+
+def sdpa_ms(B, T, H, D):
+    from triton.testing import do_bench
+
+    q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    do = torch.randn_like(q)
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        ctx, label = sdpa_kernel(SDPBackend.CUDNN_ATTENTION), "cuDNN"
+        with ctx:
+            F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(do)
+    except Exception:
+        import contextlib
+
+        ctx, label = contextlib.nullcontext(), "default"
+
+    def fwd():
+        with ctx, torch.no_grad():
+            F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def fb():
+        with ctx:
+            F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(do)
+
+    return do_bench(fwd, warmup=25, rep=100, return_mode="median"), do_bench(fb, warmup=25, rep=100, grad_to_none=[q, k, v], return_mode="median"), label
+
+
+def accuracy(fla, gated, n=1, B=2, T=2048, H=8, K=128, V=128):
+    """Max-abs errors / max |ref| of o and of each gradient, ours and fla's, against float64 (torch path)."""
+    q, k, v, beta, g = make(B, T, H, K, V, n=n, gated=gated, seed=1)
+    do = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
+    names = ["o", "dq", "dk", "dv", "dbeta"] + (["dg"] if gated else [])
+
+    def grads(fn, dtype):
+        leaves = [x.detach().to(dtype).requires_grad_() for x in (q, k, v, beta)]
+        gg = None if g is None else g.detach().to(dtype if dtype == torch.float64 else torch.float32).requires_grad_()
+        o = fn(*leaves, gg)
+        inputs = leaves + ([gg] if gated else [])
+        gr = torch.autograd.grad(o, inputs, do.to(o.dtype))
+        return [o] + list(gr)
+
+    def ref_fn(q, k, v, beta, g):
+        if n == 1:
+            return hh.delta_rule(q, k, v, beta, g=g, backend="torch", check_finite=False)[0]
+        return hh.delta_product(q, k, v, beta, g=g, num_householder=n, backend="torch", check_finite=False)[0]
+
+    ref = grads(ref_fn, torch.float64)
+    out = {"ours": grads(ours_fn(n, gated), torch.bfloat16)}
+    if fla is not None:
+        try:
+            out["fla"] = grads(fla_fn(fla, n, gated), torch.bfloat16)
+        except Exception as exc:
+            print(f"fla accuracy run failed: {exc!r}")
+    rows = {}
+    for who, res in out.items():
+        rows[who] = [float((a.double() - b).abs().max() / b.abs().max()) for a, b in zip(res, ref)]
+    return names, rows
+
+
+# -- report -----------------------------------------------------------------------------------
+
+
+def fwd_model(B, T, H, K, V, n, C=64):
+    """Bytes of the forward's memory floor (inputs once, output once) and its useful FLOPs."""
+    steps = B * T * n * H
+    toks = B * T * H
+    bytes_ = 2 * (toks * K + steps * (K + V) + toks * V) + 2 * steps + (4 * toks)
+    # chunk: K K^T, Q K^T, W = A K, U = A V, Aqk Vn (2 C^2 per row); state: W S, Q S, K^T Vn (2 K V per row)
+    flops = steps * (2 * C * (3 * K + 2 * V) + 6 * K * V)
+    return bytes_, flops
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="markdown file to write")
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--dim", type=int, default=128, help="K = V")
+    ap.add_argument("--shapes", default=",".join(f"{b}x{t}" for b, t in SHAPES))
+    ap.add_argument("--ops", default="delta,gated,product2,product3")
+    ap.add_argument("--product-shapes", default="8x4096", help="(B, T) for DeltaProduct")
+    ap.add_argument("--no-accuracy", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="also time our kernels under a few launch settings")
+    args = ap.parse_args()
+
+    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",") if s]
+    pshapes = [tuple(int(x) for x in s.split("x")) for s in args.product_shapes.split(",") if s]
+    H, D = args.heads, args.dim
+    fla = load_fla()
+    commit = os.environ.get("HH_COMMIT") or _git_commit()
+    props = torch.cuda.get_device_properties(0)
+    import triton
+
+    lines = [
+        "# Delta rule: householder (Triton) vs flash-linear-attention",
+        "",
+        f"- device: {torch.cuda.get_device_name(0)} ({props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB)",
+        f"- torch {torch.__version__}, triton {triton.__version__}, fla-core {fla['version'] if fla else 'n/a'}, "
+        f"python {platform.python_version()}",
+        f"- householder commit {commit}; {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"- bf16 q, k, v, beta; float32 log-decay g; H = {H}, K = V = {D}; unit-norm keys; chunk 64; "
+        "median of CUDA-event timings (triton.testing.do_bench); ratio = fla / ours (> 1: ours faster)",
+        "- fla's refusal of its gated backward on Triton < 3.7.1 on Hopper (its issue #640) is switched off to time it",
+        "",
+    ]
+    print("\n".join(lines))
+
+    table = ["| op | B x T | ours fwd ms | fla fwd ms | ratio fwd | ours fwd+bwd ms | fla fwd+bwd ms | ratio fwd+bwd | ours peak MiB | fla peak MiB | ours fwd GB/s | ours fwd TFLOP/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    ops = args.ops.split(",")
+    for op in ops:
+        n = int(op[len("product"):]) if op.startswith("product") else 1
+        gated = op == "gated" or n > 1  # fla's DeltaProduct op is the gated one
+        for B, T in (pshapes if n > 1 else shapes):
+            x = make(B, T, H, D, D, n=n, gated=gated)
+            row = {}
+            for who, fn in (("ours", ours_fn(n, gated)), ("fla", fla_fn(fla, n, gated) if fla else None)):
+                if fn is None:
+                    continue
+                try:
+                    row[who] = bench(fn, list(x), False) + bench(fn, list(x), True)
+                except Exception as exc:
+                    print(f"{who} {op} {B}x{T} failed: {exc!r}")
+                torch.cuda.empty_cache()
+            o, f = row.get("ours"), row.get("fla")
+            nb, nf = fwd_model(B, T, H, D, D, n)
+
+            def fmt(v, p=3):
+                return "-" if v is None else f"{v:.{p}f}"
+
+            line = (
+                f"| {op} | {B} x {T} | {fmt(o and o[0])} | {fmt(f and f[0])} | {fmt(o and f and f[0] / o[0], 2)} | "
+                f"{fmt(o and o[2])} | {fmt(f and f[2])} | {fmt(o and f and f[2] / o[2], 2)} | {fmt(o and o[3], 0)} | "
+                f"{fmt(f and f[3], 0)} | {fmt(o and nb / o[0] / 1e6, 0)} | {fmt(o and nf / o[0] / 1e9, 1)} |"
+            )
+            table.append(line)
+            print(line, flush=True)
+    lines += ["## Timings", ""] + table + [""]
+
+    sd = ["| T | SDPA fwd ms | SDPA fwd+bwd ms | backend |", "|---|---|---|---|"]
+    for B, T in shapes:
+        try:
+            a, b, label = sdpa_ms(B, T, H, D)
+            sd.append(f"| {T} (B = {B}) | {a:.3f} | {b:.3f} | {label} |")
+        except Exception as exc:
+            sd.append(f"| {T} (B = {B}) | failed: {exc!r} | | |")
+        print(sd[-1], flush=True)
+        torch.cuda.empty_cache()
+    lines += ["## Attention for context (torch SDPA, causal, bf16, head dim 128)", ""] + sd + [""]
+
+    if not args.no_accuracy:
+        acc = ["| op | impl | " + " | ".join(["o", "dq", "dk", "dv", "dbeta", "dg"]) + " |", "|---|---|---|---|---|---|---|---|"]
+        for op, gated, n in (("delta", False, 1), ("gated", True, 1), ("product2", True, 2)):
+            try:
+                names, rows = accuracy(fla, gated, n)
+            except Exception as exc:
+                acc.append(f"| {op} | failed: {exc!r} | | | | | | |")
+                continue
+            for who, errs in rows.items():
+                cells = [f"{e:.1e}" for e in errs] + ["-"] * (6 - len(errs))
+                acc.append(f"| {op} | {who} | " + " | ".join(cells) + " |")
+            print("\n".join(acc[-len(rows):]), flush=True)
+            torch.cuda.empty_cache()
+        lines += [
+            "## Accuracy against float64 (max |err| / max |ref|; B = 2, T = 2048, H = 8, bf16 inputs)",
+            "",
+            "The reference is our torch path in float64 on the same bf16-rounded inputs.",
+            "",
+        ] + acc + [""]
+
+    if args.sweep:
+        lines += ["## Launch-setting sweep (ours, gated delta rule)", ""] + sweep(H, D, shapes) + [""]
+
+    nb, _ = fwd_model(16, 2048, H, D, D, 1)
+    lines += [
+        "## Model",
+        "",
+        f"- forward memory floor (inputs read once, output written once): {nb / 1e6:.0f} MB per call at 32768 tokens, "
+        "so GB/s above is that floor over our time; the card's copy bandwidth is the ceiling.",
+        "- TFLOP/s counts the chunk algorithm's useful matrix work (K K^T, Q K^T, W, U, Aqk Vn, W S, Q S, K^T Vn), "
+        "not the triangular factor.",
+    ]
+    with open(args.out, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def sweep(H, D, shapes):
+    """Our gated op under variants of triton_delta.CONFIG, at the first and last shape."""
+    import copy
+
+    from householder.backends import triton_delta as td
+
+    default = copy.deepcopy(td.CONFIG)
+    variants = [
+        ("default", {}),
+        ("BV=32", {"BV": 32}),
+        ("BV=64", {"BV": 64}),
+        ("state warps=8", {"state": dict(num_warps=8, num_stages=2)}),
+        ("state stages=3", {"state": dict(num_warps=4, num_stages=3)}),
+        ("prep warps=8", {"prep": dict(num_warps=8, num_stages=2)}),
+        ("bwd_state warps=8", {"bwd_state": dict(num_warps=8, num_stages=2)}),
+        ("bwd_params warps=4", {"bwd_params": dict(num_warps=4, num_stages=1)}),
+    ]
+    out = ["| setting | B x T | fwd ms | fwd+bwd ms |", "|---|---|---|---|"]
+    for name, change in variants:
+        td.CONFIG.clear()
+        td.CONFIG.update(copy.deepcopy(default))
+        td.CONFIG.update(change)
+        for B, T in (shapes[0], shapes[-1]):
+            x = make(B, T, H, D, D, gated=True)
+            try:
+                f = bench(ours_fn(1, True), list(x), False)[0]
+                fb = bench(ours_fn(1, True), list(x), True)[0]
+                out.append(f"| {name} | {B} x {T} | {f:.3f} | {fb:.3f} |")
+            except Exception as exc:
+                out.append(f"| {name} | {B} x {T} | failed: {exc!r} | |")
+            print(out[-1], flush=True)
+    td.CONFIG.clear()
+    td.CONFIG.update(default)
+    return out
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
+    except Exception:
+        return "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
