@@ -259,6 +259,7 @@ def main() -> int:
             table.append(line)
             print(line, flush=True)
     lines += ["## Timings", ""] + table + [""]
+    _write(args.out, lines)
 
     sd = ["| T | SDPA fwd ms | SDPA fwd+bwd ms | backend |", "|---|---|---|---|"]
     for B, T in shapes:
@@ -270,6 +271,7 @@ def main() -> int:
         print(sd[-1], flush=True)
         torch.cuda.empty_cache()
     lines += ["## Attention for context (torch SDPA, causal, bf16, head dim 128)", ""] + sd + [""]
+    _write(args.out, lines)
 
     if not args.no_accuracy:
         acc = ["| op | impl | " + " | ".join(["o", "dq", "dk", "dv", "dbeta", "dg"]) + " |", "|---|---|---|---|---|---|---|---|"]
@@ -290,6 +292,7 @@ def main() -> int:
             "The reference is our torch path in float64 on the same bf16-rounded inputs.",
             "",
         ] + acc + [""]
+        _write(args.out, lines)
 
     if args.sweep:
         lines += ["## Launch-setting sweep (ours, gated delta rule)", ""] + sweep(H, D, shapes) + [""]
@@ -303,10 +306,15 @@ def main() -> int:
         "- TFLOP/s counts the chunk algorithm's useful matrix work (K K^T, Q K^T, W, U, Aqk Vn, W S, Q S, K^T Vn), "
         "not the triangular factor.",
     ]
-    with open(args.out, "w") as fh:
-        fh.write("\n".join(lines) + "\n")
+    _write(args.out, lines)
     print(f"wrote {args.out}")
     return 0
+
+
+def _write(path, lines) -> None:
+    """Rewrite the report so far (a run cut short still leaves its finished sections)."""
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
 
 
 def sweep(H, D, shapes):
