@@ -3,9 +3,9 @@
 1. Training throughput (tokens/s, forward + backward + AdamW, bf16 autocast) of
    a ~125M-parameter model (hidden 768, 12 layers, 12 heads, GPT-2 vocabulary
    of 50257) at T = 2048 and 8192, 16k tokens per step: our DeltaNet LM, our
-   LM with global SDPA attention in every layer (the Transformer), and
-   flash-linear-attention's DeltaNetForCausalLM of the same config where fla
-   imports.
+   LM with global SDPA attention in every layer (the Transformer), and the
+   same DeltaNet LM running flash-linear-attention's chunk_delta_rule kernels
+   where fla imports (fla-core has no fla.models, so not fla's own model class).
 2. Decoding latency per token (batch 1, bf16 weights) after a context of 1k
    and 16k tokens: DeltaNet with its O(1) recurrent cache vs the Transformer
    with its KV cache.
@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 import traceback
+import types
 
 import torch
 
@@ -50,22 +51,23 @@ def ours(mixer: str, size: dict, device) -> torch.nn.Module:
 
 
 def fla_deltanet(size: dict, device) -> torch.nn.Module:
-    """fla's DeltaNet LM of the same shape (raises ImportError where fla is missing)."""
-    from fla.models import DeltaNetConfig, DeltaNetForCausalLM
+    """Our DeltaNet LM with fla's chunk_delta_rule as the recurrence: the same model, fla's kernels.
 
-    cfg = DeltaNetConfig(
-        vocab_size=size["vocab_size"], hidden_size=size["hidden_size"], num_hidden_layers=size["num_layers"],
-        num_heads=size["num_heads"], intermediate_size=size.get("intermediate_size"), use_short_conv=True,
-        tie_word_embeddings=True, fuse_cross_entropy=False,
-    )
-    return DeltaNetForCausalLM(cfg).to(device)
+    The fla-core package ships fla.ops and fla.modules but not
+    fla.models, so fla's DeltaNetForCausalLM cannot be built; swapping the op
+    in an identical model compares the kernels inside a full training step.
+    Raises ImportError where fla is missing.
+    """
+    from fla.ops.delta_rule import chunk_delta_rule
 
+    model = ours("deltanet", size, device)
 
-def loss_of(model, x, y):
-    if isinstance(model, LanguageModel):
-        return model(x, labels=y).loss
-    logits = model(input_ids=x).logits  # fla / transformers: compute the same loss outside
-    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+    def fla_op(self, q, k, v, beta, g, initial_state, recurrent, use_cache):
+        return chunk_delta_rule(q, k, v.to(q.dtype), beta.to(q.dtype), initial_state=initial_state, output_final_state=use_cache)
+
+    for block in model.layers:
+        block.mixer._op = types.MethodType(fla_op, block.mixer)
+    return model
 
 
 def train_throughput(model, batch: int, T: int, vocab: int, device, steps: int, warmup: int) -> dict:
@@ -82,7 +84,7 @@ def train_throughput(model, batch: int, T: int, vocab: int, device, steps: int, 
         sync(device)
         t0 = time.perf_counter()
         with amp:
-            loss = loss_of(model, x[:, :-1], x[:, 1:])
+            loss = model(x[:, :-1], labels=x[:, 1:]).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -170,7 +172,7 @@ def main() -> int:
     builders = [
         ("ours: DeltaNet", lambda: ours("deltanet", size, device)),
         ("ours: Transformer (SDPA)", lambda: ours("attention", size, device)),
-        ("fla: DeltaNet", lambda: fla_deltanet(size, device)),
+        ("our DeltaNet LM with fla's chunk_delta_rule", lambda: fla_deltanet(size, device)),
     ]
     for label, build in builders:
         for T in lengths:
