@@ -195,7 +195,7 @@ def problem_a(rep: Report, be):
     for form in ("wy", "ut"):
         fn = lambda: hh.product(K, beta, form=form, backend="torch", check_finite=False).dense()  # noqa: E731
         rep.add("A", f"ours torch {form} dense", median_ms(fn), base, f_dense, "fp32", rel_err(fn(), K, beta))
-    for prec in ("tf32x3", "ieee", "tf32"):
+    for prec in ("tf32x3", "split", "tf32"):
         be.fp32_precision = prec
         kind = "tf32" if prec != "ieee" else "fp32"
         for form in ("wy", "ut"):
@@ -244,7 +244,7 @@ def problem_b(rep: Report, be):
     for form in ("wy", "ut"):
         fn = lambda: hh.product(K, beta, form=form, backend="torch", check_finite=False).dense()  # noqa: E731
         rep.add("B", f"ours torch {form} dense", median_ms(fn), base, f, "fp32", rel_err(fn(), K, beta, sample=2))
-    for prec in ("tf32x3", "ieee", "tf32"):
+    for prec in ("tf32x3", "split", "tf32"):
         be.fp32_precision = prec
         kind = "tf32" if prec != "ieee" else "fp32"
         for form in ("wy", "ut"):
@@ -265,6 +265,69 @@ def problem_b(rep: Report, be):
     rep.add("B", "ours triton wy apply to (128,128), bf16 inputs", median_ms(app), base, f, "tf32", rel_err(app(), Kh, bh, Xh, sample=2))
 
 
+def sweep(be) -> str:
+    """Time launch settings of the apply/dense kernel and the factor kernel; leave the best in place per problem.
+
+    Returns a markdown table; sets ``_triton_apply.CONFIG`` / ``_triton_factor.CONFIG``
+    to the fastest settings found for problem A (restored per problem by ``best``).
+    """
+    from householder.backends import _triton_apply as ap
+    from householder.backends import _triton_factor as fa
+
+    lines = ["| problem | op | precision | warps | BD | BC | ms |", "|---|---|---|---|---|---|---|"]
+    best = {}
+    cases = {
+        "A": (inputs(4096, 64, 128), [(4, 32, 64), (8, 32, 64), (8, 64, 64), (4, 64, 32), (8, 32, 32), (4, 32, 32)]),
+        "B": (inputs(16, 4096, 128, seed=1), [(4, 32, 16), (8, 32, 16), (4, 64, 16), (4, 32, 32), (8, 32, 32)]),
+    }
+    for prob, ((K, beta), configs) in cases.items():
+        for wf in (4, 8):
+            fa.CONFIG.update(num_warps=wf)
+            ms = median_ms(lambda: hh.product(K, beta, backend="triton", check_finite=False))
+            lines.append(f"| {prob} | factor | {be.fp32_precision} | {wf} | 64 | - | {ms:.3f} |")
+            best.setdefault((prob, "factor"), []).append((ms, wf))
+        fa.CONFIG.update(num_warps=min(best[(prob, "factor")])[1])
+        P = hh.product(K, beta, backend="triton", check_finite=False)
+        for prec in ("tf32x3", "split"):
+            be.fp32_precision = prec
+            for w, bd, bc in configs if prec == "tf32x3" else [min(best[(prob, "dense")])[1][1:]]:
+                ap.CONFIG.update(num_warps=w, BD=bd, BC=bc)
+                try:
+                    ms = median_ms(lambda: P.dense())
+                except Exception as exc:  # e.g. out of shared memory for this tile
+                    lines.append(f"| {prob} | dense | {prec} | {w} | {bd} | {bc} | failed: {type(exc).__name__} |")
+                    continue
+                lines.append(f"| {prob} | dense | {prec} | {w} | {bd} | {bc} | {ms:.3f} |")
+                best.setdefault((prob, "dense"), []).append((ms, (prec, w, bd, bc)))
+                print(lines[-1], flush=True)
+    be.fp32_precision = "tf32x3"
+    chosen = {prob: (min(best[(prob, "dense")])[1], min(best[(prob, "factor")])[1]) for prob in cases}
+    lines.append("")
+    lines.append(f"chosen (precision, warps, BD, BC; factor warps): {chosen}")
+    SWEPT.update(chosen)
+    for k in ap.CONFIG:
+        ap.CONFIG[k] = None
+    for k in fa.CONFIG:
+        fa.CONFIG[k] = None
+    return "\n".join(lines) + "\n"
+
+
+SWEPT: dict = {}
+
+
+def use_swept(be, prob: str) -> str:
+    """Apply the settings the sweep found fastest for ``prob`` (nothing if no sweep ran)."""
+    from householder.backends import _triton_apply as ap
+    from householder.backends import _triton_factor as fa
+
+    if prob not in SWEPT:
+        return "library defaults"
+    (prec, w, bd, bc), wf = SWEPT[prob]
+    ap.CONFIG.update(num_warps=w, BD=bd, BC=bc)
+    fa.CONFIG.update(num_warps=wf)
+    return f"apply/dense warps {w}, BD {bd}, BC {bc}; factor warps {wf} (best of the sweep)"
+
+
 def orthogonality(be, d: int = 128, n: int = 4096) -> str:
     """||P^T P - I||_2 / (n u) for n reflections in float32, random and nearly parallel unit keys."""
     lines = ["| keys | backend | form | fp32 dots | ||P^T P - I||_2 | / (n u) |", "|---|---|---|---|---|---|"]
@@ -273,7 +336,7 @@ def orthogonality(be, d: int = 128, n: int = 4096) -> str:
     Kp = base + 1e-3 * K  # nearly parallel: angles of about 1e-3
     Kp = Kp / Kp.norm(dim=-1, keepdim=True)
     for label, keys in (("random", K), ("nearly parallel (1e-3)", Kp)):
-        cases = [("torch", None)] + [("triton", p) for p in ("tf32x3", "ieee", "tf32")]
+        cases = [("torch", None)] + [("triton", p) for p in ("tf32x3", "split", "ieee", "tf32")]
         for backend, prec in cases:
             if prec:
                 be.fp32_precision = prec
@@ -291,7 +354,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="markdown file to write")
     parser.add_argument("--commit", default=None, help="git commit of the code (default: git rev-parse HEAD)")
-    parser.add_argument("--skip", default="", help="comma list of parts to skip: a,b,orth")
+    parser.add_argument("--skip", default="", help="comma list of parts to skip: sweep,a,b,orth")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
@@ -326,10 +389,17 @@ def main(argv=None) -> int:
     rep = Report(ceil)
     parts = []
     skip = set(filter(None, args.skip.split(",")))
+    if "sweep" not in skip:
+        try:
+            head += "## Launch-setting sweep (triton, float32 dense)\n\n" + sweep(be) + "\n"
+        except Exception:
+            traceback.print_exc()
+            parts.append(f"sweep stopped with an error:\n\n```\n{traceback.format_exc()}```\n")
     for name, fn in (("a", problem_a), ("b", problem_b)):
         if name in skip:
             continue
         try:
+            head += f"Problem {name.upper()} runs with: {use_swept(be, name.upper())}.\n\n"
             fn(rep, be)
         except Exception:
             traceback.print_exc()

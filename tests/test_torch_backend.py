@@ -73,7 +73,7 @@ def test_gradients_match_reference_product(rng):
     grads = []
     for form in FORMS:
         k, b = keys.clone().requires_grad_(), betas.clone().requires_grad_()
-        (hh.product(k, b, form=form, block_size=4).dense() * C).sum().backward()
+        (hh.product(k, b, form=form, block_size=4, backend="torch").dense() * C).sum().backward()
         grads.append((k.grad, b.grad))
     k, b = keys.clone().requires_grad_(), betas.clone().requires_grad_()
     P = torch.eye(d, dtype=torch.float64)
@@ -87,7 +87,7 @@ def test_gradients_match_reference_product(rng):
 
 def test_no_grad_inputs_give_plain_tensors(rng):
     keys, betas = tensors(rng, (), 5, 4)
-    D = hh.product(keys, betas).dense()
+    D = hh.product(keys, betas, backend="torch").dense()
     assert not D.requires_grad and D.grad_fn is None
 
 
@@ -101,7 +101,7 @@ def test_half_precision_inputs(rng, device, form, dtype):
     n, d = 70, 16  # two blocks of the default size
     keys, betas = tensors(rng, (3,), n, d, device, dtype=dtype)
     ref = reference.dense(keys, betas)  # the rounded inputs, in float64
-    P = hh.product(keys, betas, form=form)
+    P = hh.product(keys, betas, form=form, backend="torch")
     assert P.dtype == dtype and P.factor.dtype == torch.float32  # factors stay float32
     D = P.dense()
     assert D.dtype == dtype and D.device.type == device
@@ -123,7 +123,7 @@ def test_float32_batch_against_reference(rng, device, form):
     keys, betas = tensors(rng, (2, 3), 40, 12, device, dtype=torch.float32)
     betas[..., ::5] = 0.0
     betas[..., 1::5] = 2.0
-    P = hh.product(keys, betas, form=form, block_size=16)
+    P = hh.product(keys, betas, form=form, block_size=16, backend="torch")
     ref = reference.dense(keys, betas)
     got = reference.to_float64(P.dense())
     assert np.abs(got - ref).max() <= tolerance(np.float32, 40, 12)
@@ -132,7 +132,7 @@ def test_float32_batch_against_reference(rng, device, form):
 def test_float32_low_precision_gradients(rng):
     keys, betas = tensors(rng, (2,), 6, 5, dtype=torch.bfloat16)
     keys.requires_grad_(), betas.requires_grad_()
-    hh.product(keys, betas).dense().float().square().sum().backward()
+    hh.product(keys, betas, backend="torch").dense().float().square().sum().backward()
     assert keys.grad.dtype == torch.bfloat16 and betas.grad.dtype == torch.bfloat16
     assert torch.isfinite(keys.grad.float()).all()
 
@@ -143,20 +143,20 @@ def test_float32_low_precision_gradients(rng):
 def test_mixed_dtypes_refused(rng):
     keys, betas = tensors(rng, (), 4, 3)
     with pytest.raises(TypeError, match=r"keys and betas must have the same floating dtype; got keys float64 and betas float32"):
-        hh.product(keys, betas.float())
-    P = hh.product(keys, betas)
+        hh.product(keys, betas.float(), backend="torch")
+    P = hh.product(keys, betas, backend="torch")
     with pytest.raises(TypeError, match=r"keys and x must have the same floating dtype; got keys float64 and x bfloat16"):
         P.apply(torch.ones(3, 2, dtype=torch.bfloat16))
     # integer tensors take the floating dtype of the other argument
-    assert hh.product(keys.float(), torch.tensor([1, 0, 1, 2])).dtype == torch.float32
+    assert hh.product(keys.float(), torch.tensor([1, 0, 1, 2]), backend="torch").dtype == torch.float32
 
 
 def test_mixed_devices_refused(rng):
     keys, betas = tensors(rng, (), 4, 3)
     meta = torch.empty(4, device="meta", dtype=torch.float64)
     with pytest.raises(ValueError, match=r"keys and betas must be on the same device; got keys on cpu and betas on meta"):
-        hh.product(keys, meta, check_finite=False)
-    P = hh.product(keys, betas)
+        hh.product(keys, meta, check_finite=False, backend="torch")
+    P = hh.product(keys, betas, backend="torch")
     with pytest.raises(ValueError, match=r"keys and x must be on the same device; got keys on cpu and x on meta"):
         P.apply(torch.empty(3, 2, device="meta", dtype=torch.float64), check_finite=False)
 
@@ -182,7 +182,7 @@ def test_nonfinite_inputs_named(rng):
     keys, betas = tensors(rng, (), 4, 3)
     betas[2] = float("nan")
     with pytest.raises(ValueError, match="betas must contain only finite numbers"):
-        hh.product(keys, betas)
+        hh.product(keys, betas, backend="torch")
 
 
 # -- plumbing -----------------------------------------------------------------------

@@ -150,6 +150,28 @@ def test_shared_factor_device_function(rng):
         tf.block_width(65)
 
 
+@pytest.mark.parametrize("precision", ["tf32x3", "split"])
+def test_float32_precision_modes(rng, precision):
+    # the 3xTF32 paths (tf32 doubling + a Newton step; the hand-made split), forward and backward
+    n, d = 40, 20
+    keys, betas = tensors(rng, (2,), n, d, dtype=torch.float32)
+    x = torch.tensor(rng.standard_normal((2, d, 6)), dtype=torch.float32, device=DEVICE)
+    ref = reference.dense(keys, betas)
+    want = _grads("torch", "ut", "apply", keys.double(), betas.double(), x.double(), 3)
+    old = BE.fp32_precision
+    BE.fp32_precision = precision
+    try:
+        for form in FORMS:
+            P = hh.product(keys, betas, form=form, block_size=32, backend="triton")
+            assert err(P.dense(), ref) <= fp32_tol(n, d)
+            assert err(P.apply(x, transpose=True), np.swapaxes(ref, -1, -2) @ reference.to_float64(x)) <= 4 * fp32_tol(n, d)
+        got = _grads("triton", "ut", "apply", keys, betas, x, 3)
+    finally:
+        BE.fp32_precision = old
+    for g, w in zip(got, want):
+        assert float((g - w).abs().max()) <= 1e-4 * float(w.abs().max())
+
+
 # -- backward: Triton kernels against the torch backend's autograd ----------------------
 
 

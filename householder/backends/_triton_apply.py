@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from householder.backends._triton_factor import _tl_dtype, block_width
+from householder.backends._triton_factor import _tl_dtype, block_width, mm
 
 
 @triton.jit
@@ -61,7 +61,7 @@ def _k_times_x(Kp, X, WS, step, off_x, off_in, r, cc, b, D, C, IDENTITY: tl.cons
         dd = d0 + tl.arange(0, BD)
         k = tl.load(Kp + r[:, None] * D + dd[None, :], mask=(r[:, None] < b) & (dd[None, :] < D), other=0.0).to(CDT)
         x = _load_x(X, WS, step, off_x, off_in, dd, cc, D, C, IDENTITY, CDT)
-        Z += tl.dot(k, x, input_precision=PRECISION)
+        Z += mm(k, x, PRECISION)
     return Z
 
 
@@ -85,7 +85,6 @@ def _apply_fwd_kernel(
         else:
             j = m - 1 - step
         Kp = K + (pb * m + j) * b * D
-        T = _load_factor(F, (pb * m + j) * b * b, r, b, TRANSPOSE, CDT)
         off_in = ws_base + step * ws_step
         if IDENTITY:
             if step == 0:
@@ -96,13 +95,14 @@ def _apply_fwd_kernel(
                 Z = _k_times_x(Kp, X, WS, step, off_x, off_in, r, cc, b, D, C, IDENTITY, BT, BD, BC, CDT, PRECISION)
         else:
             Z = _k_times_x(Kp, X, WS, step, off_x, off_in, r, cc, b, D, C, IDENTITY, BT, BD, BC, CDT, PRECISION)
-        W = tl.dot(T, Z, input_precision=PRECISION)
+        T = _load_factor(F, (pb * m + j) * b * b, r, b, TRANSPOSE, CDT)  # loaded late: fewer live registers
+        W = mm(T, Z, PRECISION)
         off_out = ws_base + (step + 1) * ws_step
         for d0 in range(0, D, BD):
             dd = d0 + tl.arange(0, BD)
             k = tl.load(Kp + r[:, None] * D + dd[None, :], mask=(r[:, None] < b) & (dd[None, :] < D), other=0.0).to(CDT)
             x = _load_x(X, WS, step, off_x, off_in, dd, cc, D, C, IDENTITY, CDT)
-            x = x - tl.dot(tl.trans(k), W, input_precision=PRECISION)
+            x = x - mm(tl.trans(k), W, PRECISION)
             mo = (dd[:, None] < D) & (cc[None, :] < C)
             if step == m - 1:
                 tl.store(Y + off_x + dd[:, None] * C + cc[None, :], x.to(Y.dtype.element_ty), mask=mo)
@@ -150,11 +150,11 @@ def _apply_bwd_kernel(
                 g = tl.load(DY + off_g + dd[:, None] * C + cc[None, :], mask=mdc, other=0.0).to(CDT)
             else:
                 g = tl.load(GW + off_g + dd[:, None] * C + cc[None, :], mask=mdc, other=0.0).to(CDT)
-            Z += tl.dot(k, x, input_precision=PRECISION)
-            V += tl.dot(k, g, input_precision=PRECISION)
-        W = tl.dot(Tp, Z, input_precision=PRECISION)
-        Zb = -tl.dot(tl.trans(Tp), V, input_precision=PRECISION)
-        dTp = -tl.dot(V, tl.trans(Z), input_precision=PRECISION)
+            Z += mm(k, x, PRECISION)
+            V += mm(k, g, PRECISION)
+        W = mm(Tp, Z, PRECISION)
+        Zb = -mm(tl.trans(Tp), V, PRECISION)
+        dTp = -mm(V, tl.trans(Z), PRECISION)
         off_t = (part * m + j) * b * b
         mt = (rows < b) & (cols < b)
         if TRANSPOSE:
@@ -172,9 +172,9 @@ def _apply_bwd_kernel(
                 g = tl.load(DY + off_g + dd[:, None] * C + cc[None, :], mask=mdc, other=0.0).to(CDT)
             else:
                 g = tl.load(GW + off_g + dd[:, None] * C + cc[None, :], mask=mdc, other=0.0).to(CDT)
-            dk = tl.dot(Zb, tl.trans(x), input_precision=PRECISION) - tl.dot(W, tl.trans(g), input_precision=PRECISION)
+            dk = mm(Zb, tl.trans(x), PRECISION) - mm(W, tl.trans(g), PRECISION)
             tl.store(DK + off_k + rows * D + dd[None, :], dk.to(DK.dtype.element_ty), mask=mk)
-            g = g + tl.dot(tl.trans(k), Zb, input_precision=PRECISION)
+            g = g + mm(tl.trans(k), Zb, PRECISION)
             if rstep == m - 1:
                 if HAS_DX:
                     tl.store(DX + off_g + dd[:, None] * C + cc[None, :], g.to(DX.dtype.element_ty), mask=mdc)
@@ -186,19 +186,26 @@ def _apply_bwd_kernel(
 # -- launchers -----------------------------------------------------------------------------
 
 
+# Launch settings; None picks the heuristic. The benchmark script sweeps them on a GPU.
+CONFIG = {"BD": None, "BC": None, "num_warps": None, "num_stages": None}
+
+
 def _tiles(D: int, C: int, B: int, interpret: bool) -> tuple[int, int]:
     """(BD, BC): large tiles under the interpreter (few program steps), else enough programs to fill the GPU."""
-    BD = max(16, min(128, triton.next_power_of_2(D)))
     if interpret:
         return max(16, min(128, triton.next_power_of_2(D))), max(16, min(64, triton.next_power_of_2(C)))
-    BC = max(16, min(64, triton.next_power_of_2(C)))
-    while BC > 16 and B * triton.cdiv(C, BC) < 264:  # two programs per multiprocessor of an H100
-        BC //= 2
+    # d tiles of 32 keep the (BT, BD) key tile and the (BD, BC) block tile in registers without spills
+    BD = CONFIG["BD"] or max(16, min(32, triton.next_power_of_2(D)))
+    BC = CONFIG["BC"] or max(16, min(64, triton.next_power_of_2(C)))
+    if CONFIG["BC"] is None:
+        while BC > 16 and B * triton.cdiv(C, BC) < 264:  # two programs per multiprocessor of an H100
+            BC //= 2
     return BD, BC
 
 
-def _warps(BT: int, BC: int) -> int:
-    return 4 if BT * BC <= 32 * 64 else 8
+def _launch(BT: int, BC: int) -> dict:
+    warps = CONFIG["num_warps"] or (4 if BT * BC <= 32 * 64 else 8)
+    return {"num_warps": warps, "num_stages": CONFIG["num_stages"] or 1}
 
 
 def apply_forward(K, T, x, transpose: bool, out_dtype, cdt, precision: str, save: bool, interpret: bool):
@@ -222,7 +229,7 @@ def apply_forward(K, T, x, transpose: bool, out_dtype, cdt, precision: str, save
         K, T, y if x is None else x, y, ws,
         m, b, D, C, ws_step,
         TRANSPOSE=transpose, IDENTITY=x is None,
-        BT=BT, BD=BD, BC=BC, CDT=_tl_dtype(cdt), PRECISION=precision, num_warps=_warps(BT, BC),
+        BT=BT, BD=BD, BC=BC, CDT=_tl_dtype(cdt), PRECISION=precision, **_launch(BT, BC),
     )
     return y, (ws if save else None)
 
@@ -244,6 +251,6 @@ def apply_backward(K, T, x, ws, dy, transpose: bool, need_dx: bool, cdt, precisi
         K, T, dy if x is None else x, ws, dy, dx if need_dx else gw, gw, dK, dT,
         m, b, D, C, D * C if m > 1 else 0, n_ct,
         TRANSPOSE=transpose, IDENTITY=x is None, HAS_DX=need_dx,
-        BT=BT, BD=BD, BC=BC, CDT=_tl_dtype(cdt), PRECISION=precision, num_warps=_warps(BT, BC),
+        BT=BT, BD=BD, BC=BC, CDT=_tl_dtype(cdt), PRECISION=precision, **_launch(BT, BC),
     )
     return dK.sum(1), dT.sum(1), dx

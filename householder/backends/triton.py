@@ -27,7 +27,7 @@ from householder.backends import _triton_factor as _factor
 from householder.backends.torch import TorchBackend, compute_dtype
 
 _HALF = (torch.bfloat16, torch.float16)
-_PRECISIONS = ("ieee", "tf32x3", "tf32")
+_PRECISIONS = ("ieee", "tf32x3", "split", "tf32")
 
 
 def interpreting() -> bool:
@@ -53,16 +53,21 @@ class TritonBackend(TorchBackend):
         """
         if dtype != torch.float64 or self._fp64_kernels is not None:
             return dtype != torch.float64 or bool(self._fp64_kernels)
-        try:
-            k = torch.eye(16, dtype=torch.float64, device="cuda")[None]
-            _factor.factor_forward("wy", k, torch.ones(1, 16, dtype=torch.float64, device="cuda"), torch.float64, "ieee")
+        def probe(dt):
+            k = torch.eye(16, dtype=dt, device="cuda")[None]
+            _factor.factor_forward("wy", k, torch.ones(1, 16, dtype=dt, device="cuda"), dt, "ieee")
             torch.cuda.synchronize()
+
+        probe(torch.float32)  # must work: an error here is a bug, not a missing float64 lowering
+        try:
+            probe(torch.float64)
             self._fp64_kernels = True
-        except Exception as exc:  # a compiler error of this Triton version
+        except Exception as exc:  # the same kernel fails only in float64: this Triton lacks a float64 tl.dot
             import warnings
 
             warnings.warn(
-                f"Triton {__import__('triton').__version__} cannot compile float64 tl.dot here ({type(exc).__name__}); "
+                f"Triton {__import__('triton').__version__} cannot compile float64 tl.dot here "
+                f"({type(exc).__name__}: {str(exc).strip().splitlines()[-1][:200]}); "
                 f"backend 'triton' computes float64 inputs with the torch primitives",
                 RuntimeWarning,
                 stacklevel=3,
