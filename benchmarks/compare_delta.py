@@ -326,13 +326,11 @@ def sweep(H, D, shapes):
     default = copy.deepcopy(td.CONFIG)
     variants = [
         ("default", {}),
-        ("BV=32", {"BV": 32}),
-        ("BV=64", {"BV": 64}),
-        ("state warps=8", {"state": dict(num_warps=8, num_stages=2)}),
+        ("state BV=64", {"BV": 64}),
         ("state stages=3", {"state": dict(num_warps=4, num_stages=3)}),
-        ("prep warps=8", {"prep": dict(num_warps=8, num_stages=2)}),
-        ("bwd_state warps=8", {"bwd_state": dict(num_warps=8, num_stages=2)}),
+        ("prep warps=4", {"prep": dict(num_warps=4, num_stages=1)}),
         ("bwd_params warps=4", {"bwd_params": dict(num_warps=4, num_stages=1)}),
+        ("bwd_params BV=64", {"bwd_BV": 64}),
     ]
     out = ["| setting | B x T | fwd ms | fwd+bwd ms |", "|---|---|---|---|"]
     for name, change in variants:

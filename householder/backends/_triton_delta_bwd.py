@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from householder.backends._triton_delta_fwd import _dot, chunk_bounds, chunk_factor, chunk_gates, seq_bounds
+from householder.backends._triton_delta_fwd import _dot, chunk_bounds, chunk_factor, chunk_gates, chunk_rows, seq_bounds
 
 
 @triton.jit
@@ -49,37 +49,38 @@ def bwd_state_kernel(
     ck = tl.arange(0, BK)
     cv = i_v * BV + tl.arange(0, BV)
     mkv = (ck[:, None] < K) & (cv[None, :] < V)
-    soff = (i_nh * K + ck[:, None]) * V + cv[None, :]
+    soff = ck[:, None] * V + cv[None, :]
     if HAS_DST:
-        dS = tl.load(dsT + soff, mask=mkv, other=0.0).to(tl.float32)
+        dS = tl.load(dsT + i_nh * K * V + soff, mask=mkv, other=0.0).to(tl.float32)
     else:
         dS = tl.zeros((BK, BV), dtype=tl.float32)
-    r = tl.arange(0, BC)
     nch = tl.cdiv(eos - bos, BC)
     for jj in range(0, nch):
         j = nch - 1 - jj
-        rows = bos + j * BC + r
-        valid = rows < eos
+        start = bos + j * BC
+        r, tok, first, last = chunk_rows(start, NH, BC)
+        valid = r < eos - start
         mk = valid[:, None] & (ck[None, :] < K)
-        qrow = valid & (rows % NH == NH - 1)
-        tok = rows // NH
-        tl.store(dh + ((c0 + j) * H + i_h) * K * V + ck[:, None] * V + cv[None, :], dS.to(dh.dtype.element_ty), mask=mkv)
-        kt = tl.load(k + (rows[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0).to(tl.float32)
-        qt = tl.load(q + (tok[:, None] * H + i_h) * K + ck[None, :], mask=qrow[:, None] & (ck[None, :] < K), other=0.0).to(tl.float32)
-        wt = tl.load(w + (rows[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0).to(DT)
-        dot_ = tl.load(do + (tok[:, None] * H + i_h) * V + cv[None, :], mask=qrow[:, None] & (cv[None, :] < V), other=0.0).to(DT)
+        qrow = valid & last
+        t0 = start // NH
+        offk = r[:, None] * (H * K) + ck[None, :]
+        tl.store(dh + ((c0 + j) * H + i_h) * K * V + soff, dS.to(dh.dtype.element_ty), mask=mkv)
+        kt = tl.load(k + (start * H + i_h) * K + offk, mask=mk, other=0.0).to(tl.float32)
+        qt = tl.load(q + (t0 * H + i_h) * K + tok[:, None] * (H * K) + ck[None, :], mask=qrow[:, None] & (ck[None, :] < K), other=0.0).to(tl.float32)
+        wt = tl.load(w + (start * H + i_h) * K + offk, mask=mk, other=0.0).to(DT)
+        dot_ = tl.load(do + (t0 * H + i_h) * V + tok[:, None] * (H * V) + cv[None, :], mask=qrow[:, None] & (cv[None, :] < V), other=0.0).to(DT)
         at = tl.load(aqk + ((c0 + j) * H + i_h) * BC * BC + r[:, None] * BC + r[None, :]).to(DT)
         if HAS_G:
-            Gc = chunk_gates(g, rows, valid, i_h, H, NH)
+            Gc = chunk_gates(g + t0 * H + i_h, tok, valid, first, H)
             glast = tl.sum(tl.where(r == BC - 1, Gc, 0.0), 0)
             kt = kt * tl.exp(glast - Gc)[:, None]
             qt = qt * tl.exp(Gc)[:, None]
         dvt = _dot(tl.trans(at), dot_, F32, PREC) * scale + _dot(kt.to(DT), dS.to(DT), F32, PREC)
-        tl.store(dvn + (rows[:, None] * H + i_h) * V + cv[None, :], dvt.to(dvn.dtype.element_ty), mask=valid[:, None] & (cv[None, :] < V))
+        tl.store(dvn + (start * H + i_h) * V + r[:, None] * (H * V) + cv[None, :], dvt.to(dvn.dtype.element_ty), mask=valid[:, None] & (cv[None, :] < V))
         if HAS_G:
             dS = dS * tl.exp(glast)
         dS += _dot(tl.trans(qt.to(DT)), dot_, F32, PREC) * scale - _dot(tl.trans(wt), dvt.to(DT), F32, PREC)
-    tl.store(ds0 + soff, dS, mask=mkv)
+    tl.store(ds0 + i_nh * K * V + soff, dS, mask=mkv)
 
 
 @triton.jit
@@ -93,16 +94,26 @@ def bwd_params_kernel(
     i_c = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1)
     start, end = chunk_bounds(i_c, chunks, T_steps, NT, BC, VARLEN)
-    r = tl.arange(0, BC)
-    rows = start + r
-    valid = rows < end
-    qrow = valid & (rows % NH == NH - 1)
-    tok = rows // NH
+    r, tok, first, last = chunk_rows(start, NH, BC)
+    valid = r < end - start
+    qrow = valid & last
     causal = r[:, None] >= r[None, :]
-    hbase = (i_c * H + i_h) * K * V
-    b = tl.load(beta + rows * H + i_h, mask=valid, other=0.0).to(tl.float32)
+    t0 = start // NH
+    # int64 only in these scalar bases; tile offsets are int32
+    pk = k + (start * H + i_h) * K
+    pdk = dk + (start * H + i_h) * K
+    pq = q + (t0 * H + i_h) * K
+    pdq = dq + (t0 * H + i_h) * K
+    pv = v + (start * H + i_h) * V
+    pvn = vn + (start * H + i_h) * V
+    pdvn = dvn + (start * H + i_h) * V
+    pdv = dv + (start * H + i_h) * V
+    pdo = do + (t0 * H + i_h) * V
+    ph = h + (i_c * H + i_h) * K * V
+    pdh = dh + (i_c * H + i_h) * K * V
+    b = tl.load(beta + start * H + i_h + r * H, mask=valid, other=0.0).to(tl.float32)
     if HAS_G:
-        Gc = chunk_gates(g, rows, valid, i_h, H, NH)
+        Gc = chunk_gates(g + t0 * H + i_h, tok, valid, first, H)
     else:
         Gc = tl.zeros((BC,), dtype=tl.float32)
     glast = tl.sum(tl.where(r == BC - 1, Gc, 0.0), 0)
@@ -115,8 +126,8 @@ def bwd_params_kernel(
     for k0 in tl.static_range(0, K, BKP):
         ck = k0 + tl.arange(0, BKP)
         mk = ck[None, :] < K
-        kb = tl.load(k + (rows[:, None] * H + i_h) * K + ck[None, :], mask=valid[:, None] & mk, other=0.0).to(DT)
-        qb = tl.load(q + (tok[:, None] * H + i_h) * K + ck[None, :], mask=qrow[:, None] & mk, other=0.0).to(DT)
+        kb = tl.load(pk + r[:, None] * (H * K) + ck[None, :], mask=valid[:, None] & mk, other=0.0).to(DT)
+        qb = tl.load(pq + tok[:, None] * (H * K) + ck[None, :], mask=qrow[:, None] & mk, other=0.0).to(DT)
         Gm += _dot(kb, tl.trans(kb), F32, PREC)
         QK += _dot(qb, tl.trans(kb), F32, PREC)
     A, X, gam = chunk_factor(Gm, b, Gc, BC, HAS_G, FPREC)
@@ -129,10 +140,11 @@ def bwd_params_kernel(
     for v0 in tl.static_range(0, V, BV):
         cv = v0 + tl.arange(0, BV)
         mv = valid[:, None] & (cv[None, :] < V)
-        dob = tl.load(do + (tok[:, None] * H + i_h) * V + cv[None, :], mask=qrow[:, None] & (cv[None, :] < V), other=0.0).to(DT)
-        vnb = tl.load(vn + (rows[:, None] * H + i_h) * V + cv[None, :], mask=mv, other=0.0).to(DT)
-        dvnb = tl.load(dvn + (rows[:, None] * H + i_h) * V + cv[None, :], mask=mv, other=0.0).to(DT)
-        vb = tl.load(v + (rows[:, None] * H + i_h) * V + cv[None, :], mask=mv, other=0.0).to(DT)
+        offv = r[:, None] * (H * V) + cv[None, :]
+        dob = tl.load(pdo + tok[:, None] * (H * V) + cv[None, :], mask=qrow[:, None] & (cv[None, :] < V), other=0.0).to(DT)
+        vnb = tl.load(pvn + offv, mask=mv, other=0.0).to(DT)
+        dvnb = tl.load(pdvn + offv, mask=mv, other=0.0).to(DT)
+        vb = tl.load(pv + offv, mask=mv, other=0.0).to(DT)
         dM += _dot(dob, tl.trans(vnb), F32, PREC)
         dA += _dot(dvnb, tl.trans(vb), F32, PREC)
     dM = tl.where(causal, dM * scale, 0.0)
@@ -144,6 +156,7 @@ def bwd_params_kernel(
     for k0 in tl.static_range(0, K, BKP):
         ck = k0 + tl.arange(0, BKP)
         mk = valid[:, None] & (ck[None, :] < K)
+        offk = r[:, None] * (H * K) + ck[None, :]
         dQ0 = tl.zeros((BC, BKP), dtype=tl.float32)
         dKd = tl.zeros((BC, BKP), dtype=tl.float32)
         dW = tl.zeros((BC, BKP), dtype=tl.float32)
@@ -151,21 +164,22 @@ def bwd_params_kernel(
             cv = v0 + tl.arange(0, BV)
             mv = valid[:, None] & (cv[None, :] < V)
             mkv = (ck[:, None] < K) & (cv[None, :] < V)
-            hb = tl.load(h + hbase + ck[:, None] * V + cv[None, :], mask=mkv, other=0.0)
-            dhb = tl.load(dh + hbase + ck[:, None] * V + cv[None, :], mask=mkv, other=0.0)
+            offv = r[:, None] * (H * V) + cv[None, :]
+            hb = tl.load(ph + ck[:, None] * V + cv[None, :], mask=mkv, other=0.0)
+            dhb = tl.load(pdh + ck[:, None] * V + cv[None, :], mask=mkv, other=0.0)
             dGC += tl.sum(tl.sum(hb.to(tl.float32) * dhb.to(tl.float32), 1), 0)
-            dob = tl.load(do + (tok[:, None] * H + i_h) * V + cv[None, :], mask=qrow[:, None] & (cv[None, :] < V), other=0.0).to(DT)
-            vnb = tl.load(vn + (rows[:, None] * H + i_h) * V + cv[None, :], mask=mv, other=0.0).to(DT)
-            dvnb = tl.load(dvn + (rows[:, None] * H + i_h) * V + cv[None, :], mask=mv, other=0.0).to(DT)
+            dob = tl.load(pdo + tok[:, None] * (H * V) + cv[None, :], mask=qrow[:, None] & (cv[None, :] < V), other=0.0).to(DT)
+            vnb = tl.load(pvn + offv, mask=mv, other=0.0).to(DT)
+            dvnb = tl.load(pdvn + offv, mask=mv, other=0.0).to(DT)
             hT = tl.trans(hb.to(DT))
             dQ0 += _dot(dob, hT, F32, PREC)
             dW -= _dot(dvnb, hT, F32, PREC)
             dKd += _dot(vnb, tl.trans(dhb.to(DT)), F32, PREC)
         dQ0 = dQ0 * scale
-        kb = tl.load(k + (rows[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0).to(tl.float32)
-        qb = tl.load(q + (tok[:, None] * H + i_h) * K + ck[None, :], mask=qrow[:, None] & (ck[None, :] < K), other=0.0).to(tl.float32)
+        kb = tl.load(pk + offk, mask=mk, other=0.0).to(tl.float32)
+        qb = tl.load(pq + tok[:, None] * (H * K) + ck[None, :], mask=qrow[:, None] & (ck[None, :] < K), other=0.0).to(tl.float32)
         dqb = dQ0 * eG[:, None] + _dot(dMg.to(DT), kb.to(DT), F32, PREC)
-        tl.store(dq + (tok[:, None] * H + i_h) * K + ck[None, :], dqb.to(dq.dtype.element_ty), mask=qrow[:, None] & (ck[None, :] < K))
+        tl.store(pdq + tok[:, None] * (H * K) + ck[None, :], dqb.to(dq.dtype.element_ty), mask=qrow[:, None] & (ck[None, :] < K))
         Kg = kb * eG[:, None]
         Kd = kb * ed[:, None]
         dA += _dot(dW.to(DT), tl.trans(Kg.to(DT)), F32, PREC)
@@ -176,7 +190,7 @@ def bwd_params_kernel(
             dG += tl.sum(dQ0 * qb * eG[:, None], 1) + tl.sum(dKg * Kg, 1) - dKdKd
             dG += tl.where(r == BC - 1, tl.sum(dKdKd, 0), 0.0)
         dkb = _dot(tl.trans(dMg.to(DT)), qb.to(DT), F32, PREC) + dKd * ed[:, None] + dKg * eG[:, None]
-        tl.store(dk + (rows[:, None] * H + i_h) * K + ck[None, :], dkb, mask=mk)
+        tl.store(pdk + offk, dkb, mask=mk)
 
     # 3. through the factor: A = (X o Gamma) diag(beta), X = (I + L)^{-1}
     db = tl.sum(Xg * dA, 0)
@@ -189,29 +203,31 @@ def bwd_params_kernel(
     db += tl.sum(dL * Gm, 1)
     dLb = dL * b[:, None]
     dLs = dLb + tl.trans(dLb)
-    tl.store(dbeta + rows * H + i_h, db.to(dbeta.dtype.element_ty), mask=valid)
+    tl.store(dbeta + start * H + i_h + r * H, db.to(dbeta.dtype.element_ty), mask=valid)
     if HAS_G:
         dG += tl.sum(E, 1) - tl.sum(E, 0)
         dG += tl.where(r == BC - 1, dGC * tl.exp(glast), 0.0)
         dgs = tl.sum(dG, 0) - tl.cumsum(dG, 0) + dG  # reverse running sum inside the chunk
-        tl.store(dg + tok * H + i_h, dgs.to(dg.dtype.element_ty), mask=valid & (rows % NH == 0))
+        tl.store(dg + t0 * H + i_h + tok * H, dgs.to(dg.dtype.element_ty), mask=valid & first)
     tl.debug_barrier()  # the partial dk above is read back by other threads
     for k0 in tl.static_range(0, K, BKP):
         ck = k0 + tl.arange(0, BKP)
         mk = valid[:, None] & (ck[None, :] < K)
-        kb = tl.load(k + (rows[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0).to(tl.float32)
-        dkb = tl.load(dk + (rows[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
+        offk = r[:, None] * (H * K) + ck[None, :]
+        kb = tl.load(pk + offk, mask=mk, other=0.0).to(tl.float32)
+        dkb = tl.load(pdk + offk, mask=mk, other=0.0)
         dkb += _dot(dLs, kb, True, FPREC)
         tl.debug_barrier()
-        tl.store(dk + (rows[:, None] * H + i_h) * K + ck[None, :], dkb, mask=mk)
+        tl.store(pdk + offk, dkb, mask=mk)
 
     # 4. dV = A^T dU with dU = dVn
     At = tl.trans(A.to(DT))
     for v0 in tl.static_range(0, V, BV):
         cv = v0 + tl.arange(0, BV)
         mv = valid[:, None] & (cv[None, :] < V)
-        dvnb = tl.load(dvn + (rows[:, None] * H + i_h) * V + cv[None, :], mask=mv, other=0.0).to(DT)
-        tl.store(dv + (rows[:, None] * H + i_h) * V + cv[None, :], _dot(At, dvnb, F32, PREC).to(dv.dtype.element_ty), mask=mv)
+        offv = r[:, None] * (H * V) + cv[None, :]
+        dvnb = tl.load(pdvn + offv, mask=mv, other=0.0).to(DT)
+        tl.store(pdv + offv, _dot(At, dvnb, F32, PREC).to(dv.dtype.element_ty), mask=mv)
 
 
 def backward(q, k, v, beta, g, S0, scale, plan, do, dsT):
@@ -242,7 +258,7 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT):
         bwd_params_kernel[(plan.NT_total, H)](
             q, k, v, beta, g if g is not None else dummy, hs, dhs, vn, dvn, do, dq, dk, dv, dbeta,
             dg if g is not None else dummy, plan.chunks, plan.T_steps, plan.NT, scale,
-            BKP=plan.BKP, BV=plan.BVP, HAS_G=g is not None, FPREC=plan.FPREC, **tdelta.CONFIG["bwd_params"], **plan.common(),
+            BKP=plan.BKP, BV=plan.BVB, HAS_G=g is not None, FPREC=plan.FPREC, **tdelta.CONFIG["bwd_params"], **plan.common(),
         )
     else:
         dk.zero_(), dv.zero_(), dbeta.zero_()

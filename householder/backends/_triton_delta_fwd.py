@@ -64,9 +64,23 @@ def seq_bounds(i_n, seqs, T_steps, NT, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def chunk_gates(g, rows, valid, i_h, H: tl.constexpr, NH: tl.constexpr):
-    """Running sum G of the log-decays inside a chunk (BC,), float32; a token decays at its first step."""
-    gr = tl.load(g + (rows // NH) * H + i_h, mask=valid & (rows % NH == 0), other=0.0).to(tl.float32)
+def chunk_rows(start, NH: tl.constexpr, BC: tl.constexpr):
+    """Row-local indices of a chunk: r (steps), the token of each step relative to the chunk's first
+    token (start // NH), and the masks of a token's first and last step (int32, small tiles)."""
+    r = tl.arange(0, BC)
+    s0 = (start % NH).to(tl.int32)
+    tok = (s0 + r) // NH
+    first = (s0 + r) % NH == 0
+    last = (s0 + r) % NH == NH - 1
+    return r, tok, first, last
+
+
+@triton.jit
+def chunk_gates(gp, tok, valid, first, H: tl.constexpr):
+    """Running sum G of the log-decays inside a chunk (BC,), float32; a token decays at its first step.
+
+    ``gp`` points at the chunk's first token of this head."""
+    gr = tl.load(gp + tok * H, mask=valid & first, other=0.0).to(tl.float32)
     return tl.cumsum(gr, 0)
 
 
@@ -99,44 +113,48 @@ def prep_kernel(
     i_c = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1)
     start, end = chunk_bounds(i_c, chunks, T_steps, NT, BC, VARLEN)
-    r = tl.arange(0, BC)
-    rows = start + r
-    valid = rows < end
-    qrow = valid & (rows % NH == NH - 1)
-    tok = rows // NH
-    b = tl.load(beta + rows * H + i_h, mask=valid, other=0.0).to(tl.float32)
+    r, tok, first, last = chunk_rows(start, NH, BC)
+    valid = r < end - start
+    qrow = valid & last
+    # int64 only in these scalar bases; tile offsets below are int32
+    t0 = start // NH
+    pk = k + (start * H + i_h) * K
+    pq = q + (t0 * H + i_h) * K
+    pv = v + (start * H + i_h) * V
+    pw = w + (start * H + i_h) * K
+    pu = u + (start * H + i_h) * V
+    b = tl.load(beta + start * H + i_h + r * H, mask=valid, other=0.0).to(tl.float32)
     Gm = tl.zeros((BC, BC), dtype=tl.float32)
     QK = tl.zeros((BC, BC), dtype=tl.float32)
     for k0 in tl.static_range(0, K, BKP):
         ck = k0 + tl.arange(0, BKP)
         mk = ck[None, :] < K
-        kb = tl.load(k + (rows[:, None] * H + i_h) * K + ck[None, :], mask=valid[:, None] & mk, other=0.0).to(DT)
-        qb = tl.load(q + (tok[:, None] * H + i_h) * K + ck[None, :], mask=qrow[:, None] & mk, other=0.0).to(DT)
+        kb = tl.load(pk + r[:, None] * (H * K) + ck[None, :], mask=valid[:, None] & mk, other=0.0).to(DT)
+        qb = tl.load(pq + tok[:, None] * (H * K) + ck[None, :], mask=qrow[:, None] & mk, other=0.0).to(DT)
         Gm += _dot(kb, tl.trans(kb), F32, PREC)
         QK += _dot(qb, tl.trans(kb), F32, PREC)
     if HAS_G:
-        Gc = chunk_gates(g, rows, valid, i_h, H, NH)
+        Gc = chunk_gates(g + t0 * H + i_h, tok, valid, first, H)
     else:
         Gc = tl.zeros((BC,), dtype=tl.float32)
     A, _, gam = chunk_factor(Gm, b, Gc, BC, HAS_G, FPREC)
     QK = QK * gam
-    base = (i_c * H + i_h) * BC * BC
-    tl.store(aqk + base + r[:, None] * BC + r[None, :], QK.to(aqk.dtype.element_ty))
+    tl.store(aqk + (i_c * H + i_h) * BC * BC + r[:, None] * BC + r[None, :], QK.to(aqk.dtype.element_ty))
     Ad = A.to(DT)
     for k0 in tl.static_range(0, K, BKP):
         ck = k0 + tl.arange(0, BKP)
         m = valid[:, None] & (ck[None, :] < K)
-        kb = tl.load(k + (rows[:, None] * H + i_h) * K + ck[None, :], mask=m, other=0.0)
+        kb = tl.load(pk + r[:, None] * (H * K) + ck[None, :], mask=m, other=0.0)
         if HAS_G:
             kb = kb.to(tl.float32) * tl.exp(Gc)[:, None]
         wb = _dot(Ad, kb.to(DT), F32, PREC)
-        tl.store(w + (rows[:, None] * H + i_h) * K + ck[None, :], wb.to(w.dtype.element_ty), mask=m)
+        tl.store(pw + r[:, None] * (H * K) + ck[None, :], wb.to(w.dtype.element_ty), mask=m)
     for v0 in tl.static_range(0, V, BV):
         cv = v0 + tl.arange(0, BV)
         m = valid[:, None] & (cv[None, :] < V)
-        vb = tl.load(v + (rows[:, None] * H + i_h) * V + cv[None, :], mask=m, other=0.0).to(DT)
+        vb = tl.load(pv + r[:, None] * (H * V) + cv[None, :], mask=m, other=0.0).to(DT)
         ub = _dot(Ad, vb, F32, PREC)
-        tl.store(u + (rows[:, None] * H + i_h) * V + cv[None, :], ub.to(u.dtype.element_ty), mask=m)
+        tl.store(pu + r[:, None] * (H * V) + cv[None, :], ub.to(u.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -156,43 +174,45 @@ def state_kernel(
     ck = tl.arange(0, BK)
     cv = i_v * BV + tl.arange(0, BV)
     mkv = (ck[:, None] < K) & (cv[None, :] < V)
-    soff = (i_nh * K + ck[:, None]) * V + cv[None, :]
+    soff = ck[:, None] * V + cv[None, :]
     if HAS_S0:
-        S = tl.load(s0 + soff, mask=mkv, other=0.0).to(tl.float32)
+        S = tl.load(s0 + i_nh * K * V + soff, mask=mkv, other=0.0).to(tl.float32)
     else:
         S = tl.zeros((BK, BV), dtype=tl.float32)
-    r = tl.arange(0, BC)
     for j in range(0, tl.cdiv(eos - bos, BC)):
-        rows = bos + j * BC + r
-        valid = rows < eos
+        start = bos + j * BC
+        r, tok, first, last = chunk_rows(start, NH, BC)
+        valid = r < eos - start
         mk = valid[:, None] & (ck[None, :] < K)
         mv = valid[:, None] & (cv[None, :] < V)
-        kt = tl.load(k + (rows[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
-        wt = tl.load(w + (rows[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0).to(DT)
-        ut = tl.load(u + (rows[:, None] * H + i_h) * V + cv[None, :], mask=mv, other=0.0).to(tl.float32)
+        t0 = start // NH
+        offk = r[:, None] * (H * K) + ck[None, :]
+        offv = r[:, None] * (H * V) + cv[None, :]
+        kt = tl.load(k + (start * H + i_h) * K + offk, mask=mk, other=0.0)
+        wt = tl.load(w + (start * H + i_h) * K + offk, mask=mk, other=0.0).to(DT)
+        ut = tl.load(u + (start * H + i_h) * V + offv, mask=mv, other=0.0).to(tl.float32)
         Sd = S.to(DT)
         if SAVE_H:
-            tl.store(h + ((c0 + j) * H + i_h) * K * V + ck[:, None] * V + cv[None, :], S.to(h.dtype.element_ty), mask=mkv)
+            tl.store(h + ((c0 + j) * H + i_h) * K * V + soff, S.to(h.dtype.element_ty), mask=mkv)
         vnew = ut - _dot(wt, Sd, F32, PREC)
         if SAVE_H:
-            tl.store(vn + (rows[:, None] * H + i_h) * V + cv[None, :], vnew.to(vn.dtype.element_ty), mask=mv)
+            tl.store(vn + (start * H + i_h) * V + offv, vnew.to(vn.dtype.element_ty), mask=mv)
         vd = vnew.to(DT)
         if HAS_G:
-            Gc = chunk_gates(g, rows, valid, i_h, H, NH)
+            Gc = chunk_gates(g + t0 * H + i_h, tok, valid, first, H)
             glast = tl.sum(tl.where(r == BC - 1, Gc, 0.0), 0)
         if WRITE_O:
-            qrow = valid & (rows % NH == NH - 1)
-            tok = rows // NH
-            qt = tl.load(q + (tok[:, None] * H + i_h) * K + ck[None, :], mask=qrow[:, None] & (ck[None, :] < K), other=0.0).to(DT)
+            qrow = valid & last
+            qt = tl.load(q + (t0 * H + i_h) * K + tok[:, None] * (H * K) + ck[None, :], mask=qrow[:, None] & (ck[None, :] < K), other=0.0).to(DT)
             at = tl.load(aqk + ((c0 + j) * H + i_h) * BC * BC + r[:, None] * BC + r[None, :]).to(DT)
             ot = _dot(qt, Sd, F32, PREC)
             if HAS_G:
                 ot = ot * tl.exp(Gc)[:, None]
             ot = (ot + _dot(at, vd, F32, PREC)) * scale
-            tl.store(o + (tok[:, None] * H + i_h) * V + cv[None, :], ot.to(o.dtype.element_ty), mask=qrow[:, None] & (cv[None, :] < V))
+            tl.store(o + (t0 * H + i_h) * V + tok[:, None] * (H * V) + cv[None, :], ot.to(o.dtype.element_ty), mask=qrow[:, None] & (cv[None, :] < V))
         if HAS_G:
             kt = kt.to(tl.float32) * tl.exp(glast - Gc)[:, None]
             S = S * tl.exp(glast)
         S += _dot(tl.trans(kt.to(DT)), vd, F32, PREC)
     if STORE_ST:
-        tl.store(sT + soff, S, mask=mkv)
+        tl.store(sT + i_nh * K * V + soff, S, mask=mkv)

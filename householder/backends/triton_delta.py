@@ -20,11 +20,14 @@ from householder.backends import _triton_delta_bwd as _bwd
 from householder.backends import _triton_delta_fwd as _fwd
 
 MAX_K = 256
-# Launch settings per kernel on GPUs (the interpreter ignores them); "BV" None picks the value block
-# from the number of programs. Benchmarks may sweep these.
+# Launch settings per kernel on GPUs (the interpreter ignores them), chosen from the compiler's
+# register report for sm_90 (H = 16, K = V = 128, bf16): 4 warps and 32 value columns keep the
+# state passes free of spills; the per-chunk kernels hold many 64 x 64 float32 tiles and spill
+# least with 8 warps. Benchmarks may sweep these.
 CONFIG = {
-    "BV": None,
-    "prep": dict(num_warps=4, num_stages=2),
+    "BV": 32,  # value columns per program of the sequential passes (None: by program count)
+    "bwd_BV": 32,  # value columns per step of the per-chunk backward kernel
+    "prep": dict(num_warps=8, num_stages=1),
     "state": dict(num_warps=4, num_stages=2),
     "bwd_state": dict(num_warps=4, num_stages=2),
     "bwd_params": dict(num_warps=8, num_stages=1),
@@ -78,6 +81,7 @@ class _Plan:
         self.BK = max(16, triton.next_power_of_2(K))
         self.BKP = min(64, self.BK)
         self.BVP = min(64, max(16, triton.next_power_of_2(V)))
+        self.BVB = min(CONFIG["bwd_BV"], max(16, triton.next_power_of_2(V)))
         if interp:
             self.BV = max(16, triton.next_power_of_2(V))  # few programs: the interpreter pays per program
         else:
