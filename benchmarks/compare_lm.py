@@ -127,6 +127,7 @@ def main() -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--steps", type=int, default=10, help="timed training steps per case")
     p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--commit", default=None, help="commit to record where the copy has no git metadata (default: git rev-parse)")
     args = p.parse_args()
     device = torch.device(args.device)
     if args.quick:
@@ -157,7 +158,7 @@ def main() -> int:
         fla_version = f"unavailable ({type(exc).__name__}: {exc})"
     say("# LM benchmark: DeltaNet LM vs SDPA Transformer" + (" (quick smoke sizes)" if args.quick else ""))
     say()
-    say(f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; commit {git_commit()}")
+    say(f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; commit {args.commit or git_commit()}")
     say(f"- device: {name}; torch {torch.__version__}, CUDA {torch.version.cuda}, triton {triton_version}, Python {platform.python_version()}")
     say(f"- householder {householder.__version__}; delta-rule backend for these tensors: "
         f"{householder._registry.infer_backend_name(torch.empty(0, device=device))}; fla {fla_version}")

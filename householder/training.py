@@ -348,7 +348,8 @@ def add_subcommand(subparsers) -> None:
     p = subparsers.add_parser(
         "train",
         help="train the reference LM on byte-level text (default: this Python's standard library)",
-        description=__doc__.splitlines()[0].strip("`"),
+        description="Train the reference LM on byte-level text: this Python's standard library source unless "
+        "--data names files. Writes checkpoints, a loss curve and the final model to --out.",
     )
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model size and schedule (default: tiny, CPU)")
     p.add_argument("--out", help="output folder (default: runs/<preset>)")

@@ -145,18 +145,20 @@ def test_resume_without_checkpoint(tmp_path):
 
 def test_train_loop_on_a_synthetic_task():
     # the loop other code reuses: any model with .loss, any get_batch(step)
-    torch.manual_seed(0)
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"seed {seed}")
+    torch.manual_seed(seed)
     model = LanguageModel(LMConfig(vocab_size=8, hidden_size=32, num_layers=1, num_heads=2, mixer="deltaproduct"))
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
 
     def get_batch(step):
         x = torch.randint(0, 8, (8, 12), generator=gen)
         return x, torch.roll(x, 1, 1)  # predict the previous token: needs the mixer's memory
 
-    losses = train_loop(model, get_batch, steps=60, lr=1e-2, warmup=5, progress=False)
-    assert len(losses) == 60
+    losses = train_loop(model, get_batch, steps=40, lr=1e-2, warmup=5, progress=False)
+    assert len(losses) == 40
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
-    stopped = train_loop(model, get_batch, steps=60, lr=1e-2, progress=False, on_step=lambda s, loss: s >= 3)
+    stopped = train_loop(model, get_batch, steps=40, lr=1e-2, progress=False, on_step=lambda s, loss: s >= 3)
     assert len(stopped) == 3
 
 
