@@ -10,6 +10,7 @@ from householder.layers.attention import Attention
 from householder.layers.cache import Cache
 from householder.layers.deltanet import MODES, DeltaNet
 from householder.layers.deltaproduct import DeltaProduct
+from householder.layers.diag_linear_attention import DiagLinearAttention  # registers mixer "diag_linear_attention"
 from householder.layers.lm import MIXERS, Block, LanguageModel, LMConfig, LMOutput, register_mixer
 from householder.layers.modules import GatedRMSNorm, RMSNorm, ShortConvolution, SwiGLU
 
@@ -19,6 +20,7 @@ __all__ = [
     "Cache",
     "DeltaNet",
     "DeltaProduct",
+    "DiagLinearAttention",
     "GatedRMSNorm",
     "LMConfig",
     "LMOutput",

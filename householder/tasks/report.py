@@ -1,0 +1,242 @@
+"""The suite's outputs: summary table (markdown, CSV), heatmap PNG, and the check of the papers' claims."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+from householder.tasks.models import label
+
+CSV_FIELDS = [
+    "model", "label", "task", "train_length", "length", "metric", "score", "token_accuracy", "chance",
+    "scaled_score", "steps", "final_loss", "train_seconds", "params", "device",
+]
+
+# what counts as "learned" and as "near chance" (scaled accuracy: 0 = chance, 1 = perfect)
+LEARNED = 0.95
+NEAR_CHANCE = 0.1
+
+
+def scaled(acc: float, chance: float) -> float:
+    """(acc - chance) / (1 - chance): 0 at chance, 1 when perfect."""
+    return (acc - chance) / (1 - chance)
+
+
+def rows(results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One flat row per (model, task, length) of the result records (long format, CSV_FIELDS)."""
+    out = []
+    for r in results:
+        if "error" in r:
+            continue
+        for length, v in sorted(r["lengths"].items()):
+            out.append(dict(
+                model=r["model"], label=r["label"], task=r["task"], train_length=r["train_length"], length=int(length),
+                metric=r["metric"], score=round(v["score"], 4), token_accuracy=round(v["token"], 4),
+                chance=round(r["chance"], 4), scaled_score=round(scaled(v["score"], r["chance"]), 4), steps=r["steps"],
+                final_loss=round(r["final_loss"], 4), train_seconds=r["train_seconds"], params=r["params"],
+                device=r["device"],
+            ))
+    return out
+
+
+def to_csv(results) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows(results))
+    return buf.getvalue()
+
+
+def _columns(results, tasks: list[str]) -> list[tuple[str, int, int]]:
+    """(task, train_length, length) of every table column, tasks in the given order."""
+    cols = {}
+    for r in results:
+        if "error" not in r:
+            for length in r["lengths"]:
+                cols[(r["task"], r["train_length"], int(length))] = None
+    return sorted(cols, key=lambda c: (tasks.index(c[0]) if c[0] in tasks else len(tasks), c[2]))
+
+
+def _models(results, models: list[str]) -> list[str]:
+    seen = list(dict.fromkeys(r["model"] for r in results))
+    return [m for m in models if m in seen] + [m for m in seen if m not in models]
+
+
+def _lookup(results):
+    return {(r["model"], r["task"]): r for r in results}
+
+
+def markdown_table(results, tasks: list[str], models: list[str]) -> str:
+    """Model x (task, length) accuracy table in percent; "-" where the cell did not run, "error" where it failed."""
+    cols = _columns(results, tasks)
+    look = _lookup(results)
+    head = "| model | " + " | ".join(f"{t} {length}{' (train)' if length == tl else ''}" for t, tl, length in cols) + " |"
+    lines = [head, "|---|" + "---:|" * len(cols)]
+    for m in _models(results, models):
+        cells = []
+        for t, _, length in cols:
+            r = look.get((m, t))
+            if r is None:
+                cells.append("-")
+            elif "error" in r:
+                cells.append("error")
+            else:
+                v = r["lengths"].get(length)
+                cells.append("-" if v is None else f"{100 * v['score']:.1f}")
+        lines.append(f"| {label(m)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def claims(results) -> list[tuple[str, str, str]]:
+    """The papers' qualitative claims, checked on these results: [(claim, verdict, evidence)].
+
+    verdict is "held", "did not hold" or "not run" (the cells it needs are missing).
+    """
+    look = _lookup([r for r in results if "error" not in r])
+
+    def acc(model, task, mult=1):
+        r = look.get((model, task))
+        if r is None:
+            return None
+        v = r["lengths"].get(mult * r["train_length"])
+        return None if v is None else v["score"]
+
+    def sc(model, task, mult=1):
+        a = acc(model, task, mult)
+        return None if a is None else scaled(a, look[(model, task)]["chance"])
+
+    def fmt(model, task, mult=1):
+        a = acc(model, task, mult)
+        return f"{label(model)} {100 * a:.1f}%" if a is not None else f"{label(model)} not run"
+
+    out = []
+    # 1. parity: [0, 1] cannot, [0, 2] can and extrapolates
+    neg, pos = acc("deltanet_neg", "parity"), acc("deltanet", "parity")
+    claim = "parity: DeltaNet beta in [0, 2] learns it (>= 95%), beta in [0, 1] stays near chance"
+    if neg is None or pos is None:
+        out.append((claim, "not run", ""))
+    else:
+        ok = neg >= LEARNED and abs(sc("deltanet", "parity")) <= NEAR_CHANCE
+        out.append((claim, "held" if ok else "did not hold", f"{fmt('deltanet_neg', 'parity')}, {fmt('deltanet', 'parity')} at the training length"))
+        r = look[("deltanet_neg", "parity")]
+        longer = sorted(int(k) for k in r["lengths"] if int(k) > r["train_length"])
+        if longer:
+            accs = [r["lengths"][k]["score"] for k in longer]
+            ok = all(a >= 0.9 for a in accs)
+            ev = ", ".join(f"{100 * a:.1f}% at {k}" for k, a in zip(longer, accs))
+            out.append(("parity: DeltaNet [-1,1] extrapolates to longer sequences (>= 90%)", "held" if ok else "did not hold", ev))
+    # 2. mod_arith: [0,1] fails; some model with negative eigenvalues (products) learns it
+    task = "mod_arith"
+    negs = [m for (m, t) in look if t == task and m.endswith("_neg")]
+    poss = [m for (m, t) in look if t == task and m.startswith(("deltanet", "deltaproduct", "gated_")) and not m.endswith("_neg")]
+    claim = "mod_arith (sum mod 3): [0,1] models stay far from solving it; a [-1,1] Householder product learns it (>= 95%)"
+    if not negs or not poss:
+        out.append((claim, "not run", ""))
+    else:
+        best = max(negs, key=lambda m: acc(m, task))
+        worst_pos = max(poss, key=lambda m: acc(m, task))
+        ok = acc(best, task) >= LEARNED and acc(worst_pos, task) < LEARNED
+        out.append((claim, "held" if ok else "did not hold", f"best [-1,1]: {fmt(best, task)}; best [0,1]: {fmt(worst_pos, task)}"))
+    # 3. groups: more Householder factors per token -> harder groups and longer extrapolation
+    for task in ("s3", "s4", "a5", "s5"):
+        ladder = sorted(
+            (m for (m, t) in look if t == task and m.endswith("_neg") and not m.startswith("gated_") and "delta" in m),
+            key=lambda m: _n_h(m),
+        )
+        claim = f"{task}: more Householder factors per token ([-1,1]) track it better, at the training length and beyond"
+        if len(ladder) < 2:
+            out.append((claim, "not run", ""))
+            continue
+        mults = sorted({int(k) // look[(ladder[0], task)]["train_length"] for k in look[(ladder[0], task)]["lengths"]})
+        ev = "; ".join(
+            f"n_h={_n_h(m)}: " + "/".join(f"{100 * acc(m, task, k):.0f}" for k in mults if acc(m, task, k) is not None) + "%"
+            for m in ladder
+        )
+        mean = [sum(acc(m, task, k) or 0 for k in mults) / len(mults) for m in ladder]
+        ok = all(b >= a - 0.02 for a, b in zip(mean, mean[1:])) and mean[-1] > mean[0] + 0.05
+        out.append((claim, "held" if ok else "did not hold", f"accuracy at {'/'.join(f'{k}x' for k in mults)} the training length: {ev}"))
+    # 4. MQAR: DeltaNet recalls well
+    task = "mqar"
+    dn = [m for m in ("deltanet", "deltanet_neg") if (m, task) in look]
+    claim = "mqar: DeltaNet recalls well at the training length (>= 90%)"
+    if not dn:
+        out.append((claim, "not run", ""))
+    else:
+        best = max(dn, key=lambda m: acc(m, task))
+        out.append((claim, "held" if acc(best, task) >= 0.9 else "did not hold", fmt(best, task)))
+    return out
+
+
+def _n_h(model: str) -> int:
+    if "deltaproduct" in model:
+        digits = "".join(ch for ch in model.split("deltaproduct")[1] if ch.isdigit())
+        return int(digits)
+    return 1
+
+
+def heatmap(results, tasks: list[str], models: list[str], path: str | os.PathLike, title: str = "") -> None:
+    """PNG heatmap: models x (task, length), colour = scaled accuracy (0 chance, 1 perfect), text = accuracy %."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    cols = _columns(results, tasks)
+    ms = _models(results, models)
+    look = _lookup(results)
+    grid = np.full((len(ms), len(cols)), np.nan)
+    text = [["" for _ in cols] for _ in ms]
+    for i, m in enumerate(ms):
+        for j, (t, _, length) in enumerate(cols):
+            r = look.get((m, t))
+            if r is None:
+                continue
+            if "error" in r:
+                text[i][j] = "err"
+                continue
+            v = r["lengths"].get(length)
+            if v is not None:
+                grid[i, j] = scaled(v["score"], r["chance"])
+                text[i][j] = f"{100 * v['score']:.0f}"
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * max(len(cols), 4), 1.2 + 0.42 * max(len(ms), 2)), dpi=110)
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#dddddd")
+    im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0, vmax=1, aspect="auto")
+    for i in range(len(ms)):
+        for j in range(len(cols)):
+            if text[i][j]:
+                dark = np.isnan(grid[i, j]) or grid[i, j] > 0.6
+                ax.text(j, i, text[i][j], ha="center", va="center", fontsize=7, color="black" if dark else "white")
+    ax.set_yticks(range(len(ms)), [label(m) for m in ms], fontsize=8)
+    ax.set_xticks(range(len(cols)), [f"{t}\n{length}{'*' if length == tl else ''}" for t, tl, length in cols], fontsize=7)
+    for j in range(1, len(cols)):
+        if cols[j][0] != cols[j - 1][0]:
+            ax.axvline(j - 0.5, color="white", lw=2)
+    fig.colorbar(im, ax=ax, fraction=0.03, pad=0.02).set_label("scaled accuracy (0 = chance, 1 = perfect)", fontsize=8)
+    ax.set_title(title + ("\n" if title else "") + "text: accuracy %; * = training length", fontsize=8)
+    fig.tight_layout()
+    tmp = Path(path).with_name(Path(path).name + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def markdown_report(results, tasks: list[str], models: list[str], header: list[str], settings_lines: list[str], png_name: str | None) -> str:
+    """The whole markdown page: header (run facts), settings, table, claims, failures."""
+    lines = ["# State-tracking and recall tasks", "", *header, ""]
+    lines += ["## Accuracy (%)", "", f"Score: the final position's accuracy (state tracking) or every query's (mqar); chance is 1 / classes.", ""]
+    lines.append(markdown_table(results, tasks, models))
+    if png_name:
+        lines += ["", f"![heatmap]({png_name})"]
+    lines += ["", "## The papers' claims on these results", "", "| claim | verdict | evidence |", "|---|---|---|"]
+    for claim, verdict, ev in claims(results):
+        lines.append(f"| {claim} | **{verdict}** | {ev} |")
+    errors = [r for r in results if "error" in r]
+    if errors:
+        lines += ["", "## Cells that failed", ""]
+        lines += [f"- {r['model']} on {r['task']}: `{r['error']}`" for r in errors]
+    lines += ["", "## Settings", "", *settings_lines, ""]
+    return "\n".join(lines)
