@@ -43,6 +43,8 @@ class TorchBackend(Backend):
             return x
         root = type(x).__module__.split(".")[0]
         if root in _FOREIGN:
+            if _dlpack_on_cuda(x):  # another library's GPU array (CuPy): shared without a copy
+                return torch.from_dlpack(x)
             raise TypeError(
                 f"{name} is a {type(x).__module__}.{type(x).__name__} but backend {self.name!r} takes "
                 f"torch tensors; convert it first (e.g. torch.from_dlpack)"
@@ -208,6 +210,14 @@ class TorchBackend(Backend):
         if m > 1:
             P = self.apply_blocks(form, K[..., : m - 1, :, :], beta[..., : m - 1, :], F[..., : m - 1, :, :], P, False)
         return P.to(out_dtype)
+
+
+def _dlpack_on_cuda(x) -> bool:
+    """True for arrays that export CUDA memory through DLPack (device type kDLCUDA or kDLCUDAManaged)."""
+    try:
+        return int(x.__dlpack_device__()[0]) in (2, 13)
+    except Exception:
+        return False
 
 
 def _broadcast_pair(A: torch.Tensor, y: torch.Tensor):
