@@ -195,7 +195,7 @@ def problem_a(rep: Report, be):
     for form in ("wy", "ut"):
         fn = lambda: hh.product(K, beta, form=form, backend="torch", check_finite=False).dense()  # noqa: E731
         rep.add("A", f"ours torch {form} dense", median_ms(fn), base, f_dense, "fp32", rel_err(fn(), K, beta))
-    for prec in ("tf32x3", "split", "tf32"):
+    for prec in ("split", "tf32x3", "tf32"):
         be.fp32_precision = prec
         kind = "tf32" if prec != "ieee" else "fp32"
         for form in ("wy", "ut"):
@@ -206,7 +206,7 @@ def problem_a(rep: Report, be):
         app = lambda: P.apply(X, check_finite=False)  # noqa: E731
         rep.add("A", f"ours triton wy apply to (128,128) [{prec}]", median_ms(app), base, f_apply, kind, rel_err(app(), K, beta, X))
         rep.add("A", f"ours triton wy dense + matmul [{prec}]", median_ms(lambda: P.dense() @ X), base)
-    be.fp32_precision = "tf32x3"
+    be.fp32_precision = "split"
     Kh, bh = K.bfloat16(), beta.bfloat16()
     Xh = X.bfloat16()
     fn = lambda: hh.product(Kh, bh, backend="triton", check_finite=False).dense()  # noqa: E731
@@ -244,7 +244,7 @@ def problem_b(rep: Report, be):
     for form in ("wy", "ut"):
         fn = lambda: hh.product(K, beta, form=form, backend="torch", check_finite=False).dense()  # noqa: E731
         rep.add("B", f"ours torch {form} dense", median_ms(fn), base, f, "fp32", rel_err(fn(), K, beta, sample=2))
-    for prec in ("tf32x3", "split", "tf32"):
+    for prec in ("split", "tf32x3", "tf32"):
         be.fp32_precision = prec
         kind = "tf32" if prec != "ieee" else "fp32"
         for form in ("wy", "ut"):
@@ -254,7 +254,7 @@ def problem_b(rep: Report, be):
         app = lambda: P.apply(X, check_finite=False)  # noqa: E731
         rep.add("B", f"ours triton wy apply to (128,128) [{prec}]", median_ms(app), base, f, kind, rel_err(app(), K, beta, X, sample=2))
         rep.add("B", f"ours triton wy dense + matmul [{prec}]", median_ms(lambda: P.dense() @ X), base)
-    be.fp32_precision = "tf32x3"
+    be.fp32_precision = "split"
     Pt = hh.product(K, beta, backend="torch", check_finite=False)
     rep.add("B", "ours torch wy apply to (128,128)", median_ms(lambda: Pt.apply(X, check_finite=False)), base, f, "fp32")
     Kh, bh, Xh = K.bfloat16(), beta.bfloat16(), X.bfloat16()
@@ -266,49 +266,52 @@ def problem_b(rep: Report, be):
 
 
 def sweep(be) -> str:
-    """Time launch settings of the apply/dense kernel and the factor kernel; leave the best in place per problem.
+    """Time launch settings of the factor kernel and of the apply/dense kernel (float32, "split").
 
-    Returns a markdown table; sets ``_triton_apply.CONFIG`` / ``_triton_factor.CONFIG``
-    to the fastest settings found for problem A (restored per problem by ``best``).
+    Returns a markdown table and records the fastest settings per problem in SWEPT
+    (applied by :func:`use_swept`); the library's heuristics are restored afterwards.
     """
     from householder.backends import _triton_apply as ap
     from householder.backends import _triton_factor as fa
 
-    lines = ["| problem | op | precision | warps | BD | BC | ms |", "|---|---|---|---|---|---|---|"]
+    lines = ["| problem | op | setting | ms |", "|---|---|---|---|"]
     best = {}
     cases = {
-        "A": (inputs(4096, 64, 128), [(4, 32, 64), (8, 32, 64), (8, 64, 64), (4, 64, 32), (8, 32, 32), (4, 32, 32)]),
-        "B": (inputs(16, 4096, 128, seed=1), [(4, 32, 16), (8, 32, 16), (4, 64, 16), (4, 32, 32), (8, 32, 32)]),
+        "A": (inputs(4096, 64, 128), [(4, 32, 64), (8, 32, 64), (8, 64, 64), (4, 64, 32), (4, 32, 32)]),
+        "B": (inputs(16, 4096, 128, seed=1), [(4, 32, 16), (4, 64, 16), (8, 64, 16), (4, 32, 32)]),
     }
     for prob, ((K, beta), configs) in cases.items():
-        for wf in (4, 8):
-            fa.CONFIG.update(num_warps=wf)
-            ms = median_ms(lambda: hh.product(K, beta, backend="triton", check_finite=False))
-            lines.append(f"| {prob} | factor | {be.fp32_precision} | {wf} | 64 | - | {ms:.3f} |")
-            best.setdefault((prob, "factor"), []).append((ms, wf))
-        fa.CONFIG.update(num_warps=min(best[(prob, "factor")])[1])
-        P = hh.product(K, beta, backend="triton", check_finite=False)
-        for prec in ("tf32x3", "split"):
-            be.fp32_precision = prec
-            for w, bd, bc in configs if prec == "tf32x3" else [min(best[(prob, "dense")])[1][1:]]:
-                ap.CONFIG.update(num_warps=w, BD=bd, BC=bc)
+        for quad in (True, False):
+            for wf in (2, 4, 8):
+                fa.CONFIG.update(num_warps=wf, quadrants=quad)
                 try:
-                    ms = median_ms(lambda: P.dense())
-                except Exception as exc:  # e.g. out of shared memory for this tile
-                    lines.append(f"| {prob} | dense | {prec} | {w} | {bd} | {bc} | failed: {type(exc).__name__} |")
+                    ms = median_ms(lambda: hh.product(K, beta, backend="triton", check_finite=False))
+                except Exception as exc:
+                    lines.append(f"| {prob} | factor | quadrants {quad}, warps {wf} | failed: {type(exc).__name__} |")
                     continue
-                lines.append(f"| {prob} | dense | {prec} | {w} | {bd} | {bc} | {ms:.3f} |")
-                best.setdefault((prob, "dense"), []).append((ms, (prec, w, bd, bc)))
+                lines.append(f"| {prob} | factor | quadrants {quad}, warps {wf} | {ms:.3f} |")
+                best.setdefault((prob, "factor"), []).append((ms, (quad, wf)))
                 print(lines[-1], flush=True)
-    be.fp32_precision = "tf32x3"
+        quad, wf = min(best[(prob, "factor")])[1]
+        fa.CONFIG.update(num_warps=wf, quadrants=quad)
+        P = hh.product(K, beta, backend="triton", check_finite=False)
+        for w, bd, bc in configs:
+            ap.CONFIG.update(num_warps=w, BD=bd, BC=bc)
+            try:
+                ms = median_ms(lambda: P.dense())
+            except Exception as exc:  # e.g. out of shared memory for this tile
+                lines.append(f"| {prob} | dense | warps {w}, BD {bd}, BC {bc} | failed: {type(exc).__name__} |")
+                continue
+            lines.append(f"| {prob} | dense | warps {w}, BD {bd}, BC {bc} | {ms:.3f} |")
+            best.setdefault((prob, "dense"), []).append((ms, (w, bd, bc)))
+            print(lines[-1], flush=True)
     chosen = {prob: (min(best[(prob, "dense")])[1], min(best[(prob, "factor")])[1]) for prob in cases}
     lines.append("")
-    lines.append(f"chosen (precision, warps, BD, BC; factor warps): {chosen}")
+    lines.append(f"fastest (warps, BD, BC of apply/dense; quadrants, warps of the factor): {chosen}")
     SWEPT.update(chosen)
-    for k in ap.CONFIG:
-        ap.CONFIG[k] = None
-    for k in fa.CONFIG:
-        fa.CONFIG[k] = None
+    for cfg in (ap.CONFIG, fa.CONFIG):
+        for k in cfg:
+            cfg[k] = None
     return "\n".join(lines) + "\n"
 
 
@@ -322,10 +325,10 @@ def use_swept(be, prob: str) -> str:
 
     if prob not in SWEPT:
         return "library defaults"
-    (prec, w, bd, bc), wf = SWEPT[prob]
+    (w, bd, bc), (quad, wf) = SWEPT[prob]
     ap.CONFIG.update(num_warps=w, BD=bd, BC=bc)
-    fa.CONFIG.update(num_warps=wf)
-    return f"apply/dense warps {w}, BD {bd}, BC {bc}; factor warps {wf} (best of the sweep)"
+    fa.CONFIG.update(num_warps=wf, quadrants=quad)
+    return f"apply/dense warps {w}, BD {bd}, BC {bc}; factor quadrants {quad}, warps {wf} (fastest in the sweep)"
 
 
 def orthogonality(be, d: int = 128, n: int = 4096) -> str:
@@ -336,7 +339,7 @@ def orthogonality(be, d: int = 128, n: int = 4096) -> str:
     Kp = base + 1e-3 * K  # nearly parallel: angles of about 1e-3
     Kp = Kp / Kp.norm(dim=-1, keepdim=True)
     for label, keys in (("random", K), ("nearly parallel (1e-3)", Kp)):
-        cases = [("torch", None)] + [("triton", p) for p in ("tf32x3", "split", "ieee", "tf32")]
+        cases = [("torch", None)] + [("triton", p) for p in ("split", "tf32x3", "ieee", "tf32")]
         for backend, prec in cases:
             if prec:
                 be.fp32_precision = prec
@@ -346,7 +349,7 @@ def orthogonality(be, d: int = 128, n: int = 4096) -> str:
                 err = float(torch.linalg.matrix_norm(E, ord=2).max())
                 lines.append(f"| {label} | {backend} | {form} | {prec or 'cuBLAS fp32'} | {err:.2e} | {err / (n * U32):.3f} |")
                 print(lines[-1], flush=True)
-    be.fp32_precision = "tf32x3"
+    be.fp32_precision = "split"
     return "\n".join(lines) + "\n"
 
 
@@ -383,7 +386,8 @@ def main(argv=None) -> int:
         "Problem A: 4096 products, n = 64, d = 128. Problem B: 16 products, n = 4096, d = 128.\n"
         "Unit keys, beta ~ U[0, 2], float32 unless stated; plain torch peers in true float32 (no TF32).\n"
         "TFLOP/s from the model count m (2 b^2 d + 4 b d c + 2 b^2 c) per product (blocks of b = 64, c = d).\n"
-        "[tf32x3] etc.: tl.dot input precision of the float32 kernels.\n\n"
+        "[split] etc.: matrix-product precision of the float32 kernels (split: 3xTF32 with rounded splits, the default;\n"
+        "tf32x3: tl.dot's 3xTF32; tf32: one pass). bf16 inputs: factors at split, apply at tf32.\n\n"
     )
     print(head, flush=True)
     rep = Report(ceil)

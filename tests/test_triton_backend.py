@@ -16,7 +16,11 @@ import pytest
 torch = pytest.importorskip("torch", reason="the triton backend needs torch")
 pytest.importorskip("triton", reason="the triton backend needs triton")
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 import householder as hh  # noqa: E402
+from householder.backends._triton_factor import unit_upper_inverse, wy_factor_from_gram  # noqa: E402
 from householder import reference  # noqa: E402
 from tests.conftest import tolerance, unit_keys  # noqa: E402
 
@@ -132,6 +136,30 @@ def test_wide_blocks_and_long_factor(rng):
         else:
             dense = np.eye(d) - K.T @ np.linalg.solve(F, b[:, None] * K)
         assert np.abs(dense - ref).max() < 1e-10
+
+
+@triton.jit
+def _device_function_kernel(G, beta, T, X, BT: tl.constexpr, PRECISION: tl.constexpr):
+    r = tl.arange(0, BT)
+    g = tl.load(G + r[:, None] * BT + r[None, :])
+    b = tl.load(beta + r)
+    tl.store(T + r[:, None] * BT + r[None, :], wy_factor_from_gram(g, b, BT, PRECISION))
+    tl.store(X + r[:, None] * BT + r[None, :], unit_upper_inverse(b[:, None] * g, BT, PRECISION))
+
+
+@pytest.mark.parametrize("BT", [16, 32, 64])
+def test_in_register_factor_device_functions(rng, BT):
+    # the @triton.jit functions the delta-rule kernels share: Gram block + betas -> T
+    keys, betas = tensors(rng, (), BT, 24, dtype=torch.float32)
+    betas[3] = 0.0
+    G = (keys @ keys.mT).contiguous()
+    T = torch.empty(BT, BT, device=DEVICE)
+    X = torch.empty(BT, BT, device=DEVICE)
+    _device_function_kernel[(1,)](G, betas, T, X, BT=BT, PRECISION="ieee" if BE.interpret else "split")
+    A = torch.eye(BT, dtype=torch.float64) + betas.double().cpu()[:, None] * torch.triu(G.double().cpu(), 1)
+    Xref = torch.linalg.inv(A)
+    assert float((X.double().cpu() - Xref).abs().max()) < 1e-5
+    assert float((T.double().cpu() - Xref * betas.double().cpu()[None, :]).abs().max()) < 1e-5
 
 
 def test_shared_factor_device_function(rng):

@@ -39,21 +39,25 @@ _MODES = {"wy": 0, "ut": 1, "utinv": 2}
 
 
 @triton.jit
-def _tf32_split(a):
-    """a = hi + lo with hi exactly representable in tf32 (10-bit mantissa)."""
-    hi = (a.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
-    return hi, a - hi
+def _tf32_round(a):
+    """a rounded to the nearest tf32 number (10-bit mantissa), still stored as float32."""
+    return ((a.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def mm(a, b, PRECISION: tl.constexpr):
-    """a @ b with fp32 accumulation; PRECISION "split" is 3xTF32 done by hand (about float32 accuracy).
+    """a @ b with float32 (or float64) accumulation, at matrix-unit precision ``PRECISION``.
 
-    Other values go to tl.dot's input_precision ("ieee", "tf32", "tf32x3").
+    "split": 3xTF32 with round-to-nearest splits a = hi + lo (hi and lo both tf32):
+    hi b_hi + hi b_lo + lo b_hi, about float32 accuracy at three tf32 passes.
+    (tl.dot's own "tf32x3" truncates the splits and is about 8x less accurate.)
+    Other values are tl.dot's input_precision: "ieee" (float32 FMA), "tf32", "tf32x3".
     """
     if PRECISION == "split":
-        a_hi, a_lo = _tf32_split(a)
-        b_hi, b_lo = _tf32_split(b)
+        a_hi = _tf32_round(a)
+        b_hi = _tf32_round(b)
+        a_lo = _tf32_round(a - a_hi)
+        b_lo = _tf32_round(b - b_hi)
         acc = tl.dot(a_lo, b_hi, input_precision="tf32")
         acc = tl.dot(a_hi, b_lo, acc, input_precision="tf32")
         return tl.dot(a_hi, b_hi, acc, input_precision="tf32")
@@ -79,22 +83,50 @@ def _doubling(X, M, BT: tl.constexpr, PRECISION: tl.constexpr):
 def unit_upper_inverse(N, BT: tl.constexpr, PRECISION: tl.constexpr):
     """(I + striu(N))^{-1} for N (BT, BT): unit upper triangular, in N's dtype.
 
-    ``PRECISION`` is the matrix-product precision for float32 ("ieee", "tf32",
-    "tf32x3" or "split"). For "tf32x3"/"split" the doubling runs in plain tf32 and
-    one Newton step X <- X + X (I - (I + N) X), with the residual in 3xTF32,
-    restores float32 accuracy at a third of the cost.
+    ``PRECISION`` is the matrix-product precision of float32 blocks (see :func:`mm`);
+    float64 blocks use "ieee".
     """
     rows = tl.arange(0, BT)[:, None]
     cols = tl.arange(0, BT)[None, :]
     eye = tl.where(rows == cols, 1.0, 0.0).to(N.dtype)
-    N = tl.where(rows < cols, N, 0.0)
-    if PRECISION == "tf32x3" or PRECISION == "split":
-        X = _doubling(eye, N, BT, "tf32")
-        R = (eye - X) - mm(N, X, PRECISION)
-        X = X + mm(X, R, "tf32")
-    else:
-        X = _doubling(eye, N, BT, PRECISION)
-    return X
+    return _doubling(eye, N, BT, PRECISION)
+
+
+@triton.jit
+def quadrant_inverse(N11, N12, N22, H: tl.constexpr, PRECISION: tl.constexpr):
+    """Quadrants X11, X12, X22 of (I + striu(N))^{-1} for N = [[N11, N12], [., N22]] of size 2H.
+
+    N12 is used whole (it lies above the diagonal). Two inverses of size H and
+    one merge X12 = -X11 N12 X22: a quarter of the matrix-unit work of doubling
+    at size 2H.
+    """
+    X11 = unit_upper_inverse(N11, H, PRECISION)
+    X22 = unit_upper_inverse(N22, H, PRECISION)
+    X12 = -mm(X11, mm(N12, X22, PRECISION), PRECISION)
+    return X11, X12, X22
+
+
+@triton.jit
+def _quadrants(A, BT: tl.constexpr):
+    """A (BT, BT) in registers -> A11, A12, A21, A22, each (BT/2, BT/2)."""
+    a = tl.permute(tl.reshape(A, (2, BT // 2, 2, BT // 2)), (1, 3, 0, 2))  # (i_lo, j_lo, i_hi, j_hi)
+    left, right = tl.split(a)  # j_hi = 0, 1
+    A11, A21 = tl.split(left)
+    A12, A22 = tl.split(right)
+    return A11, A12, A21, A22
+
+
+@triton.jit
+def _halves(v, BT: tl.constexpr):
+    """v (BT,) -> v[:BT/2], v[BT/2:]."""
+    return tl.split(tl.permute(tl.reshape(v, (2, BT // 2)), (1, 0)))
+
+
+@triton.jit
+def _assemble(A11, A12, A21, A22, BT: tl.constexpr):
+    """The inverse of :func:`_quadrants`."""
+    a = tl.join(tl.join(A11, A21), tl.join(A12, A22))  # (i_lo, j_lo, i_hi, j_hi)
+    return tl.reshape(tl.permute(a, (2, 0, 3, 1)), (BT, BT))
 
 
 @triton.jit
@@ -103,10 +135,19 @@ def wy_factor_from_gram(G, beta, BT: tl.constexpr, PRECISION: tl.constexpr):
 
     T = (I + diag(beta) striu(G))^{-1} diag(beta), upper triangular, in G's dtype
     (float32 or float64); only the strictly upper part of G is read. Padding rows
-    with beta = 0 give zero rows and columns of T. ``PRECISION`` as for
-    :func:`unit_upper_inverse`; the delta rule's lower factor is ``tl.trans(T)``.
+    with beta = 0 give zero rows and columns of T. ``PRECISION`` as for :func:`mm`
+    ("split" for float32 accuracy on the tensor cores, "ieee" for float64). The
+    delta rule's lower factor (I + tril(diag(beta) K K^T, -1))^{-1} diag(beta) is
+    ``tl.trans(T)``. BT >= 32 goes through two half-size inverses.
     """
-    return unit_upper_inverse(beta[:, None] * G, BT, PRECISION) * beta[None, :]
+    if BT >= 32:
+        G11, G12, G21, G22 = _quadrants(G, BT)
+        b1, b2 = _halves(beta, BT)
+        X11, X12, X22 = quadrant_inverse(b1[:, None] * G11, b1[:, None] * G12, b2[:, None] * G22, BT // 2, PRECISION)
+        zero = tl.zeros_like(G21)
+        return _assemble(X11 * b1[None, :], X12 * b2[None, :], zero, X22 * b2[None, :], BT)
+    else:
+        return unit_upper_inverse(beta[:, None] * G, BT, PRECISION) * beta[None, :]
 
 
 @triton.jit
@@ -121,32 +162,97 @@ def _gram(Kp, b, D, r, BT: tl.constexpr, BD: tl.constexpr, CDT: tl.constexpr, PR
     return G
 
 
+@triton.jit
+def _gram_halves(Kp, b, D, r1, r2, H: tl.constexpr, BD: tl.constexpr, CDT: tl.constexpr, PRECISION: tl.constexpr):
+    """Quadrants G11, G12, G22 of K K^T for rows r1 and r2 of the b x D block at Kp."""
+    G11 = tl.zeros((H, H), dtype=CDT)
+    G12 = tl.zeros((H, H), dtype=CDT)
+    G22 = tl.zeros((H, H), dtype=CDT)
+    for d0 in range(0, D, BD):
+        dd = d0 + tl.arange(0, BD)
+        k1 = tl.load(Kp + r1[:, None] * D + dd[None, :], mask=(r1[:, None] < b) & (dd[None, :] < D), other=0.0).to(CDT)
+        k2 = tl.load(Kp + r2[:, None] * D + dd[None, :], mask=(r2[:, None] < b) & (dd[None, :] < D), other=0.0).to(CDT)
+        G11 += mm(k1, tl.trans(k1), PRECISION)
+        G12 += mm(k1, tl.trans(k2), PRECISION)
+        G22 += mm(k2, tl.trans(k2), PRECISION)
+    return G11, G12, G22
+
+
 # -- kernels -------------------------------------------------------------------------------
+
+
+@triton.jit
+def _store_block(OUT, off, Q, ra, rb, b):
+    tl.store(OUT + off + ra[:, None] * b + rb[None, :], Q.to(OUT.dtype.element_ty), mask=(ra[:, None] < b) & (rb[None, :] < b))
 
 
 @triton.jit
 def _factor_fwd_kernel(
     IN, beta, OUT, b, D,
     MODE: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, CDT: tl.constexpr, PRECISION: tl.constexpr,
+    QUAD: tl.constexpr,
 ):
-    """One block per program: IN is K (b, D) for modes wy/ut, A (b, b) for utinv."""
+    """One block per program: IN is K (b, D) for modes wy/ut, A (b, b) for utinv; BT >= 32.
+
+    QUAD: the block is handled as 2 x 2 quadrants of size H = BT / 2 (rows r1, r2):
+    three Gram quadrants, two half-size inverses and one merge. Otherwise one
+    (BT, BT) tile and doubling at full size.
+    """
+    if QUAD:
+        _factor_fwd_quadrants(IN, beta, OUT, b, D, MODE, BT, BD, CDT, PRECISION)
+    else:
+        _factor_fwd_tile(IN, beta, OUT, b, D, MODE, BT, BD, CDT, PRECISION)
+
+
+@triton.jit
+def _factor_fwd_tile(IN, beta, OUT, b, D, MODE: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, CDT: tl.constexpr, PRECISION: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     r = tl.arange(0, BT)
     rows = r[:, None]
     cols = r[None, :]
-    rmask = r < b
-    bv = tl.load(beta + pid * b + r, mask=rmask, other=0.0).to(CDT)
-    mask2 = (rows < b) & (cols < b)
+    bv = tl.load(beta + pid * b + r, mask=r < b, other=0.0).to(CDT)
     if MODE == 2:
-        A = tl.load(IN + pid * b * b + rows * b + cols, mask=mask2, other=0.0).to(CDT)
+        A = tl.load(IN + pid * b * b + rows * b + cols, mask=(rows < b) & (cols < b), other=0.0).to(CDT)
         out = unit_upper_inverse(A, BT, PRECISION) * bv[None, :]
     else:
         G = _gram(IN + pid * b * D, b, D, r, BT, BD, CDT, PRECISION)
         if MODE == 0:
-            out = wy_factor_from_gram(G, bv, BT, PRECISION)
+            out = unit_upper_inverse(bv[:, None] * G, BT, PRECISION) * bv[None, :]
         else:
             out = tl.where(rows == cols, 1.0, tl.where(rows < cols, bv[:, None] * G, 0.0))
-    tl.store(OUT + pid * b * b + rows * b + cols, out.to(OUT.dtype.element_ty), mask=mask2)
+    _store_block(OUT, pid * b * b, out, r, r, b)
+
+
+@triton.jit
+def _factor_fwd_quadrants(IN, beta, OUT, b, D, MODE: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, CDT: tl.constexpr, PRECISION: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    H: tl.constexpr = BT // 2
+    r1 = tl.arange(0, H)
+    r2 = H + r1
+    b1 = tl.load(beta + pid * b + r1, mask=r1 < b, other=0.0).to(CDT)
+    b2 = tl.load(beta + pid * b + r2, mask=r2 < b, other=0.0).to(CDT)
+    rows = r1[:, None]
+    cols = r1[None, :]
+    off = pid * b * b
+    if MODE == 2:
+        A11 = tl.load(IN + off + r1[:, None] * b + r1[None, :], mask=(r1[:, None] < b) & (r1[None, :] < b), other=0.0).to(CDT)
+        A12 = tl.load(IN + off + r1[:, None] * b + r2[None, :], mask=(r1[:, None] < b) & (r2[None, :] < b), other=0.0).to(CDT)
+        A22 = tl.load(IN + off + r2[:, None] * b + r2[None, :], mask=(r2[:, None] < b) & (r2[None, :] < b), other=0.0).to(CDT)
+        X11, X12, X22 = quadrant_inverse(A11, A12, A22, H, PRECISION)
+        Q11, Q12, Q22 = X11 * b1[None, :], X12 * b2[None, :], X22 * b2[None, :]
+    else:
+        G11, G12, G22 = _gram_halves(IN + pid * b * D, b, D, r1, r2, H, BD, CDT, PRECISION)
+        if MODE == 0:
+            X11, X12, X22 = quadrant_inverse(b1[:, None] * G11, b1[:, None] * G12, b2[:, None] * G22, H, PRECISION)
+            Q11, Q12, Q22 = X11 * b1[None, :], X12 * b2[None, :], X22 * b2[None, :]
+        else:
+            Q11 = tl.where(rows == cols, 1.0, tl.where(rows < cols, b1[:, None] * G11, 0.0))
+            Q12 = b1[:, None] * G12
+            Q22 = tl.where(rows == cols, 1.0, tl.where(rows < cols, b2[:, None] * G22, 0.0))
+    _store_block(OUT, off, Q11, r1, r1, b)
+    _store_block(OUT, off, Q12, r1, r2, b)
+    _store_block(OUT, off, tl.zeros_like(Q11), r2, r1, b)
+    _store_block(OUT, off, Q22, r2, r2, b)
 
 
 @triton.jit
@@ -210,14 +316,14 @@ def _tl_dtype(dtype: torch.dtype):
 
 
 def block_width(b: int) -> int:
-    """The register block for b factors: a power of two, at least 16 (tl.dot's minimum)."""
+    """The register block for b factors: a power of two, at least 32 (two halves of tl.dot's minimum 16)."""
     if b > MAX_BT:
         raise ValueError(f"a register block holds at most {MAX_BT} factors; got {b}")
-    return max(16, triton.next_power_of_2(b))
+    return max(32, triton.next_power_of_2(b))
 
 
 # Launch settings; None picks the heuristic. The benchmark script sweeps them on a GPU.
-CONFIG = {"BD": None, "num_warps": None, "num_stages": None}
+CONFIG = {"BD": None, "num_warps": None, "num_stages": None, "quadrants": None}
 
 
 def _d_tile(D: int) -> int:
@@ -238,7 +344,8 @@ def factor_forward(mode: str, IN: torch.Tensor, beta: torch.Tensor, cdt: torch.d
     BT = block_width(b)
     _factor_fwd_kernel[(B,)](
         IN, beta, out, b, D,
-        MODE=_MODES[mode], BT=BT, BD=_d_tile(D), CDT=_tl_dtype(cdt), PRECISION=precision, **_launch(BT),
+        MODE=_MODES[mode], BT=BT, BD=_d_tile(D), CDT=_tl_dtype(cdt), PRECISION=precision,
+        QUAD=CONFIG["quadrants"] is not False, **_launch(BT),
     )
     return out
 

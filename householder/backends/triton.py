@@ -10,10 +10,14 @@ CPU tensors (slowly: for tests).
 
 dtypes: float32 and float64 compute in their own precision; bfloat16/float16
 inputs are read as they are, computed in float32 and written back in the input
-dtype. Matrix products of float32 data use tl.dot's ``fp32_precision``
-("tf32x3" by default on the GPU: about float32 accuracy on the tensor cores;
-"ieee" is exact float32 FMA; "tf32" is faster and about 1e-3 accurate); half
-inputs use "tf32", which holds their values exactly.
+dtype. Matrix products of float32 data run at ``fp32_precision``: "split"
+(default on the GPU) is 3xTF32 with round-to-nearest splits, about float32
+accuracy on the tensor cores; "ieee" is float32 FMA (exact float32, slow),
+"tf32x3" tl.dot's own 3xTF32 (truncated splits, ~8x less accurate), "tf32"
+one pass (~1e-3). Half inputs build their factors at ``fp32_precision`` and
+apply them at ``half_precision`` ("tf32" by default: it holds bfloat16/float16
+values exactly and its rounding stays below the output's). float64 uses
+float64 dots.
 """
 
 from __future__ import annotations
@@ -42,7 +46,9 @@ class TritonBackend(TorchBackend):
 
     def __init__(self, interpret: bool):
         self.interpret = interpret
-        self.fp32_precision = "ieee" if interpret else "tf32x3"
+        # the interpreter's dots are exact whatever the setting: "ieee" says so
+        self.fp32_precision = "ieee" if interpret else "split"
+        self.half_precision = "ieee" if interpret else "tf32"
         self._fp64_kernels: bool | None = True if interpret else None
 
     def _kernels_for(self, dtype: torch.dtype) -> bool:
@@ -100,17 +106,17 @@ class TritonBackend(TorchBackend):
         fp64 = {None: "not yet checked", True: "kernels", False: "torch primitives"}[self._fp64_kernels]
         return (
             f"triton {triton.__version__}, torch {torch.__version__} on {where} "
-            f"(fp32 dots: {self.fp32_precision}; float64: {fp64})"
+            f"(float32 dots: {self.fp32_precision}; half: {self.half_precision}; float64: {fp64})"
         )
 
-    def _precision(self, cdt: torch.dtype, dtype: torch.dtype) -> str:
+    def _precision(self, cdt: torch.dtype, dtype: torch.dtype, factor: bool = False) -> str:
+        """The matrix-product precision of a kernel computing in ``cdt`` on inputs of ``dtype``."""
         if cdt == torch.float64:
             return "ieee"
-        if dtype in _HALF:
-            return "tf32"
-        if self.fp32_precision not in _PRECISIONS:
-            raise ValueError(f"fp32_precision must be one of {_PRECISIONS}; got {self.fp32_precision!r}")
-        return self.fp32_precision
+        p = self.half_precision if (dtype in _HALF and not factor) else self.fp32_precision
+        if p not in _PRECISIONS:
+            raise ValueError(f"fp32_precision and half_precision must be one of {_PRECISIONS}; got {p!r}")
+        return p
 
     # -- numerics -------------------------------------------------------------
     def _factor(self, mode: str, IN, beta):
@@ -120,7 +126,7 @@ class TritonBackend(TorchBackend):
         b, width = IN.shape[-2], IN.shape[-1]
         IN = IN.expand(batch + (b, width)).reshape(-1, b, width)
         beta = beta.expand(batch + (b,)).reshape(-1, b)
-        out = _FactorFn.apply(mode, IN, beta, self._precision(cdt, IN.dtype), self.interpret)
+        out = _FactorFn.apply(mode, IN, beta, self._precision(cdt, IN.dtype, factor=True), self.interpret)
         return out.reshape(batch + (b, b))
 
     def wy_factor(self, K, beta):
