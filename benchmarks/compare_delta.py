@@ -62,11 +62,14 @@ def make(B, T, H, K, V, n=1, gated=False, dtype=torch.bfloat16, seed=0):
     return q, k, v, beta, g
 
 
+CHUNK = [64]
+
+
 def ours_fn(n, gated):
     def f(q, k, v, beta, g):
         if n == 1:
-            return hh.delta_rule(q, k, v, beta, g=g, backend="triton", check_finite=False)[0]
-        return hh.delta_product(q, k, v, beta, g=g, num_householder=n, backend="triton", check_finite=False)[0]
+            return hh.delta_rule(q, k, v, beta, g=g, chunk_size=CHUNK[0], backend="triton", check_finite=False)[0]
+        return hh.delta_product(q, k, v, beta, g=g, num_householder=n, chunk_size=CHUNK[0], backend="triton", check_finite=False)[0]
 
     return f
 
@@ -107,7 +110,7 @@ def bench(fn, args, backward: bool):
 
     run()
     torch.cuda.synchronize()
-    ms = do_bench(run, warmup=50, rep=200, grad_to_none=leaves if backward else None, return_mode="median")
+    ms = do_bench(run, warmup=20, rep=80, grad_to_none=leaves if backward else None, return_mode="median")
     for a in leaves:
         a.grad = None
     torch.cuda.synchronize()
@@ -204,11 +207,13 @@ def main() -> int:
     ap.add_argument("--product-shapes", default="8x4096", help="(B, T) for DeltaProduct")
     ap.add_argument("--no-accuracy", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="also time our kernels under a few launch settings")
+    ap.add_argument("--chunk", type=int, default=64, help="our chunk size")
     args = ap.parse_args()
 
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",") if s]
     pshapes = [tuple(int(x) for x in s.split("x")) for s in args.product_shapes.split(",") if s]
     H, D = args.heads, args.dim
+    CHUNK[0] = args.chunk
     fla = load_fla()
     commit = os.environ.get("HH_COMMIT") or _git_commit()
     props = torch.cuda.get_device_properties(0)
@@ -221,9 +226,13 @@ def main() -> int:
         f"- torch {torch.__version__}, triton {triton.__version__}, fla-core {fla['version'] if fla else 'n/a'}, "
         f"python {platform.python_version()}",
         f"- householder commit {commit}; {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-        f"- bf16 q, k, v, beta; float32 log-decay g; H = {H}, K = V = {D}; unit-norm keys; chunk 64; "
+        f"- bf16 q, k, v, beta; float32 log-decay g; H = {H}, K = V = {D}; unit-norm keys; our chunk {args.chunk}; "
         "median of CUDA-event timings (triton.testing.do_bench); ratio = fla / ours (> 1: ours faster)",
         "- fla's refusal of its gated backward on Triton < 3.7.1 on Hopper (its issue #640) is switched off to time it",
+        f"- GB/s: the forward's memory floor (inputs read once, output written once; {fwd_model(16, 2048, H, D, D, 1)[0] / 1e6:.0f} MB "
+        "at 32768 tokens) over our forward time; the card's copy bandwidth is the ceiling",
+        "- TFLOP/s: the chunk algorithm's useful matrix work (K K^T, Q K^T, W, U, Aqk Vn, W S, Q S, K^T Vn), "
+        "not the triangular factor, over our forward time",
         "",
     ]
     print("\n".join(lines))
@@ -258,19 +267,8 @@ def main() -> int:
             )
             table.append(line)
             print(line, flush=True)
+            _write(args.out, lines + ["## Timings", ""] + table + [""])
     lines += ["## Timings", ""] + table + [""]
-    _write(args.out, lines)
-
-    sd = ["| T | SDPA fwd ms | SDPA fwd+bwd ms | backend |", "|---|---|---|---|"]
-    for B, T in shapes:
-        try:
-            a, b, label = sdpa_ms(B, T, H, D)
-            sd.append(f"| {T} (B = {B}) | {a:.3f} | {b:.3f} | {label} |")
-        except Exception as exc:
-            sd.append(f"| {T} (B = {B}) | failed: {exc!r} | | |")
-        print(sd[-1], flush=True)
-        torch.cuda.empty_cache()
-    lines += ["## Attention for context (torch SDPA, causal, bf16, head dim 128)", ""] + sd + [""]
     _write(args.out, lines)
 
     if not args.no_accuracy:
@@ -294,18 +292,21 @@ def main() -> int:
         ] + acc + [""]
         _write(args.out, lines)
 
+    sd = ["| T | SDPA fwd ms | SDPA fwd+bwd ms | backend |", "|---|---|---|---|"]
+    for B, T in shapes:
+        try:
+            a, b, label = sdpa_ms(B, T, H, D)
+            sd.append(f"| {T} (B = {B}) | {a:.3f} | {b:.3f} | {label} |")
+        except Exception as exc:
+            sd.append(f"| {T} (B = {B}) | failed: {exc!r} | | |")
+        print(sd[-1], flush=True)
+        torch.cuda.empty_cache()
+    lines += ["## Attention for context (torch SDPA, causal, bf16, head dim 128)", ""] + sd + [""]
+    _write(args.out, lines)
+
     if args.sweep:
         lines += ["## Launch-setting sweep (ours, gated delta rule)", ""] + sweep(H, D, shapes) + [""]
 
-    nb, _ = fwd_model(16, 2048, H, D, D, 1)
-    lines += [
-        "## Model",
-        "",
-        f"- forward memory floor (inputs read once, output written once): {nb / 1e6:.0f} MB per call at 32768 tokens, "
-        "so GB/s above is that floor over our time; the card's copy bandwidth is the ceiling.",
-        "- TFLOP/s counts the chunk algorithm's useful matrix work (K K^T, Q K^T, W, U, Aqk Vn, W S, Q S, K^T Vn), "
-        "not the triangular factor.",
-    ]
     _write(args.out, lines)
     print(f"wrote {args.out}")
     return 0

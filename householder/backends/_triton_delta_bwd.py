@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from householder.backends._triton_delta_fwd import _dot, chunk_bounds, chunk_factor, chunk_gates, chunk_rows, seq_bounds
+from householder.backends._triton_delta_fwd import _dot, chunk_bounds, chunk_gamma, chunk_gates, chunk_rows, seq_bounds
 
 
 @triton.jit
@@ -85,12 +85,18 @@ def bwd_state_kernel(
 
 @triton.jit
 def bwd_params_kernel(
-    q, k, v, beta, g, h, dh, vn, dvn, do, dq, dk, dv, dbeta, dg, chunks, T_steps, NT, scale,
+    q, k, v, beta, g, xs, h, dh, vn, dvn, do, dq, dk, dv, dbeta, dg, chunks, T_steps, NT, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BKP: tl.constexpr, BV: tl.constexpr,
     BC: tl.constexpr, NH: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr,
     DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr, FPREC: tl.constexpr,
 ):
-    """Per (chunk, head): dq, dk, dv, dbeta, dg. dk is float32 and written twice (partial, then final)."""
+    """Per (chunk, head): dq, dk, dv, dbeta, dg. dk is float32 and written twice (partial, then final).
+
+    X comes from memory (written by the recomputing prep kernel), not from the in-register factor:
+    fewer live tiles, and it sidesteps a Triton 3.6 miscompile on Hopper (an out-of-bounds
+    shared-memory read in this kernel with bf16 operands, 64-row chunks and K >= 64 when TF32
+    products sit beside the bf16 ones; it went away with every float32 product here in FMA).
+    """
     i_c = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1)
     start, end = chunk_bounds(i_c, chunks, T_steps, NT, BC, VARLEN)
@@ -120,7 +126,7 @@ def bwd_params_kernel(
     eG = tl.exp(Gc)
     ed = tl.exp(glast - Gc)
 
-    # 0. recompute the chunk's Gram matrices and factor
+    # 0. the chunk's Gram matrices (recomputed) and factor (saved)
     Gm = tl.zeros((BC, BC), dtype=tl.float32)
     QK = tl.zeros((BC, BC), dtype=tl.float32)
     for k0 in tl.static_range(0, K, BKP):
@@ -130,8 +136,10 @@ def bwd_params_kernel(
         qb = tl.load(pq + tok[:, None] * (H * K) + ck[None, :], mask=qrow[:, None] & mk, other=0.0).to(DT)
         Gm += _dot(kb, tl.trans(kb), F32, PREC)
         QK += _dot(qb, tl.trans(kb), F32, PREC)
-    A, X, gam = chunk_factor(Gm, b, Gc, BC, HAS_G, FPREC)
+    X = tl.load(xs + (i_c * H + i_h) * BC * BC + r[:, None] * BC + r[None, :])
+    gam = chunk_gamma(Gc, BC, HAS_G)
     Xg = X * gam
+    A = Xg * b[None, :]
     M = QK * gam
 
     # 1. the C x C gradients that need every value column: dM = scale dO Vn^T, dA = dVn V^T
@@ -198,7 +206,8 @@ def bwd_params_kernel(
     E = dXg * Xg + dM * M
     dX = dXg * gam
     Xt = tl.trans(X)
-    dL = -_dot(_dot(Xt, dX, True, FPREC), Xt, True, FPREC)
+    # float32 FMA ("ieee") for these three products: see the docstring (the miscompile)
+    dL = -_dot(_dot(Xt, dX, True, "ieee"), Xt, True, "ieee")
     dL = tl.where(r[:, None] > r[None, :], dL, 0.0)
     db += tl.sum(dL * Gm, 1)
     dLb = dL * b[:, None]
@@ -216,7 +225,7 @@ def bwd_params_kernel(
         offk = r[:, None] * (H * K) + ck[None, :]
         kb = tl.load(pk + offk, mask=mk, other=0.0).to(tl.float32)
         dkb = tl.load(pdk + offk, mask=mk, other=0.0)
-        dkb += _dot(dLs, kb, True, FPREC)
+        dkb += _dot(dLs, kb, True, "ieee")
         tl.debug_barrier()
         tl.store(pdk + offk, dkb, mask=mk)
 
@@ -238,7 +247,7 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT):
     dev = q.device
     do = do.contiguous() if do is not None else torch.zeros((plan.B, plan.T, H, V), dtype=q.dtype, device=dev)
     # recompute the forward's chunk quantities and per-chunk states (nothing but the inputs was saved)
-    w, u, aqk = tdelta.prep(q, k, v, beta, g, plan)
+    w, u, aqk, xs = tdelta.prep(q, k, v, beta, g, plan, save_x=True)
     _, _, hs, vn = tdelta.state_pass(q, k, w, u, aqk, g, scale, S0, plan, want_o=False, want_final=False, save_h=True)
     dhs = torch.empty_like(hs)
     dvn = torch.empty_like(vn)
@@ -256,7 +265,7 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT):
     dg = torch.empty(g.shape, dtype=torch.float32, device=dev) if g is not None else None
     if plan.NT_total:
         bwd_params_kernel[(plan.NT_total, H)](
-            q, k, v, beta, g if g is not None else dummy, hs, dhs, vn, dvn, do, dq, dk, dv, dbeta,
+            q, k, v, beta, g if g is not None else dummy, xs, hs, dhs, vn, dvn, do, dq, dk, dv, dbeta,
             dg if g is not None else dummy, plan.chunks, plan.T_steps, plan.NT, scale,
             BKP=plan.BKP, BV=plan.BVB, HAS_G=g is not None, FPREC=plan.FPREC, **tdelta.CONFIG["bwd_params"], **plan.common(),
         )

@@ -85,31 +85,37 @@ def chunk_gates(gp, tok, valid, first, H: tl.constexpr):
 
 
 @triton.jit
+def chunk_gamma(Gc, BC: tl.constexpr, HAS_G: tl.constexpr):
+    """Gamma_ts = exp(G_t - G_s) on and below the diagonal, 0 above (all ones there without a gate)."""
+    r = tl.arange(0, BC)
+    causal = r[:, None] >= r[None, :]
+    if HAS_G:
+        return tl.where(causal, tl.exp(tl.where(causal, Gc[:, None] - Gc[None, :], 0.0)), 0.0)
+    else:
+        return tl.where(causal, 1.0, 0.0)
+
+
+@triton.jit
 def chunk_factor(Gm, b, Gc, BC: tl.constexpr, HAS_G: tl.constexpr, FPREC: tl.constexpr):
     """The gated chunk factor A = (X o Gamma) diag(beta), X = (I + tril(diag(beta) K K^T, -1))^{-1}.
 
     Gm = K K^T (BC, BC) float32, b = beta (BC,), Gc = running log-decay (BC,).
-    Returns (A, X, Gamma); Gamma is all ones on and below the diagonal without a gate.
+    Returns (A, X, Gamma).
     """
-    r = tl.arange(0, BC)
-    causal = r[:, None] >= r[None, :]
     # X^T = (I + striu(K K^T diag(beta)))^{-1}, and X diag(beta) = T^T for the core's factor T
     X = tl.trans(unit_upper_inverse(Gm * b[None, :], BC, FPREC))
-    if HAS_G:
-        gam = tl.where(causal, tl.exp(tl.where(causal, Gc[:, None] - Gc[None, :], 0.0)), 0.0)
-    else:
-        gam = tl.where(causal, 1.0, 0.0)
+    gam = chunk_gamma(Gc, BC, HAS_G)
     return X * gam * b[None, :], X, gam
 
 
 @triton.jit
 def prep_kernel(
-    q, k, v, beta, g, w, u, aqk, chunks, T_steps, NT,
+    q, k, v, beta, g, w, u, aqk, xs, chunks, T_steps, NT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BKP: tl.constexpr, BV: tl.constexpr,
-    BC: tl.constexpr, NH: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr,
+    BC: tl.constexpr, NH: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr, SAVE_X: tl.constexpr,
     DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr, FPREC: tl.constexpr,
 ):
-    """Per (chunk, head): W = A diag(e^G) K, U = A V and Aqk = tril(Q K^T) o Gamma."""
+    """Per (chunk, head): W = A diag(e^G) K, U = A V and Aqk = tril(Q K^T) o Gamma (and X, float32)."""
     i_c = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1)
     start, end = chunk_bounds(i_c, chunks, T_steps, NT, BC, VARLEN)
@@ -137,9 +143,11 @@ def prep_kernel(
         Gc = chunk_gates(g + t0 * H + i_h, tok, valid, first, H)
     else:
         Gc = tl.zeros((BC,), dtype=tl.float32)
-    A, _, gam = chunk_factor(Gm, b, Gc, BC, HAS_G, FPREC)
+    A, X, gam = chunk_factor(Gm, b, Gc, BC, HAS_G, FPREC)
     QK = QK * gam
     tl.store(aqk + (i_c * H + i_h) * BC * BC + r[:, None] * BC + r[None, :], QK.to(aqk.dtype.element_ty))
+    if SAVE_X:
+        tl.store(xs + (i_c * H + i_h) * BC * BC + r[:, None] * BC + r[None, :], X)
     Ad = A.to(DT)
     for k0 in tl.static_range(0, K, BKP):
         ck = k0 + tl.arange(0, BKP)

@@ -114,17 +114,18 @@ def _g_arg(g, like):
 # -- forward ------------------------------------------------------------------------------
 
 
-def prep(q, k, v, beta, g, plan: _Plan):
-    """W (B, T_steps, H, K), U (B, T_steps, H, V) and Aqk (NT_total, H, BC, BC) of every chunk."""
+def prep(q, k, v, beta, g, plan: _Plan, save_x: bool = False):
+    """W (B, T_steps, H, K), U (B, T_steps, H, V), Aqk (NT_total, H, BC, BC) of every chunk (and X, float32)."""
     w = torch.empty_like(k)
     u = torch.empty_like(v)
     aqk = torch.empty((plan.NT_total, plan.H, plan.BC, plan.BC), dtype=q.dtype, device=q.device)
+    xs = torch.empty((plan.NT_total, plan.H, plan.BC, plan.BC), dtype=torch.float32, device=q.device) if save_x else None
     if plan.NT_total:
         _fwd.prep_kernel[(plan.NT_total, plan.H)](
-            q, k, v, beta, _g_arg(g, beta), w, u, aqk, plan.chunks, plan.T_steps, plan.NT,
-            BKP=plan.BKP, BV=plan.BVP, HAS_G=g is not None, FPREC=plan.FPREC, **CONFIG["prep"], **plan.common(),
+            q, k, v, beta, _g_arg(g, beta), w, u, aqk, xs if save_x else aqk, plan.chunks, plan.T_steps, plan.NT,
+            BKP=plan.BKP, BV=plan.BVP, HAS_G=g is not None, SAVE_X=save_x, FPREC=plan.FPREC, **CONFIG["prep"], **plan.common(),
         )
-    return w, u, aqk
+    return (w, u, aqk, xs) if save_x else (w, u, aqk)
 
 
 def state_pass(q, k, w, u, aqk, g, scale, S0, plan: _Plan, *, want_o=True, want_final=True, save_h=False):
