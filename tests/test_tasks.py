@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 
 import numpy as np
@@ -198,3 +199,18 @@ def test_report_table_csv_and_claims(tmp_path):
     # the claim fails when [0, 1] learns parity too
     results[0] = _record("deltanet", "parity", [0.99, 0.9, 0.8], 0.5)
     assert {c[0].split(":")[0]: c[1] for c in claims(results)}["parity"] == "did not hold"
+
+
+def test_deadline_cuts_training_and_skips_cells():
+    import time
+
+    from householder.tasks.cli import _run_guarded
+    from householder.tasks.trainer import CellSettings, run_cell
+
+    s = CellSettings(hidden_size=16, num_heads=1, steps=50, batch_size=4, train_length=8, eval_samples=8, eval_lengths=(1, 2))
+    r = run_cell("deltanet_neg", "parity", s, device="cpu", deadline=time.time() - 1)
+    assert r["cut_short"] and r["steps"] == 1 and sorted(r["lengths"]) == [8, 16]
+    assert _run_guarded("parity", "deltanet", s, "cpu", False, time.time() - 1) == dict(task="parity", model="deltanet", not_run=True)
+    # a failing cell (mqar needs length >= 4) is reported in the results, not raised
+    failed = _run_guarded("mqar", "deltanet", dataclasses.replace(s, train_length=2), "cpu", False, None)
+    assert failed["error"] == "ValueError: length must be an int >= 4; got 2"

@@ -86,7 +86,8 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("--name", help="file name stem of the outputs (default: tasks_<preset>)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--workers", type=int, default=1, help="cells trained at the same time, each in its own process (default 1)")
-    p.add_argument("--time-limit", type=float, help="start no new cell after this many seconds (the rest are reported as not run)")
+    p.add_argument("--time-limit", type=float, help="after this many seconds start no new cell and end the training of "
+                   "running ones (they are scored as they are and marked cut short; the rest are reported as not run)")
     p.add_argument("--threads", type=int, help="torch CPU threads per cell (default 1 on the CPU: tiny models only lose "
                    "to threading, badly so on a shared machine)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
@@ -155,19 +156,21 @@ def plan(args: argparse.Namespace) -> tuple[list[tuple[str, str, CellSettings]],
     return cells, dict(name=preset_name, grid=grid)
 
 
-def _run_in_worker(task: str, model: str, settings: CellSettings, device: str | None, threads: int) -> dict[str, Any]:
+def _run_in_worker(task: str, model: str, settings: CellSettings, device: str | None, threads: int, deadline) -> dict[str, Any]:
     """One cell in a worker process (CPU threads shared out among the workers)."""
     import torch
 
     torch.set_num_threads(threads)
-    return _run_guarded(task, model, settings, device, False)
+    return _run_guarded(task, model, settings, device, False, deadline)
 
 
-def _run_guarded(task, model, settings, device, progress) -> dict[str, Any]:
+def _run_guarded(task, model, settings, device, progress, deadline) -> dict[str, Any]:
     from householder.tasks.trainer import run_cell
 
+    if deadline is not None and time.time() > deadline:
+        return dict(task=task, model=model, not_run=True)
     try:
-        return run_cell(model, task, settings, device=device, progress=progress)
+        return run_cell(model, task, settings, device=device, progress=progress, deadline=deadline)
     except Exception as exc:  # a failed cell is reported in the table; the grid goes on
         from householder.tasks.models import label
 
@@ -257,54 +260,40 @@ def run(args: argparse.Namespace) -> int:
     print("\n".join(facts), flush=True)
     print(f"{len(cells)} cells -> {out}/{stem}.{{md,csv,png,json}}", flush=True)
     t0 = time.perf_counter()
+    deadline = None if args.time_limit is None else time.time() + args.time_limit
     results: list[dict[str, Any]] = []
     pending = [(t, m) for t, m, _ in cells]
 
     def record(r: dict[str, Any]) -> None:
+        if r.get("not_run"):
+            return
         results.append(r)
         pending.remove((r["task"], r["model"]))
         if "error" in r:
             print(f"[{time.perf_counter() - t0:6.0f} s] {r['model']} on {r['task']}: FAILED {r['error']}", flush=True)
         else:
             accs = ", ".join(f"{k}: {100 * v['score']:.1f}%" for k, v in sorted(r["lengths"].items()))
-            print(f"[{time.perf_counter() - t0:6.0f} s] {r['model']} on {r['task']}: {r['steps']} steps, "
+            cut = " (cut short by the time limit)" if r["cut_short"] else ""
+            print(f"[{time.perf_counter() - t0:6.0f} s] {r['model']} on {r['task']}: {r['steps']} steps{cut}, "
                   f"{r['train_seconds']:.0f} s, accuracy {accs} (chance {100 * r['chance']:.0f}%)", flush=True)
         write_outputs(out, stem, results, cells, facts, time.perf_counter() - t0, [])
-
-    def out_of_time() -> bool:
-        return args.time_limit is not None and time.perf_counter() - t0 > args.time_limit
 
     if args.workers == 1:
         torch.set_num_threads(threads)
         try:
             for t, m, s in cells:
-                if out_of_time():
-                    break
-                record(_run_guarded(t, m, s, args.device, args.progress))
+                record(_run_guarded(t, m, s, args.device, args.progress, deadline))
         finally:
             torch.set_num_threads(saved_threads)
     else:
         import concurrent.futures as cf
         import multiprocessing as mp
 
+        # cells past the deadline return at once as not run; running ones stop training at it
         with cf.ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn")) as pool:
-            futures = [pool.submit(_run_in_worker, t, m, s, args.device, threads) for t, m, s in cells]
-            try:
-                for f in cf.as_completed(futures, timeout=None if args.time_limit is None else max(1.0, args.time_limit - (time.perf_counter() - t0))):
-                    record(f.result())
-            except cf.TimeoutError:
-                pass
-            for f in futures:
-                f.cancel()
-            # cells already running finish; their results are kept
-            for f in futures:
-                if not f.cancelled():
-                    try:
-                        r = f.result()
-                    except cf.CancelledError:
-                        continue
-                    if (r["task"], r["model"]) in pending:
-                        record(r)
+            futures = [pool.submit(_run_in_worker, t, m, s, args.device, threads, deadline) for t, m, s in cells]
+            for f in cf.as_completed(futures):
+                record(f.result())
     write_outputs(out, stem, results, cells, facts, time.perf_counter() - t0, pending)
     print(f"done in {time.perf_counter() - t0:.0f} s: {out / stem}.md", flush=True)
     return 1 if any("error" in r for r in results) else 0

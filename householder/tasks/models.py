@@ -59,6 +59,14 @@ def mixer_settings(name: str) -> dict[str, Any]:
     return settings
 
 
+def sort_key(name: str) -> tuple:
+    """Table order: DeltaNet/DeltaProduct by n_h, [0,1] before [-1,1], gated after ungated; then Transformer, diag."""
+    if name in ("transformer", "diag"):
+        return (2, 0, 0, 0, name)
+    s = mixer_settings(name)
+    return (s["mixer"].startswith("gated_"), s.get("num_householder", 1), s["allow_neg_eigval"], 0, name)
+
+
 def label(name: str) -> str:
     """Human-readable model label for tables, e.g. "DeltaProduct n_h=2 [-1,1]"."""
     if name == "transformer":

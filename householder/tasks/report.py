@@ -8,11 +8,11 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from householder.tasks.models import label
+from householder.tasks.models import label, sort_key
 
 CSV_FIELDS = [
     "model", "label", "task", "train_length", "length", "metric", "score", "token_accuracy", "chance",
-    "scaled_score", "steps", "final_loss", "train_seconds", "params", "device",
+    "scaled_score", "steps", "cut_short", "final_loss", "train_seconds", "params", "device",
 ]
 
 # what counts as "learned" and as "near chance" (scaled accuracy: 0 = chance, 1 = perfect)
@@ -36,7 +36,7 @@ def rows(results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
                 model=r["model"], label=r["label"], task=r["task"], train_length=r["train_length"], length=int(length),
                 metric=r["metric"], score=round(v["score"], 4), token_accuracy=round(v["token"], 4),
                 chance=round(r["chance"], 4), scaled_score=round(scaled(v["score"], r["chance"]), 4), steps=r["steps"],
-                final_loss=round(r["final_loss"], 4), train_seconds=r["train_seconds"], params=r["params"],
+                cut_short=bool(r.get("cut_short")), final_loss=round(r["final_loss"], 4), train_seconds=r["train_seconds"], params=r["params"],
                 device=r["device"],
             ))
     return out
@@ -61,8 +61,8 @@ def _columns(results, tasks: list[str]) -> list[tuple[str, int, int]]:
 
 
 def _models(results, models: list[str]) -> list[str]:
-    seen = list(dict.fromkeys(r["model"] for r in results))
-    return [m for m in models if m in seen] + [m for m in seen if m not in models]
+    """The models of the results (and of ``models``, when they have results), in table order."""
+    return sorted({r["model"] for r in results}, key=sort_key)
 
 
 def _lookup(results):
@@ -85,7 +85,8 @@ def markdown_table(results, tasks: list[str], models: list[str]) -> str:
                 cells.append("error")
             else:
                 v = r["lengths"].get(length)
-                cells.append("-" if v is None else f"{100 * v['score']:.1f}")
+                cut = "&dagger;" if r.get("cut_short") else ""
+                cells.append("-" if v is None else f"{100 * v['score']:.1f}{cut}")
         lines.append(f"| {label(m)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -211,12 +212,15 @@ def heatmap(results, tasks: list[str], models: list[str], path: str | os.PathLik
                 dark = np.isnan(grid[i, j]) or grid[i, j] > 0.6
                 ax.text(j, i, text[i][j], ha="center", va="center", fontsize=7, color="black" if dark else "white")
     ax.set_yticks(range(len(ms)), [label(m) for m in ms], fontsize=8)
-    ax.set_xticks(range(len(cols)), [f"{t}\n{length}{'*' if length == tl else ''}" for t, tl, length in cols], fontsize=7)
-    for j in range(1, len(cols)):
-        if cols[j][0] != cols[j - 1][0]:
-            ax.axvline(j - 0.5, color="white", lw=2)
+    ax.set_xticks(range(len(cols)), [f"{length}{'*' if length == tl else ''}" for t, tl, length in cols], fontsize=7)
+    ax.set_xlabel("sequence length (* = training length)", fontsize=8)
+    starts = [j for j in range(len(cols)) if j == 0 or cols[j][0] != cols[j - 1][0]]
+    for a, b in zip(starts, starts[1:] + [len(cols)]):
+        if a:
+            ax.axvline(a - 0.5, color="white", lw=2)
+        ax.text((a + b - 1) / 2, -0.6, cols[a][0], ha="center", va="bottom", fontsize=8, fontweight="bold")
     fig.colorbar(im, ax=ax, fraction=0.03, pad=0.02).set_label("scaled accuracy (0 = chance, 1 = perfect)", fontsize=8)
-    ax.set_title(title + ("\n" if title else "") + "text: accuracy %; * = training length", fontsize=8)
+    ax.set_title(title + ("\n" if title else "") + "text: accuracy %", fontsize=8, pad=16)
     fig.tight_layout()
     tmp = Path(path).with_name(Path(path).name + ".tmp.png")
     fig.savefig(tmp)
@@ -229,6 +233,9 @@ def markdown_report(results, tasks: list[str], models: list[str], header: list[s
     lines = ["# State-tracking and recall tasks", "", *header, ""]
     lines += ["## Accuracy (%)", "", f"Score: the final position's accuracy (state tracking) or every query's (mqar); chance is 1 / classes.", ""]
     lines.append(markdown_table(results, tasks, models))
+    cut = [r for r in results if r.get("cut_short")]
+    if cut:
+        lines += ["", "&dagger; training cut short by the time limit: " + ", ".join(f"{r['model']} on {r['task']} ({r['steps']} steps)" for r in cut)]
     if png_name:
         lines += ["", f"![heatmap]({png_name})"]
     lines += ["", "## The papers' claims on these results", "", "| claim | verdict | evidence |", "|---|---|---|"]

@@ -106,12 +106,21 @@ def evaluate_lengths(model, task: Task, s: CellSettings, device) -> dict[int, di
     return out
 
 
-def run_cell(model_name: str, task_name: str, s: CellSettings, device: str | None = None, progress: bool = False) -> dict[str, Any]:
+def run_cell(
+    model_name: str,
+    task_name: str,
+    s: CellSettings,
+    device: str | None = None,
+    progress: bool = False,
+    deadline: float | None = None,
+) -> dict[str, Any]:
     """Train ``model_name`` on ``task_name`` and score it; returns one result record (a plain dict).
 
     The record holds the model and task names, the model label, chance
     accuracy, parameter count, steps run, final training loss, seconds, and
-    ``lengths``: {length: {"score", "token", "count"}}.
+    ``lengths``: {length: {"score", "token", "count"}}. ``deadline`` (a
+    ``time.time()`` value) ends training early, before the evaluation; the
+    record then says ``cut_short``.
     """
     import torch
 
@@ -128,9 +137,14 @@ def run_cell(model_name: str, task_name: str, s: CellSettings, device: str | Non
 
     recent: list[float] = []
 
+    cut = []
+
     def on_step(step: int, loss: float) -> bool:
         recent.append(loss)
         del recent[:-20]
+        if deadline is not None and time.time() > deadline and step < s.steps:
+            cut.append(step)
+            return True
         return s.stop_loss is not None and len(recent) == 20 and sum(recent) / 20 < s.stop_loss
 
     t0 = time.perf_counter()
@@ -144,5 +158,5 @@ def run_cell(model_name: str, task_name: str, s: CellSettings, device: str | Non
         model=model_name, label=label(model_name), task=task_name, chance=task.chance, metric=task.metric,
         params=model.num_parameters(), steps=len(losses), final_loss=float(np.mean(losses[-20:])),
         train_seconds=round(train_s, 2), seconds=round(time.perf_counter() - t0, 2), device=str(device),
-        train_length=s.train_length, lengths={int(k): v for k, v in lengths.items()},
+        train_length=s.train_length, cut_short=bool(cut), lengths={int(k): v for k, v in lengths.items()},
     )
