@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import math
+import os
 import subprocess
 import sys
 import traceback
@@ -375,7 +375,7 @@ def main(argv=None) -> int:
         f"- device: {torch.cuda.get_device_name()}\n"
         f"- torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}\n"
         f"- commit: {commit}\n- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n"
-        f"- command: python benchmarks/compare_gpu_product.py {' '.join(sys.argv[1:])}\n\n"
+        f"- command: python benchmarks/compare_gpu_product.py --out {os.path.basename(args.out)}\n\n"
     )
     print(head, flush=True)
     ceil = ceilings()

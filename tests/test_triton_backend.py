@@ -162,18 +162,31 @@ def test_in_register_factor_device_functions(rng, BT):
     assert float((T.double().cpu() - Xref * betas.double().cpu()[None, :]).abs().max()) < 1e-5
 
 
-def test_shared_factor_device_function(rng):
-    # the kernels of _triton_factor against the torch backend's factors
+@pytest.mark.parametrize("quadrants", [False, True], ids=["one tile", "quadrants"])
+@pytest.mark.parametrize("n", [23, 64])
+def test_factor_kernels(rng, quadrants, n):
+    # the factor kernels of _triton_factor (both code paths) against the torch backend's factors
     from householder.backends import _triton_factor as tf
 
-    keys, betas = tensors(rng, (3,), 23, 10)
+    keys, betas = tensors(rng, (3,), n, 10)
     betas[:, 5] = 0.0
     torch_be = hh.get_backend("torch")
-    T = tf.factor_forward("wy", keys, betas, torch.float64, "ieee")
+    old = tf.CONFIG["quadrants"]
+    tf.CONFIG["quadrants"] = quadrants
+    try:
+        T = tf.factor_forward("wy", keys, betas, torch.float64, "ieee")
+        A = tf.factor_forward("ut", keys, betas, torch.float64, "ieee")
+        Tu = tf.factor_forward("utinv", A, betas, torch.float64, "ieee")
+    finally:
+        tf.CONFIG["quadrants"] = old
     assert err(T, reference.to_float64(torch_be.wy_factor(keys, betas))) < 1e-13
-    A = tf.factor_forward("ut", keys, betas, torch.float64, "ieee")
     assert err(A, reference.to_float64(torch_be.ut_factor(keys, betas))) < 1e-15
-    assert err(tf.factor_forward("utinv", A, betas, torch.float64, "ieee"), reference.to_float64(T)) < 1e-13
+    assert err(Tu, reference.to_float64(T)) < 1e-13
+
+
+def test_block_width_limit():
+    from householder.backends import _triton_factor as tf
+
     with pytest.raises(ValueError, match="at most 64 factors; got 65"):
         tf.block_width(65)
 

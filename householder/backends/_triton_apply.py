@@ -194,9 +194,10 @@ def _tiles(D: int, C: int, B: int, interpret: bool) -> tuple[int, int]:
     """(BD, BC): large tiles under the interpreter (few program steps), else enough programs to fill the GPU."""
     if interpret:
         return max(16, min(128, triton.next_power_of_2(D))), max(16, min(64, triton.next_power_of_2(C)))
-    # d tiles of 32 keep the (BT, BD) key tile and the (BD, BC) block tile in registers without spills
-    BD = CONFIG["BD"] or max(16, min(32, triton.next_power_of_2(D)))
-    BC = CONFIG["BC"] or max(16, min(64, triton.next_power_of_2(C)))
+    # fastest on an H100 (benchmarks/results/gpu_product_h100.md): 4 warps, d tiles of 64,
+    # column tiles of 32, halved down to 16 while the grid would leave multiprocessors idle
+    BD = CONFIG["BD"] or max(16, min(64, triton.next_power_of_2(D)))
+    BC = CONFIG["BC"] or max(16, min(32, triton.next_power_of_2(C)))
     if CONFIG["BC"] is None:
         while BC > 16 and B * triton.cdiv(C, BC) < 264:  # two programs per multiprocessor of an H100
             BC //= 2

@@ -7,7 +7,10 @@ Device functions (``@triton.jit``, callable from any kernel):
   T = (I + diag(beta) striu(G))^{-1} diag(beta), upper triangular, so that
   H_1 ... H_BT = I - K^T T K. The delta rule's lower factor
   (I + tril(diag(beta) K K^T, -1))^{-1} diag(beta) is ``tl.trans`` of it.
-- :func:`unit_upper_inverse` gives (I + striu(N))^{-1} for any (BT, BT) N.
+- :func:`unit_upper_inverse` gives (I + striu(N))^{-1} for any (BT, BT) N;
+  :func:`quadrant_inverse` the same from the four (BT/2) quadrants of N.
+- :func:`mm` is the matrix product at a chosen precision; "split" (3xTF32
+  with rounded splits) keeps float32 accuracy on the tensor cores.
 
 Both build the inverse by recursive doubling, which is the composition rule
 of DESIGN.md applied to blocks of 1, 2, 4, ... factors:
@@ -322,7 +325,9 @@ def block_width(b: int) -> int:
     return max(32, triton.next_power_of_2(b))
 
 
-# Launch settings; None picks the heuristic. The benchmark script sweeps them on a GPU.
+# Launch settings; None picks the default. The benchmark script sweeps them on a GPU: on an
+# H100 one (BT, BT) tile with 4 warps was fastest for blocks of 64 (the quadrant path, which
+# does a quarter of the matrix-unit work on 32 x 32 tiles, was not; see gpu_product_h100.md).
 CONFIG = {"BD": None, "num_warps": None, "num_stages": None, "quadrants": None}
 
 
@@ -345,7 +350,7 @@ def factor_forward(mode: str, IN: torch.Tensor, beta: torch.Tensor, cdt: torch.d
     _factor_fwd_kernel[(B,)](
         IN, beta, out, b, D,
         MODE=_MODES[mode], BT=BT, BD=_d_tile(D), CDT=_tl_dtype(cdt), PRECISION=precision,
-        QUAD=CONFIG["quadrants"] is not False, **_launch(BT),
+        QUAD=bool(CONFIG["quadrants"]), **_launch(BT),
     )
     return out
 
