@@ -131,7 +131,13 @@ alignas(128) static unsigned char hh_dyn_smem[1 << 18];
 #define __align__(n) __attribute__((aligned(n)))
 
 // WMMA on whole tiles: every thread of a warp holds the full tile (the element
-// order is opaque to kernels), lane 0 stores.
+// order is opaque to kernels), lane 0 stores. Loads and stores count violations of
+// CUDA's rules (256-bit aligned pointer, leading dimension a multiple of 16 bytes).
+static int hh_misaligned = 0;
+extern "C" int misaligned_count() { return hh_misaligned; }
+template <typename P> static inline void hh_check_align(const P* p, unsigned ld) {
+    if (reinterpret_cast<uintptr_t>(p) % 32 != 0 || (ld * sizeof(P)) % 16 != 0) __atomic_add_fetch(&hh_misaligned, 1, __ATOMIC_RELAXED);
+}
 namespace nvcuda { namespace wmma {
 struct row_major {}; struct col_major {};
 enum layout_t { mem_row_major, mem_col_major };
@@ -151,6 +157,7 @@ struct fragment {
 template <typename Use, int M, int N, int K, typename T, typename L, typename P>
 inline void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const P* p, unsigned ld) {
     typedef fragment<Use, M, N, K, T, L> F;
+    hh_check_align(p, ld);
     for (int i = 0; i < F::R; ++i)
         for (int j = 0; j < F::C; ++j)
             f.x[i * F::C + j] = std::is_same<L, row_major>::value ? p[i * ld + j] : p[j * ld + i];
@@ -172,6 +179,7 @@ inline void mma_sync(fragment<accumulator, M, N, K, T>& d, const fragment<matrix
 template <int M, int N, int K, typename T, typename P>
 inline void store_matrix_sync(P* p, const fragment<accumulator, M, N, K, T>& f, unsigned ld, layout_t l) {
     if (hh_lane_id != 0) return;
+    hh_check_align(p, ld);
     for (int i = 0; i < M; ++i)
         for (int j = 0; j < N; ++j) (l == mem_row_major ? p[i * ld + j] : p[j * ld + i]) = f.x[i * N + j];
 }
@@ -357,6 +365,7 @@ def test_fused_kernels_on_cpu(cpu_kernels, rng, dtype, n, d):
     dense(-(-d // 64), 2, kx.ctypes.data, kx.strides[0] // it, kx.strides[1] // it, Tx.ctypes.data, n * n, n,
           P.ctypes.data, d * d, d, n, d)
     assert np.abs(P - reference.dense(keys, betas)).max() <= tol
+    assert cpu_kernels.misaligned_count() == 0, "a WMMA load or store broke CUDA's alignment rules"
 
 
 # -- on the GPU ------------------------------------------------------------------
