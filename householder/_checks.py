@@ -176,3 +176,17 @@ def check_state_shape(shape: tuple, expected: tuple, name: str = "initial_state"
     """Raise unless a recurrent state has shape (N, H, K, V) = ``expected``."""
     if tuple(shape) != tuple(expected):
         raise ValueError(f"{name} must have shape (N, H, K, V) = {tuple(expected)}; got shape {tuple(shape)}")
+
+
+def check_result_finite(backend, a, what: str) -> None:
+    """Raise FloatingPointError if a result of finite input is not finite.
+
+    Factors expand when beta_i ||k_i||^2 lies outside [0, 2]; a long product of
+    such factors overflows, and we refuse to return that NaN/Inf silently.
+    """
+    if not backend.all_finite(a):
+        raise FloatingPointError(
+            f"{what} overflowed to Inf/NaN from finite input: some factors are expansive "
+            f"(beta * ||k||^2 outside [0, 2]) and their product exceeds the dtype's range; "
+            f"normalise the keys, keep beta in [0, 2], or use float64"
+        )

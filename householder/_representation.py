@@ -167,10 +167,16 @@ class HouseholderProduct:
             x = be.apply_blocks(self._form, K, beta, F, x, transpose)
         if not self._segments:
             x = x + 0  # a new array, as for n > 0
+        elif check_finite:
+            _checks.check_result_finite(be, x, "P @ x")
         return x
 
-    def dense(self):
-        """The dense product P, (..., d, d), as an array of the input's library."""
+    def dense(self, *, check_finite: bool = True):
+        """The dense product P, (..., d, d), as an array of the input's library.
+
+        With ``check_finite``, a non-finite result of finite input raises
+        FloatingPointError instead of being returned.
+        """
         be = self._be
         if not self._segments:
             return be.broadcast_to(be.eye(self.d, like=self._keys), self.shape) + 0
@@ -178,6 +184,8 @@ class HouseholderProduct:
         P = be.dense_blocks(self._form, last.K, last.beta, last.F)
         for seg in self._segments[-2::-1]:
             P = be.apply_blocks(self._form, seg.K, seg.beta, seg.F, P, False)
+        if check_finite:
+            _checks.check_result_finite(be, P, "P")
         return P
 
     @property
@@ -313,6 +321,8 @@ def product(
     block_size = _checks.check_block_size(block_size)
     keys, betas = _checks.check_keys_betas(be, keys, betas, check_finite)
     segments = [] if keys.shape[-2] == 0 else [_build_segment(be, form, keys, betas, block_size)]
+    if check_finite and segments:
+        _checks.check_result_finite(be, segments[0].F, "the triangular factor")
     return HouseholderProduct(be, form, keys, betas, segments, block_size)
 
 

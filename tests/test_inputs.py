@@ -132,3 +132,23 @@ def test_float16_promotes_to_float32_on_numpy():
     k, b = keys_betas()
     P = hh.product(k.astype(np.float16), b.astype(np.float16))
     assert P.dtype == np.float32
+
+
+@pytest.mark.parametrize("form", ["wy", "ut"])
+def test_overflow_is_an_error_not_a_silent_nan(bk, form):
+    # beta ||k||^2 = 100: each factor has eigenvalue -99, and 30 of them overflow float32.
+    rng = np.random.default_rng(3)
+    keys = rng.standard_normal((30, 4))
+    keys = 10 * keys / np.linalg.norm(keys, axis=-1, keepdims=True)
+    keys[1::2] = keys[::2]  # repeat directions so the growth compounds
+    betas = np.ones(30)
+    k32, b32 = bk.asarray(keys.astype(np.float32)), bk.asarray(betas.astype(np.float32))
+    with pytest.raises(FloatingPointError, match="overflowed"):
+        P = hh.product(k32, b32, form=form)
+        P.dense()
+    # float64 has the range for it, and the answer is right
+    P = hh.product(bk.asarray(keys), bk.asarray(betas), form=form)
+    want = hh.reference.dense(keys, betas)
+    got = bk.to_numpy(P.dense())
+    assert np.isfinite(got).all()
+    assert np.abs(got - want).max() <= 1e-9 * np.abs(want).max()
