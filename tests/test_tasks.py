@@ -145,10 +145,11 @@ def _args(*argv):
 def test_cli_plan_and_bad_options():
     cells, preset = plan(_args("--quick"))
     assert preset["name"] == "quick" and [(t, m) for t, m, _ in cells] == [("parity", "deltanet"), ("parity", "deltanet_neg")]
-    cells, _ = plan(_args("--tasks", "s3,mqar", "--models", "deltanet_neg,diag", "--steps", "7", "--eval-lengths", "1,3"))
+    cells, _ = plan(_args("--preset", "gpu", "--tasks", "s3,mqar", "--models", "deltanet_neg,diag", "--steps", "7", "--eval-lengths", "1,3"))
     assert [(t, m) for t, m, _ in cells] == [("s3", "deltanet_neg"), ("s3", "diag"), ("mqar", "deltanet_neg"), ("mqar", "diag")]
     assert all(s.steps == 7 and s.eval_lengths == (1, 3) for _, _, s in cells)
-    assert {t: s.train_length for t, _, s in cells} == {"s3": 16, "mqar": 64}  # per-task settings of the preset
+    assert {t: s.train_length for t, _, s in cells} == {"s3": 16, "mqar": 64}  # per-task settings
+    assert {t: s.hidden_size for t, _, s in cells} == {"s3": 64, "mqar": 128}
     with pytest.raises(ValueError, match="unknown task 'parit'"):
         plan(_args("--tasks", "parit"))
     with pytest.raises(ValueError, match="unknown model 'deltanett'"):
@@ -160,7 +161,7 @@ def test_cli_plan_and_bad_options():
     with pytest.raises(ValueError, match="steps must be an int >= 1; got 0"):
         plan(_args("--steps", "0"))
     with pytest.raises(ValueError, match="mqar sequences are at most 1027 tokens; got 32 x 64 = 2048"):
-        plan(_args("--tasks", "mqar", "--eval-lengths", "1,32"))
+        plan(_args("--tasks", "mqar", "--train-length", "64", "--eval-lengths", "1,32"))
     with pytest.raises(ValueError, match="--workers must be an int >= 1; got 0"):
         plan(_args("--workers", "0"))
     for name, preset in PRESETS.items():  # every preset names real tasks and models

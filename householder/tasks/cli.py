@@ -38,32 +38,36 @@ PRESETS: dict[str, dict[str, Any]] = {
         cell=dict(hidden_size=32, steps=200, batch_size=32, lr=3e-3, warmup=10, eval_samples=1024, **_STATE),
         per_task={},
     ),
-    # The CPU-sized grid: parity and mod 3 on the DeltaNet/DeltaProduct ladder and the baselines.
+    # The CPU-sized grid (about 20 minutes on one core): every claim at a small scale.
     "cpu": dict(
         grid={
-            "parity": ["deltanet", "deltanet_neg", "deltaproduct2", "deltaproduct2_neg", "transformer", "diag"],
+            "parity": ["deltanet", "deltanet_neg", "gated_deltanet", "gated_deltanet_neg", "transformer", "diag"],
             "mod_arith": ["deltanet", "deltanet_neg", "deltaproduct2", "deltaproduct2_neg", "deltaproduct3_neg", "diag"],
+            "s3": ["deltanet_neg", "deltaproduct2", "deltaproduct2_neg", "deltaproduct3_neg"],
+            "s4": ["deltanet_neg", "deltaproduct2_neg", "deltaproduct4_neg"],
+            "mqar": ["deltanet", "deltanet_neg", "transformer", "diag"],
         },
-        cell=dict(hidden_size=64, steps=1500, batch_size=32, lr=1e-3, warmup=50, stop_loss=1e-3, **_STATE),
-        per_task={},
+        cell=dict(hidden_size=64, steps=1500, batch_size=64, lr=3e-3, warmup=50, stop_loss=1e-3, **_STATE),
+        per_task={"s4": dict(steps=3000), "mqar": dict(hidden_size=64, train_length=32)},
     ),
-    # One H100/H200 within about six minutes (several cells at a time on the one GPU).
+    # One H100/H200 within about five minutes (several cells at a time on the one GPU).
     "gpu": dict(
         grid={
-            "parity": ["deltanet", "deltanet_neg", "gated_deltanet_neg", "transformer", "diag"],
+            "parity": ["deltanet", "deltanet_neg", "gated_deltanet", "gated_deltanet_neg", "transformer", "diag"],
             "mod_arith": ["deltanet", "deltanet_neg", "deltaproduct2", "deltaproduct2_neg", "deltaproduct3_neg", "diag"],
             "s3": _NEG_LADDER[:3] + ["deltaproduct2"],
             "s4": _NEG_LADDER,
             "a5": _NEG_LADDER,
             "mqar": ["deltanet", "deltanet_neg", "gated_deltanet", "transformer", "diag"],
+            "s5": _NEG_LADDER,
         },
-        cell=dict(hidden_size=64, steps=2000, batch_size=64, lr=1e-3, warmup=100, stop_loss=1e-3, **_STATE),
-        per_task={"mqar": dict(hidden_size=128, steps=1500)},
+        cell=dict(hidden_size=64, steps=3000, batch_size=128, lr=3e-3, warmup=50, stop_loss=1e-3, **_STATE),
+        per_task={"mqar": dict(hidden_size=128, steps=2000)},
     ),
     # The full grid of the issue (every model on every task): minutes per cell on one GPU.
     "full": dict(
         grid={t: DEFAULT_MODELS + ["deltaproduct4_neg"] for t in _STATE_TASKS + ["mqar"]},
-        cell=dict(hidden_size=128, steps=10000, batch_size=128, lr=1e-3, warmup=500, stop_loss=1e-3, **_STATE),
+        cell=dict(hidden_size=64, steps=10000, batch_size=128, lr=3e-3, warmup=100, stop_loss=1e-3, **_STATE),
         per_task={"mqar": dict(hidden_size=128, steps=5000)},
     ),
 }
