@@ -157,3 +157,27 @@ def test_triton_refuses_what_it_cannot_run(rng):
         hh.delta_rule(**inp, chunk_size=48, backend="triton")
     with pytest.raises(TypeError, match="float64"):
         hh.delta_rule(**{k: x.double() for k, x in inp.items()}, backend="triton")
+
+
+def test_backward_may_use_another_chunk_size(rng, monkeypatch):
+    # The backward recomputes everything, so it can run on other chunks than the forward
+    # (on GPUs, half inputs with K > 32 go backward on chunks of 16; see _backward_plan).
+    from householder.backends import triton_delta as td
+
+    plan = td._Plan(1, 40, 1, 64, 64, 1, 64, None, torch.bfloat16, torch.device(DEVICE))
+    monkeypatch.setattr(td, "interpreting", lambda: False)
+    assert td._backward_plan(plan).BC == 16
+    plan32 = td._Plan(1, 40, 1, 64, 64, 1, 64, None, torch.float32, torch.device(DEVICE))
+    assert td._backward_plan(plan32) is plan32
+    monkeypatch.undo()
+
+    monkeypatch.setattr(td, "_backward_plan", lambda p: td._Plan(*p.args[:6], 16, *p.args[7:]))
+    cu = [0, 23, 23, 50]
+    inp = make_inputs(rng, 1, 50, 2, 16, 16, n=2, state=3)
+    cu_t = torch.tensor(cu, device=DEVICE)
+    do = torch.tensor(rng.standard_normal((1, 50, 2, 16)), dtype=torch.float32, device=DEVICE)
+    dS = torch.tensor(rng.standard_normal((3, 2, 16, 16)), dtype=torch.float32, device=DEVICE)
+    got = _grads(inp, "triton", 2, cu_t, do, dS, 64)
+    want = _grads({k: x.double() for k, x in inp.items()}, "torch", 2, cu_t, do.double(), dS.double(), 64)
+    for name, a, b in zip(["o", "S"] + [f"d{n}" for n in inp], got, want):
+        assert rel_err(a, b) < 2e-4, name

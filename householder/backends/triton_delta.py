@@ -57,6 +57,7 @@ class _Plan:
     """Sequences, chunks and meta-parameters of one call."""
 
     def __init__(self, B, T, H, K, V, NH, BC, offsets, dtype, device):
+        self.args = (B, T, H, K, V, NH, BC, offsets, dtype, device)
         self.B, self.T, self.H, self.K, self.V, self.NH, self.BC = B, T, H, K, V, NH, BC
         self.T_steps = T * NH
         self.varlen = offsets is not None
@@ -85,8 +86,10 @@ class _Plan:
         if interp:
             self.BV = max(16, triton.next_power_of_2(V))  # few programs: the interpreter pays per program
         else:
-            sms = torch.cuda.get_device_properties(device).multi_processor_count
-            self.BV = CONFIG["BV"] or (64 if self.N * H * triton.cdiv(V, 64) >= 2 * sms else 32)
+            self.BV = CONFIG["BV"]
+            if self.BV is None:
+                sms = torch.cuda.get_device_properties(device).multi_processor_count
+                self.BV = 64 if self.N * H * triton.cdiv(V, 64) >= 2 * sms else 32
             self.BV = min(self.BV, max(16, triton.next_power_of_2(V)))
 
     def common(self):
@@ -167,8 +170,22 @@ class _DeltaRuleFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dsT):
         q, k, v, beta, g, S0 = ctx.saved_tensors
-        dq, dk, dv, dbeta, dg, dS0 = _bwd.backward(q, k, v, beta, g, S0, ctx.scale, ctx.plan, do, dsT)
+        dq, dk, dv, dbeta, dg, dS0 = _bwd.backward(q, k, v, beta, g, S0, ctx.scale, _backward_plan(ctx.plan), do, dsT)
         return dq, dk, dv, dbeta, dg, dS0, None, None
+
+
+def _backward_plan(plan: _Plan) -> _Plan:
+    """The plan of the backward pass, which recomputes everything and so may use another chunk size.
+
+    On GPUs with half-precision inputs and K > 32 the backward runs on chunks of 16: with 64
+    (and Triton 3.6 on an H100) the per-chunk backward kernel reads shared memory out of bounds
+    (compute-sanitizer: an invalid __shared__ read inside bwd_params_kernel's bf16 products),
+    while 16 ran correctly at every benchmark shape. float32 and the interpreter keep the chunk.
+    """
+    B, T, H, K, V, NH, BC, offsets, dtype, device = plan.args
+    if BC > 16 and K > 32 and dtype != torch.float32 and not interpreting():
+        return _Plan(B, T, H, K, V, NH, 16, offsets, dtype, device)
+    return plan
 
 
 def chunk(q, k, v, beta, g, scale: float, initial_state, offsets, chunk_size: int, num_householder: int = 1, cu_seqlens=None):
