@@ -4,10 +4,11 @@ Problem: a batch of 4096 products of n = 64 factors in d = 128 (unit keys,
 beta ~ U[0, 2]), the dense P, float32 and float64. One set of inputs, made in
 torch and shared with CuPy through DLPack (no copy). Cases:
 
-- ours "cupy": the default (fused tensor-core kernels: factor from the keys,
-  then P = I - K^T T K in one pass; float32 as 3xTF32), and with
-  ``fused = False`` (cuBLAS strided-batched GEMMs in float32/float64 and our
-  triangular-solve kernel); also the two kernels of the default path alone;
+- ours "cupy" with ``fused = True`` (fused tensor-core kernels: factor from the
+  keys, then P = I - K^T T K in one pass; float32 as 3xTF32) and with
+  ``fused = False``, the default (cuBLAS strided-batched GEMMs in
+  float32/float64 and our triangular-solve kernel); also the two fused kernels
+  alone;
 - ours "triton" (when it imports) and ours "torch";
 - plain torch compact WY (K K^T, solve_triangular, bmm);
 - torch.linalg.householder_product on the same shape of work: reflectors

@@ -8,12 +8,13 @@
   at run time by CuPy): the WY factor T from the Gram matrix, and the UT form's
   triangular solve A^{-1} diag(beta); blocks wider than 64 factors are composed
   from 64-wide ones by the composition rule.
-- Blocks of at most 64 factors (the default block size) take fused tensor-core
+- Optionally (``CupyBackend.fused = True``; off by default because cuBLAS was
+  faster on an H100), blocks of at most 64 factors take fused tensor-core
   kernels: the factor straight from the keys (Gram matrix and solve in one
   kernel) and the dense product P = I - K^T T K in one pass over K. float32
   products there use 3xTF32 (about float32 accuracy, see ``_cupy_kernels``);
-  float64 uses the float64 tensor cores. ``CupyBackend.fused = False`` (or a GPU
-  older than sm_80) keeps everything on cuBLAS in float32/float64 arithmetic.
+  float64 uses the float64 tensor cores. By default (and on GPUs older than
+  sm_80) everything stays on cuBLAS in float32/float64 arithmetic.
 - float32 and float64 (float16 input is promoted to float32, integers to
   float64, as on the NumPy backend).
 
@@ -47,12 +48,42 @@ _DLPACK_CUDA = (2, 13)
 _FOREIGN = ("torch", "jax", "jaxlib", "tensorflow", "dask")
 
 
+
+def _crt_include_dirs() -> list[str]:
+    """Folders holding ``crt/mma.h``, which NVRTC's ``<mma.h>`` includes.
+
+    Some CUDA wheel layouts ship ``mma.h`` without its ``crt/`` part (that comes
+    with the full toolkit), so look in the usual toolkit places too.
+    """
+    import glob
+    import os
+    import sys
+
+    candidates = []
+    for var in ("CUDA_PATH", "CUDA_HOME"):
+        if os.environ.get(var):
+            candidates.append(os.path.join(os.environ[var], "include"))
+    try:
+        candidates.append(os.path.join(cp.cuda.get_cuda_path() or "", "include"))
+    except Exception:  # get_cuda_path may be missing or fail; the others remain
+        pass
+    candidates += sorted(glob.glob("/usr/local/cuda*/include")) + sorted(glob.glob("/usr/local/cuda*/targets/*/include"))
+    for root in sys.path:
+        candidates += sorted(glob.glob(os.path.join(root, "nvidia", "*", "include")))
+    seen, out = set(), []
+    for d in candidates:
+        if d and d not in seen and os.path.isfile(os.path.join(d, "crt", "mma.h")):
+            seen.add(d)
+            out.append(d)
+    return out[:1]
+
 class CupyBackend(ArrayModuleBackend):
     """Primitives on CuPy arrays: cuBLAS products and our triangular kernel."""
 
     name = "cupy"
-    #: use the fused tensor-core kernels where they apply (blocks of <= 64 factors)
-    fused: bool = True
+    #: use the fused tensor-core kernels where they apply (blocks of <= 64 factors);
+    #: off by default: on an H100 they were slower than cuBLAS (docs/cupy.md)
+    fused: bool = False
 
     def __init__(self, cupy_module):
         self.xp = cupy_module
@@ -144,7 +175,8 @@ class CupyBackend(ArrayModuleBackend):
         if mod is None:
             source, names = (_k.FUSED_SOURCE, _k.fused_kernel_names(real)) if fused else (_k.SOURCE, _k.kernel_names(real))
             try:
-                mod = cp.RawModule(code=source, options=("-std=c++17",), name_expressions=names)
+                options = ("-std=c++17",) + tuple(f"-I{d}" for d in _crt_include_dirs()) if fused else ("-std=c++17",)
+                mod = cp.RawModule(code=source, options=options, name_expressions=names)
                 mod.compile()
             except Exception as exc:
                 raise RuntimeError(f"the CuPy backend's CUDA kernels failed to compile (NVRTC): {exc}") from exc
