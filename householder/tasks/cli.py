@@ -16,7 +16,7 @@ from typing import Any
 
 from householder.tasks.generators import get_task, task_names
 from householder.tasks.models import DEFAULT_MODELS, mixer_settings
-from householder.tasks.report import heatmap, markdown_report, to_csv
+from householder.tasks.report import best_runs, heatmap, markdown_report, to_csv
 from householder.tasks.trainer import CellSettings
 
 _STATE_TASKS = ["parity", "mod_arith", "s3", "s4", "a5", "s5"]
@@ -47,7 +47,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "s4": ["deltanet_neg", "deltaproduct2_neg", "deltaproduct4_neg"],
             "mqar": ["deltanet", "deltanet_neg", "transformer", "diag"],
         },
-        cell=dict(hidden_size=64, steps=1500, batch_size=64, lr=3e-3, warmup=50, stop_loss=1e-3, **_STATE),
+        cell=dict(hidden_size=64, steps=1500, batch_size=64, lr=3e-3, warmup=50, **_STATE),
         per_task={"s4": dict(steps=3000), "mqar": dict(hidden_size=64, train_length=32)},
     ),
     # One H100/H200 within about five minutes (several cells at a time on the one GPU).
@@ -61,13 +61,13 @@ PRESETS: dict[str, dict[str, Any]] = {
             "mqar": ["deltanet", "deltanet_neg", "gated_deltanet", "transformer", "diag"],
             "s5": _NEG_LADDER,
         },
-        cell=dict(hidden_size=64, steps=3000, batch_size=128, lr=3e-3, warmup=50, stop_loss=1e-3, **_STATE),
+        cell=dict(hidden_size=64, steps=3000, batch_size=128, lr=3e-3, warmup=50, stop_loss=1e-4, **_STATE),
         per_task={"mqar": dict(hidden_size=128, steps=2000)},
     ),
     # The full grid of the issue (every model on every task): minutes per cell on one GPU.
     "full": dict(
         grid={t: DEFAULT_MODELS + ["deltaproduct4_neg"] for t in _STATE_TASKS + ["mqar"]},
-        cell=dict(hidden_size=64, steps=10000, batch_size=128, lr=3e-3, warmup=100, stop_loss=1e-3, **_STATE),
+        cell=dict(hidden_size=64, steps=10000, batch_size=128, lr=3e-3, warmup=100, stop_loss=1e-4, **_STATE),
         per_task={"mqar": dict(hidden_size=128, steps=5000)},
     ),
 }
@@ -106,7 +106,9 @@ def add_subcommand(subparsers) -> None:
     g.add_argument("--lr", type=float)
     g.add_argument("--eval-samples", type=int)
     g.add_argument("--stop-loss", type=float, help="stop a cell early when its mean training loss falls below this")
-    g.add_argument("--seed", type=int)
+    g.add_argument("--seed", type=int, help="seed of the first run of each cell (default 0)")
+    g.add_argument("--seeds", type=int, default=1, help="runs per cell, seeds seed .. seed + N - 1; the table shows "
+                   "the best run, the CSV every run (default 1)")
     p.set_defaults(run=run)
 
 
@@ -135,6 +137,8 @@ def plan(args: argparse.Namespace) -> tuple[list[tuple[str, str, CellSettings]],
         get_task(t)  # raises on an unknown task, naming it
         for m in models:
             mixer_settings(m)  # raises on an unknown model, naming it
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be an int >= 1; got {args.seeds}")
     overrides = {k: getattr(args, k) for k in _CELL_ARGS if getattr(args, k, None) is not None}
     if args.eval_lengths:
         try:
@@ -152,7 +156,7 @@ def plan(args: argparse.Namespace) -> tuple[list[tuple[str, str, CellSettings]],
                     f"--eval-lengths: mqar sequences are at most {task.max_length()} tokens; got "
                     f"{mult} x {s.train_length} = {mult * s.train_length}"
                 )
-        cells += [(t, m, s) for m in models]
+        cells += [(t, m, dataclasses.replace(s, seed=s.seed + i)) for m in models for i in range(args.seeds)]
     if args.workers < 1:
         raise ValueError(f"--workers must be an int >= 1; got {args.workers}")
     if args.threads is not None and args.threads < 1:
@@ -172,13 +176,13 @@ def _run_guarded(task, model, settings, device, progress, deadline) -> dict[str,
     from householder.tasks.trainer import run_cell
 
     if deadline is not None and time.time() > deadline:
-        return dict(task=task, model=model, not_run=True)
+        return dict(task=task, model=model, seed=settings.seed, not_run=True)
     try:
         return run_cell(model, task, settings, device=device, progress=progress, deadline=deadline)
     except Exception as exc:  # a failed cell is reported in the table; the grid goes on
         from householder.tasks.models import label
 
-        return dict(model=model, label=label(model), task=task, error=f"{type(exc).__name__}: {exc}")
+        return dict(model=model, label=label(model), task=task, seed=settings.seed, error=f"{type(exc).__name__}: {exc}")
 
 
 def run_facts(device: str | None, threads: int) -> list[str]:
@@ -225,23 +229,25 @@ def _settings_lines(cells) -> list[str]:
     out = []
     for t, s in by_task.items():
         d = dataclasses.asdict(s)
+        d["seed"] = sorted({c[2].seed for c in cells if c[0] == t})
         d["eval_lengths"] = [m * s.train_length for m in s.eval_lengths]
         out.append(f"- {t} ({get_task(t).describe()}): " + ", ".join(f"{k}={v}" for k, v in d.items()))
     return out
 
 
-def write_outputs(out: Path, stem: str, results, cells, facts, elapsed: float, pending: list[tuple[str, str]]) -> None:
+def write_outputs(out: Path, stem: str, results, cells, facts, elapsed: float, pending: list[tuple[str, str, int]]) -> None:
     """Rewrite the table, CSV, heatmap and raw JSON from the results so far (after every cell)."""
     tasks = list(dict.fromkeys(t for t, _, _ in cells))
     models = list(dict.fromkeys(m for _, m, _ in cells))
     png = f"{stem}.png"
     done = [r for r in results]
-    header = facts + [f"- cells: {len(done)} of {len(cells)} run in {elapsed:.0f} s"]
+    seeds = len({s.seed for _, _, s in cells})
+    header = facts + [f"- runs: {len(done)} of {len(cells)} ({seeds} seed(s) per cell) in {elapsed:.0f} s"]
     if pending:
-        header.append("- not run (time limit): " + ", ".join(f"{m} on {t}" for t, m in pending))
+        header.append("- not run (time limit): " + ", ".join(f"{m} on {t} (seed {seed})" for t, m, seed in pending))
     title = f"{stem}: {facts[2][len('- device: '):]}"
     if any("error" not in r for r in done):
-        heatmap(done, tasks, models, out / png, title)
+        heatmap(best_runs(done), tasks, models, out / png, title)
     md = markdown_report(done, tasks, models, header, _settings_lines(cells), png if (out / png).exists() else None)
     for name, text in ((f"{stem}.md", md), (f"{stem}.csv", to_csv(done)), (f"{stem}.json", json.dumps(done, indent=1))):
         tmp = out / (name + ".tmp")
@@ -266,19 +272,19 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     deadline = None if args.time_limit is None else time.time() + args.time_limit
     results: list[dict[str, Any]] = []
-    pending = [(t, m) for t, m, _ in cells]
+    pending = [(t, m, s.seed) for t, m, s in cells]
 
     def record(r: dict[str, Any]) -> None:
         if r.get("not_run"):
             return
         results.append(r)
-        pending.remove((r["task"], r["model"]))
+        pending.remove((r["task"], r["model"], r["seed"]))
         if "error" in r:
-            print(f"[{time.perf_counter() - t0:6.0f} s] {r['model']} on {r['task']}: FAILED {r['error']}", flush=True)
+            print(f"[{time.perf_counter() - t0:6.0f} s] {r['model']} on {r['task']} (seed {r['seed']}): FAILED {r['error']}", flush=True)
         else:
             accs = ", ".join(f"{k}: {100 * v['score']:.1f}%" for k, v in sorted(r["lengths"].items()))
             cut = " (cut short by the time limit)" if r["cut_short"] else ""
-            print(f"[{time.perf_counter() - t0:6.0f} s] {r['model']} on {r['task']}: {r['steps']} steps{cut}, "
+            print(f"[{time.perf_counter() - t0:6.0f} s] {r['model']} on {r['task']} (seed {r['seed']}): {r['steps']} steps{cut}, "
                   f"{r['train_seconds']:.0f} s, accuracy {accs} (chance {100 * r['chance']:.0f}%)", flush=True)
         write_outputs(out, stem, results, cells, facts, time.perf_counter() - t0, [])
 

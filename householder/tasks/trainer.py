@@ -155,7 +155,7 @@ def run_cell(
     train_s = time.perf_counter() - t0
     lengths = evaluate_lengths(model, task, s, device)
     return dict(
-        model=model_name, label=label(model_name), task=task_name, chance=task.chance, metric=task.metric,
+        model=model_name, label=label(model_name), task=task_name, seed=s.seed, chance=task.chance, metric=task.metric,
         params=model.num_parameters(), steps=len(losses), final_loss=float(np.mean(losses[-20:])),
         train_seconds=round(train_s, 2), seconds=round(time.perf_counter() - t0, 2), device=str(device),
         train_length=s.train_length, cut_short=bool(cut), lengths={int(k): v for k, v in lengths.items()},
