@@ -227,7 +227,8 @@ def test_deadline_cuts_training_and_skips_cells():
 def test_mod_arith_claim_counts_every_positive_eigenvalue_model():
     base = [_record("deltanet", "mod_arith", [0.7, 0.35, 0.34], 1 / 3), _record("deltaproduct3_neg", "mod_arith", [1.0, 0.99, 0.9], 1 / 3)]
     assert _verdicts(base)["mod_arith (sum mod 3)"] == "held"
-    assert _verdicts(base + [_record("diag", "mod_arith", [0.97, 0.65, 0.4], 1 / 3)])["mod_arith (sum mod 3)"] == "did not hold"
+    assert _verdicts(base + [_record("diag", "mod_arith", [0.97, 0.65, 0.6], 1 / 3)])["mod_arith (sum mod 3)"] == "held"
+    assert _verdicts(base + [_record("diag", "mod_arith", [0.97, 0.8, 0.7], 1 / 3)])["mod_arith (sum mod 3)"] == "did not hold"
 
 
 def test_best_runs_pick_the_best_seed():
@@ -242,3 +243,19 @@ def test_best_runs_pick_the_best_seed():
     assert "| DeltaNet [-1,1] | 100.0 | 100.0 | 90.0 |" in md and "DeltaNet [-1,1] on parity: 1 of 2" in md
     assert "deltanet_neg on parity (seed 2): `RuntimeError: x`" in md
     assert len(to_csv(runs).splitlines()) == 1 + 6
+
+
+def test_report_is_rebuilt_from_the_json(tmp_path):
+    import json
+
+    from householder.tasks.cli import render
+
+    doc = dict(header=["- facts"], tasks=["parity"], models=["deltanet", "deltanet_neg"], settings=["- s"], title="t",
+               results=[_record("deltanet", "parity", [0.5, 0.5, 0.5], 0.5), _record("deltanet_neg", "parity", [1.0, 1.0, 1.0], 0.5)])
+    (tmp_path / "x.json").write_text(json.dumps(doc))
+    md = render(tmp_path / "x.json").read_text()
+    assert "| DeltaNet [-1,1] | 100.0 | 100.0 | 100.0 |" in md and "![heatmap](x.png)" in md
+    assert (tmp_path / "x.png").exists() and (tmp_path / "x.csv").exists()
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="--report must be the .json file a tasks run wrote"):
+        render(tmp_path / "bad.json")

@@ -18,7 +18,7 @@ def test_quick_parity_cell(tmp_path):
     from householder.__main__ import main
 
     assert main(["tasks", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
-    results = {r["model"]: r for r in json.loads((tmp_path / "tasks_quick.json").read_text())}
+    results = {r["model"]: r for r in json.loads((tmp_path / "tasks_quick.json").read_text())["results"]}
     neg, pos = results["deltanet_neg"], results["deltanet"]
     assert neg["train_length"] == pos["train_length"] == 16 and neg["steps"] == pos["steps"] == 200
     acc_neg = {int(k): v["score"] for k, v in neg["lengths"].items()}

@@ -95,6 +95,7 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads per cell (default 1 on the CPU: tiny models only lose "
                    "to threading, badly so on a shared machine)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.add_argument("--report", metavar="JSON", help="only rebuild the table, CSV and heatmap from a run's .json (no training)")
     g = p.add_argument_group("cell settings (override the preset for every task)")
     g.add_argument("--steps", type=int)
     g.add_argument("--train-length", type=int)
@@ -236,27 +237,62 @@ def _settings_lines(cells) -> list[str]:
 
 
 def write_outputs(out: Path, stem: str, results, cells, facts, elapsed: float, pending: list[tuple[str, str, int]]) -> None:
-    """Rewrite the table, CSV, heatmap and raw JSON from the results so far (after every cell)."""
-    tasks = list(dict.fromkeys(t for t, _, _ in cells))
-    models = list(dict.fromkeys(m for _, m, _ in cells))
-    png = f"{stem}.png"
-    done = [r for r in results]
+    """Rewrite the raw JSON, table, CSV and heatmap from the results so far (after every run)."""
     seeds = len({s.seed for _, _, s in cells})
-    header = facts + [f"- runs: {len(done)} of {len(cells)} ({seeds} seed(s) per cell) in {elapsed:.0f} s"]
+    header = facts + [f"- runs: {len(results)} of {len(cells)} ({seeds} seed(s) per cell) in {elapsed:.0f} s"]
     if pending:
         header.append("- not run (time limit): " + ", ".join(f"{m} on {t} (seed {seed})" for t, m, seed in pending))
-    title = f"{stem}: {facts[2][len('- device: '):]}"
-    if any("error" not in r for r in done):
-        heatmap(best_runs(done), tasks, models, out / png, title)
-    md = markdown_report(done, tasks, models, header, _settings_lines(cells), png if (out / png).exists() else None)
-    for name, text in ((f"{stem}.md", md), (f"{stem}.csv", to_csv(done)), (f"{stem}.json", json.dumps(done, indent=1))):
-        tmp = out / (name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+    doc = dict(
+        header=header,
+        tasks=list(dict.fromkeys(t for t, _, _ in cells)),
+        models=list(dict.fromkeys(m for _, m, _ in cells)),
+        settings=_settings_lines(cells),
+        title=f"{stem}: {facts[2][len('- device: '):]}",
+        results=list(results),
+    )
+    _write_text(out / f"{stem}.json", json.dumps(doc, indent=1))
+    render(out / f"{stem}.json")
+
+
+def render(json_path: str | os.PathLike) -> Path:
+    """Write the table (.md), CSV and heatmap (.png) beside a run's raw JSON; returns the .md path.
+
+    The JSON (written by every run) holds the header facts, task and model
+    order, settings and every run's record, so the report can be rebuilt
+    later (``--report``) without training again.
+    """
+    json_path = Path(json_path)
+    try:
+        doc = json.loads(json_path.read_text())
+        header, tasks, models, settings, title, results = (
+            doc[k] for k in ("header", "tasks", "models", "settings", "title", "results")
+        )
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"--report must be the .json file a tasks run wrote; could not read {str(json_path)!r}: {exc}") from exc
+    for r in results:  # JSON keys are strings
+        if "lengths" in r:
+            r["lengths"] = {int(k): v for k, v in r["lengths"].items()}
+    out, stem = json_path.parent, json_path.stem
+    png = out / f"{stem}.png"
+    if any("error" not in r for r in results):
+        heatmap(best_runs(results), tasks, models, png, title)
+    md = markdown_report(results, tasks, models, header, settings, png.name if png.exists() else None)
+    _write_text(out / f"{stem}.md", md)
+    _write_text(out / f"{stem}.csv", to_csv(results))
+    return out / f"{stem}.md"
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # a reader sees the old file or the new one, never half of one
 
 
 def run(args: argparse.Namespace) -> int:
     """The ``tasks`` command; returns the exit status (1 if a cell failed)."""
+    if args.report:
+        print(f"rewrote {render(args.report)} and its .csv and .png")
+        return 0
     cells, preset = plan(args)
     out = Path(args.out or os.path.join("runs", f"tasks-{preset['name']}"))
     stem = args.name or f"tasks_{preset['name']}"
@@ -268,7 +304,7 @@ def run(args: argparse.Namespace) -> int:
     saved_threads = torch.get_num_threads()
     facts = run_facts(args.device, threads)
     print("\n".join(facts), flush=True)
-    print(f"{len(cells)} cells -> {out}/{stem}.{{md,csv,png,json}}", flush=True)
+    print(f"{len(cells)} runs ({len({(t, m) for t, m, _ in cells})} cells) -> {out}/{stem}.{{md,csv,png,json}}", flush=True)
     t0 = time.perf_counter()
     deadline = None if args.time_limit is None else time.time() + args.time_limit
     results: list[dict[str, Any]] = []

@@ -15,9 +15,10 @@ CSV_FIELDS = [
     "scaled_score", "steps", "cut_short", "final_loss", "train_seconds", "params", "device",
 ]
 
-# what counts as "learned" and as "near chance" (scaled accuracy: 0 = chance, 1 = perfect)
+# what counts as "learned" (accuracy), "near chance" and "far from solving" (scaled accuracy: 0 = chance, 1 = perfect)
 LEARNED = 0.95
 NEAR_CHANCE = 0.1
+FAR_FROM_SOLVED = 0.5
 
 
 def scaled(acc: float, chance: float) -> float:
@@ -167,12 +168,18 @@ def claims(results) -> list[tuple[str, str, str]]:
     negs = [m for (m, t) in look if t == task and m.endswith("_neg")]
     poss = [m for (m, t) in look if t == task and not m.endswith("_neg") and m != "transformer"]
     claim = ("mod_arith (sum mod 3): a [-1,1] Householder model learns it (>= 95% at the training length); positive-"
-             "eigenvalue models ([0,1], diagonal) do not track it (near chance at every longer length)")
+             "eigenvalue models ([0,1], diagonal) are far from solving it at the longest length (scaled accuracy < 0.5)")
     if not negs or not poss:
         out.append((claim, "not run", ""))
     else:
         best_neg = max(negs, key=lambda m: acc(m, task))
-        ok = acc(best_neg, task) >= LEARNED and all(at_chance_beyond(m, task) for m in poss)
+
+        def far(m):
+            r = look[(m, task)]
+            k = max(r["lengths"])
+            return k > r["train_length"] and scaled(r["lengths"][k]["score"], r["chance"]) < FAR_FROM_SOLVED
+
+        ok = acc(best_neg, task) >= LEARNED and all(far(m) for m in poss)
         out.append((claim, "held" if ok else "did not hold", "; ".join(curve(m, task) for m in [best_neg] + sorted(poss, key=sort_key))))
     # 3. groups: more Householder factors per token -> harder groups and longer extrapolation
     for task in ("s3", "s4", "a5", "s5"):
