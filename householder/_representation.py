@@ -51,8 +51,9 @@ class HouseholderProduct:
 
     __array_priority__ = 1000  # make ndarray @ P call our __rmatmul__
 
-    def __init__(self, backend, form: str, keys, betas, segments, block_size: int):
+    def __init__(self, backend, form: str, keys, betas, segments, block_size: int, check_finite: bool = True):
         self._be = backend
+        self._check_finite = check_finite
         self._form = form
         self._keys = keys
         self._betas = betas
@@ -152,9 +153,11 @@ class HouseholderProduct:
         return be.concat([T[..., :, a:b] for a, b in spans], axis=-1)
 
     # -- operations ---------------------------------------------------------
-    def apply(self, x, transpose: bool = False, *, check_finite: bool = True):
+    def apply(self, x, transpose: bool = False, *, check_finite: bool | None = None):
         """P @ x (or P^T @ x if ``transpose``) for x (..., d, m), without forming P."""
         be = self._be
+        if check_finite is None:
+            check_finite = self._check_finite
         x = _checks.check_operand(be, x, self.d, "x", check_finite, self.batch_shape)
         be.check_compatible(("keys", self._keys), ("x", x))
         dtype = be.result_float_dtype(self._keys, x)
@@ -171,13 +174,16 @@ class HouseholderProduct:
             _checks.check_result_finite(be, x, "P @ x")
         return x
 
-    def dense(self, *, check_finite: bool = True):
+    def dense(self, *, check_finite: bool | None = None):
         """The dense product P, (..., d, d), as an array of the input's library.
 
-        With ``check_finite``, a non-finite result of finite input raises
-        FloatingPointError instead of being returned.
+        With ``check_finite`` (default: the flag the product was built with), a
+        non-finite result of finite input raises FloatingPointError instead of
+        being returned.
         """
         be = self._be
+        if check_finite is None:
+            check_finite = self._check_finite
         if not self._segments:
             return be.broadcast_to(be.eye(self.d, like=self._keys), self.shape) + 0
         last = self._segments[-1]
@@ -204,7 +210,7 @@ class HouseholderProduct:
             segments.append(_Segment(K, beta, F, seg.n))
         keys = be.flip(self._keys, (-2,))
         betas = be.flip(self._betas, (-1,))
-        return HouseholderProduct(be, self._form, keys, betas, segments, self._block_size)
+        return HouseholderProduct(be, self._form, keys, betas, segments, self._block_size, self._check_finite)
 
     def to(self, form: str) -> "HouseholderProduct":
         """The same product in representation ``form`` ("wy" or "ut")."""
@@ -216,7 +222,7 @@ class HouseholderProduct:
             _Segment(s.K, s.beta, be.wy_factor(s.K, s.beta) if form == "wy" else be.ut_factor(s.K, s.beta), s.n)
             for s in self._segments
         ]
-        return HouseholderProduct(be, form, self._keys, self._betas, segments, self._block_size)
+        return HouseholderProduct(be, form, self._keys, self._betas, segments, self._block_size, self._check_finite)
 
     def compose(self, other: "HouseholderProduct") -> "HouseholderProduct":
         """P @ Q as a product: concatenated keys, blocks of both, no dense matrix."""
@@ -248,7 +254,7 @@ class HouseholderProduct:
         ]
         keys = be.concat([cast(self._keys, 2), cast(other._keys, 2)], axis=-2)
         betas = be.concat([cast(self._betas, 1), cast(other._betas, 1)], axis=-1)
-        return HouseholderProduct(be, self._form, keys, betas, segments, self._block_size)
+        return HouseholderProduct(be, self._form, keys, betas, segments, self._block_size, self._check_finite and other._check_finite)
 
     def __matmul__(self, other: Any):
         if isinstance(other, HouseholderProduct):
@@ -308,7 +314,10 @@ def product(
         "numpy", "torch", "triton" or "cupy"; default from the context, then
         ``HOUSEHOLDER_BACKEND``, then the array's library.
     check_finite : bool
-        Raise ValueError on NaN or Inf in the inputs (SciPy's convention).
+        Raise ValueError on NaN or Inf in the inputs (SciPy's convention), and
+        FloatingPointError if finite input overflows. It is also the default of
+        ``dense``/``apply`` on the product: False skips every check (and the
+        device synchronisation the checks need on a GPU).
     block_size : int
         Factors per block of the blocked representation.
 
@@ -323,7 +332,7 @@ def product(
     segments = [] if keys.shape[-2] == 0 else [_build_segment(be, form, keys, betas, block_size)]
     if check_finite and segments:
         _checks.check_result_finite(be, segments[0].F, "the triangular factor")
-    return HouseholderProduct(be, form, keys, betas, segments, block_size)
+    return HouseholderProduct(be, form, keys, betas, segments, block_size, check_finite)
 
 
 def _resolve(backend, x):

@@ -152,3 +152,17 @@ def test_overflow_is_an_error_not_a_silent_nan(bk, form):
     got = bk.to_numpy(P.dense())
     assert np.isfinite(got).all()
     assert np.abs(got - want).max() <= 1e-9 * np.abs(want).max()
+
+
+def test_check_finite_false_carries_to_dense_and_apply():
+    keys = np.full((30, 4), 10.0 / 2)  # ||k||^2 = 100, beta 1: expansive factors
+    betas = np.ones(30, np.float32)
+    P = hh.product(keys.astype(np.float32), betas, check_finite=False)
+    with np.errstate(all="ignore"):
+        assert not np.isfinite(P.dense()).all()  # the caller asked for no checks
+        with pytest.raises(FloatingPointError):
+            P.dense(check_finite=True)
+        x = np.ones((4, 2), np.float32)
+        assert not np.isfinite(P @ x).all()
+        with pytest.raises(FloatingPointError):
+            P.apply(x, check_finite=True)
