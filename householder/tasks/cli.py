@@ -186,22 +186,24 @@ def _run_guarded(task, model, settings, device, progress, deadline) -> dict[str,
         return dict(model=model, label=label(model), task=task, seed=settings.seed, error=f"{type(exc).__name__}: {exc}")
 
 
+def _git(*a: str) -> str:
+    """Output of a git command in this checkout ("" when git or the checkout is missing)."""
+    try:
+        return subprocess.run(["git", *a], capture_output=True, text=True, timeout=10,
+                              cwd=Path(__file__).resolve().parents[2]).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def run_facts(device: str | None, threads: int) -> list[str]:
     """Lines naming what produced the results: date, commit, device, versions, command."""
     import numpy as np
     import torch
 
-    def git(*a):
-        try:
-            return subprocess.run(["git", *a], capture_output=True, text=True, timeout=10,
-                                  cwd=Path(__file__).resolve().parents[2]).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    commit = _git("rev-parse", "--short", "HEAD") or "unknown"
     argv = sys.argv[1:]
     command = "python -m householder " + " ".join(argv) if argv[:1] == ["tasks"] else "householder.tasks.run (from Python)"
-    dirty = " (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else ""
+    dirty = " (with uncommitted changes)" if _git("status", "--porcelain", "--untracked-files=no") else ""
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dev.startswith("cuda") and torch.cuda.is_available():
         dev_name = torch.cuda.get_device_name(torch.device(dev))
@@ -254,12 +256,13 @@ def write_outputs(out: Path, stem: str, results, cells, facts, elapsed: float, p
     render(out / f"{stem}.json")
 
 
-def render(json_path: str | os.PathLike) -> Path:
+def render(json_path: str | os.PathLike, note: str | None = None) -> Path:
     """Write the table (.md), CSV and heatmap (.png) beside a run's raw JSON; returns the .md path.
 
     The JSON (written by every run) holds the header facts, task and model
     order, settings and every run's record, so the report can be rebuilt
-    later (``--report``) without training again.
+    later (``--report``) without training again; ``note`` is added to the
+    header of the rebuilt page (not to the JSON).
     """
     json_path = Path(json_path)
     try:
@@ -273,6 +276,8 @@ def render(json_path: str | os.PathLike) -> Path:
         if "lengths" in r:
             r["lengths"] = {int(k): v for k, v in r["lengths"].items()}
     out, stem = json_path.parent, json_path.stem
+    if note:
+        header = header + [note]
     png = out / f"{stem}.png"
     if any("error" not in r for r in results):
         heatmap(best_runs(results), tasks, models, png, title)
@@ -291,7 +296,10 @@ def _write_text(path: Path, text: str) -> None:
 def run(args: argparse.Namespace) -> int:
     """The ``tasks`` command; returns the exit status (1 if a cell failed)."""
     if args.report:
-        print(f"rewrote {render(args.report)} and its .csv and .png")
+        commit = _git("rev-parse", "--short", "HEAD") or "unknown"
+        when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        md = render(args.report, note=f"- report rebuilt from the JSON by `--report` at commit {commit}, {when}")
+        print(f"rewrote {md} and its .csv and .png")
         return 0
     cells, preset = plan(args)
     out = Path(args.out or os.path.join("runs", f"tasks-{preset['name']}"))
