@@ -20,7 +20,7 @@ from torch import nn
 
 import householder
 from householder.layers.cache import Cache
-from householder.layers.modules import GatedRMSNorm, RMSNorm, ShortConvolution, l2_normalize, token_mask, upcast
+from householder.layers.modules import GatedRMSNorm, RMSNorm, ShortConvolution, l2_normalize, token_mask, upcast, project_qkv
 
 MODES = ("chunk", "fused_recurrent")
 
@@ -163,15 +163,7 @@ class _DeltaMixer(nn.Module):
         state = cache[idx] if cache is not None else None
         x = hidden_states if mask is None else hidden_states * mask[..., None].to(hidden_states.dtype)
 
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        conv_state = {}
-        if self.use_short_conv:
-            past = state["conv_state"] if state else {}
-            q, conv_state["q"] = self.q_conv1d(q, past.get("q"))
-            k, conv_state["k"] = self.k_conv1d(k, past.get("k"))
-            v, conv_state["v"] = self.v_conv1d(v, past.get("v"))
-        else:
-            q, k, v = F.silu(q), F.silu(k), F.silu(v)
+        q, k, v, conv_state = project_qkv(self, x, state)
         q = l2_normalize(q.reshape(B, T, H, self.head_dim))
         k = l2_normalize(k.reshape(B, T * n, H, self.head_dim))
         v = v.reshape(B, T * n, H, self.head_v_dim)

@@ -19,7 +19,7 @@ from torch import nn
 
 from householder.layers.cache import Cache
 from householder.layers.lm import register_mixer
-from householder.layers.modules import GatedRMSNorm, RMSNorm, ShortConvolution, token_mask, upcast
+from householder.layers.modules import GatedRMSNorm, RMSNorm, ShortConvolution, token_mask, upcast, project_qkv
 
 # GLA's normaliser: log-decays are logsigmoid(.) / 16, so the initial decay is near 1 (long memory)
 GATE_NORMALIZER = 16.0
@@ -152,15 +152,7 @@ class DiagLinearAttention(nn.Module):
         mask = token_mask(attention_mask, B, T)
         state = cache[idx] if cache is not None else None
         x = hidden_states if mask is None else hidden_states * mask[..., None].to(hidden_states.dtype)
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        conv_state = {}
-        if self.use_short_conv:
-            past = state["conv_state"] if state else {}
-            q, conv_state["q"] = self.q_conv1d(q, past.get("q"))
-            k, conv_state["k"] = self.k_conv1d(k, past.get("k"))
-            v, conv_state["v"] = self.v_conv1d(v, past.get("v"))
-        else:
-            q, k, v = F.silu(q), F.silu(k), F.silu(v)
+        q, k, v, conv_state = project_qkv(self, x, state)
         g = F.logsigmoid(upcast(self.gk_proj(x))) / GATE_NORMALIZER
         if mask is not None:
             keep = mask[..., None].to(g.dtype)

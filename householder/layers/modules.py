@@ -153,3 +153,20 @@ def token_mask(attention_mask: torch.Tensor | None, batch: int, length: int) -> 
         )
     mask = attention_mask[:, attention_mask.shape[1] - length :].bool()
     return None if bool(mask.all()) else mask
+
+
+def project_qkv(layer: nn.Module, x: torch.Tensor, state: dict | None) -> tuple:
+    """q, k, v projections of x (B, T, hidden) through ``layer``'s q/k/v_proj, then
+    its short convolutions with SiLU (``layer.use_short_conv``) or SiLU alone.
+
+    Returns (q, k, v, conv_state): the convolution tails to cache, {} without them.
+    """
+    q, k, v = layer.q_proj(x), layer.k_proj(x), layer.v_proj(x)
+    conv_state: dict = {}
+    if not layer.use_short_conv:
+        return torch.nn.functional.silu(q), torch.nn.functional.silu(k), torch.nn.functional.silu(v), conv_state
+    past = state["conv_state"] if state else {}
+    q, conv_state["q"] = layer.q_conv1d(q, past.get("q"))
+    k, conv_state["k"] = layer.k_conv1d(k, past.get("k"))
+    v, conv_state["v"] = layer.v_conv1d(v, past.get("v"))
+    return q, k, v, conv_state
