@@ -11,19 +11,13 @@ from __future__ import annotations
 
 import functools
 
+from benchmarks._gpu import require_cuda as _require_cuda
+
 # (B, T) at 32768 tokens, H = 16 heads, K = V = 128: the shapes of the comparison
 GPU_SHAPES = {"b16_t2048": (16, 2048), "b4_t8192": (4, 8192), "b2_t16384": (2, 16384)}
 H, D = 16, 128
 
 
-def _require_cuda():
-    try:
-        import torch
-    except ImportError as exc:
-        raise NotImplementedError("needs torch") from exc
-    if not torch.cuda.is_available():
-        raise NotImplementedError("needs a CUDA GPU")
-    return torch
 
 
 @functools.lru_cache(maxsize=4)

@@ -9,20 +9,14 @@ from __future__ import annotations
 
 import functools
 
+from benchmarks._gpu import require_cuda as _require_cuda
+
 SIZES = {
     "batch4096_n64_d128": (4096, 64, 128),
     "batch16_n4096_d128": (16, 4096, 128),
 }
 
 
-def _require_cuda():
-    try:
-        import torch
-    except ImportError as exc:
-        raise NotImplementedError("needs torch") from exc
-    if not torch.cuda.is_available():
-        raise NotImplementedError("needs a CUDA GPU")
-    return torch
 
 
 @functools.lru_cache(maxsize=4)
