@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from householder.layers.cache import Cache
-from householder.layers.modules import rotary, token_mask
+from householder.layers.modules import resolve_head_dim, rotary, token_mask
 
 
 def _append(buffer: torch.Tensor | None, length: int, new: torch.Tensor, dim: int) -> tuple[torch.Tensor, int]:
@@ -61,13 +61,7 @@ class Attention(nn.Module):
     ):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        if head_dim is None:
-            if hidden_size % num_heads:
-                raise ValueError(
-                    f"hidden_size must be divisible by num_heads when head_dim is None; got hidden_size = "
-                    f"{hidden_size}, num_heads = {num_heads}"
-                )
-            head_dim = hidden_size // num_heads
+        head_dim = resolve_head_dim(hidden_size, num_heads, head_dim)
         if num_kv_heads < 1 or num_heads % num_kv_heads:
             raise ValueError(f"num_kv_heads must divide num_heads = {num_heads}; got num_kv_heads = {num_kv_heads}")
         if window_size is not None and (isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 1):

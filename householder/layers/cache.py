@@ -34,6 +34,14 @@ class Cache:
     def __len__(self) -> int:
         return len(self.layers)
 
+    @classmethod
+    def store(cls, cache: "Cache | None", layer_idx: int, state: dict[str, Any]) -> "Cache":
+        """Put a layer's state into ``cache`` (a new Cache when None) and return the cache."""
+        if cache is None:
+            cache = cls()
+        cache[layer_idx] = state
+        return cache
+
     def __contains__(self, layer_idx: int) -> bool:
         return layer_idx in self.layers
 

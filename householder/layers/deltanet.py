@@ -20,7 +20,16 @@ from torch import nn
 
 import householder
 from householder.layers.cache import Cache
-from householder.layers.modules import GatedRMSNorm, RMSNorm, ShortConvolution, l2_normalize, token_mask, upcast, project_qkv
+from householder.layers.modules import (
+    GatedRMSNorm,
+    RMSNorm,
+    ShortConvolution,
+    l2_normalize,
+    project_qkv,
+    resolve_head_dim,
+    token_mask,
+    upcast,
+)
 
 MODES = ("chunk", "fused_recurrent")
 
@@ -65,13 +74,7 @@ class _DeltaMixer(nn.Module):
         super().__init__()
         _check_int(hidden_size, "hidden_size")
         _check_int(num_heads, "num_heads")
-        if head_dim is None:
-            if hidden_size % num_heads:
-                raise ValueError(
-                    f"hidden_size must be divisible by num_heads when head_dim is None; got hidden_size = "
-                    f"{hidden_size}, num_heads = {num_heads}"
-                )
-            head_dim = hidden_size // num_heads
+        head_dim = resolve_head_dim(hidden_size, num_heads, head_dim)
         _check_int(head_dim, "head_dim")
         head_v_dim = head_dim * expand_v
         if head_v_dim != int(head_v_dim) or head_v_dim < 1:
@@ -195,9 +198,7 @@ class _DeltaMixer(nn.Module):
         o = self.o_proj(o.reshape(B, T, self.value_dim))
 
         if use_cache:
-            if cache is None:
-                cache = Cache()
-            cache[idx] = {"recurrent_state": S, "conv_state": conv_state}
+            cache = Cache.store(cache, idx, {"recurrent_state": S, "conv_state": conv_state})
         return o, cache
 
     def extra_repr(self) -> str:

@@ -19,7 +19,15 @@ from torch import nn
 
 from householder.layers.cache import Cache
 from householder.layers.lm import register_mixer
-from householder.layers.modules import GatedRMSNorm, RMSNorm, ShortConvolution, token_mask, upcast, project_qkv
+from householder.layers.modules import (
+    GatedRMSNorm,
+    RMSNorm,
+    ShortConvolution,
+    project_qkv,
+    resolve_head_dim,
+    token_mask,
+    upcast,
+)
 
 # GLA's normaliser: log-decays are logsigmoid(.) / 16, so the initial decay is near 1 (long memory)
 GATE_NORMALIZER = 16.0
@@ -110,13 +118,7 @@ class DiagLinearAttention(nn.Module):
         dtype=None,
     ):
         super().__init__()
-        if head_dim is None:
-            if hidden_size % num_heads:
-                raise ValueError(
-                    f"hidden_size must be divisible by num_heads when head_dim is None; got hidden_size = "
-                    f"{hidden_size}, num_heads = {num_heads}"
-                )
-            head_dim = hidden_size // num_heads
+        head_dim = resolve_head_dim(hidden_size, num_heads, head_dim)
         self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
         self.key_dim = num_heads * head_dim
         self.use_short_conv, self.use_gate = use_short_conv, use_gate
@@ -167,9 +169,7 @@ class DiagLinearAttention(nn.Module):
         o = self.o_norm(o, self.g_proj(x).reshape(B, T, H, D)) if self.use_gate else self.o_norm(o)
         o = self.o_proj(o.reshape(B, T, self.key_dim))
         if use_cache:
-            if cache is None:
-                cache = Cache()
-            cache[idx] = {"recurrent_state": S, "conv_state": conv_state}
+            cache = Cache.store(cache, idx, {"recurrent_state": S, "conv_state": conv_state})
         return o, cache
 
     def extra_repr(self) -> str:

@@ -170,3 +170,15 @@ def project_qkv(layer: nn.Module, x: torch.Tensor, state: dict | None) -> tuple:
     k, conv_state["k"] = layer.k_conv1d(k, past.get("k"))
     v, conv_state["v"] = layer.v_conv1d(v, past.get("v"))
     return q, k, v, conv_state
+
+
+def resolve_head_dim(hidden_size: int, num_heads: int, head_dim: int | None) -> int:
+    """``head_dim``, or hidden_size // num_heads when it is None (which must divide evenly)."""
+    if head_dim is not None:
+        return head_dim
+    if hidden_size % num_heads:
+        raise ValueError(
+            f"hidden_size must be divisible by num_heads when head_dim is None; got hidden_size = "
+            f"{hidden_size}, num_heads = {num_heads}"
+        )
+    return hidden_size // num_heads
