@@ -15,25 +15,17 @@ pytest.importorskip("triton")
 import householder as hh  # noqa: E402
 from householder import reference as ref  # noqa: E402
 
+from tests.test_delta_torch import make_inputs as float64_inputs  # noqa: E402
+
 pytestmark = pytest.mark.interpret
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def make_inputs(rng, B, T, H, K, V, *, n=1, gated=True, state=None, dtype=torch.float32):
-    k = rng.standard_normal((B, T * n, H, K))
-    k /= np.linalg.norm(k, axis=-1, keepdims=True)
-    out = dict(
-        q=rng.standard_normal((B, T, H, K)),
-        k=k,
-        v=rng.standard_normal((B, T * n, H, V)),
-        beta=rng.uniform(0.0, 2.0, (B, T * n, H)),
-    )
-    if gated:
-        out["g"] = -rng.uniform(0.0, 1.0, (B, T, H))
-    if state is not None:
-        out["initial_state"] = rng.standard_normal((state, H, K, V))
-    return {name: torch.tensor(a, dtype=dtype if name in ("q", "k", "v") else torch.float32, device=DEVICE) for name, a in out.items()}
+    """The torch tests' inputs, with q, k, v in ``dtype`` and the rest float32, on DEVICE."""
+    base = float64_inputs(rng, B, T, H, K, V, n=n, gated=gated, state=state)
+    return {name: a.to(dtype if name in ("q", "k", "v") else torch.float32).to(DEVICE) for name, a in base.items()}
 
 
 def rel_err(a, b) -> float:
