@@ -187,6 +187,27 @@ def accuracy(fla, gated, n=1, B=2, T=2048, H=8, K=128, V=128):
 # -- report -----------------------------------------------------------------------------------
 
 
+def _config_text() -> str:
+    from householder.backends import triton_delta as td
+
+    return ", ".join(f"{k}={v}" for k, v in td.CONFIG.items())
+
+
+def apply_settings(items) -> None:
+    """Apply --set KEY=VALUE overrides to triton_delta.CONFIG (recorded in the report's header)."""
+    from householder.backends import triton_delta as td
+
+    for item in items:
+        key, _, val = item.partition("=")
+        if key not in td.CONFIG:
+            raise SystemExit(f"--set: unknown key {key!r}; known: {sorted(td.CONFIG)}")
+        if isinstance(td.CONFIG[key], dict):
+            w, s_ = (int(x) for x in val.split(","))
+            td.CONFIG[key] = dict(num_warps=w, num_stages=s_)
+        else:
+            td.CONFIG[key] = None if val == "None" else int(val)
+
+
 def fwd_model(B, T, H, K, V, n, C=64):
     """Bytes of the forward's memory floor (inputs once, output once) and its useful FLOPs."""
     steps = B * T * n * H
@@ -208,12 +229,18 @@ def main() -> int:
     ap.add_argument("--no-accuracy", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="also time our kernels under a few launch settings")
     ap.add_argument("--chunk", type=int, default=64, help="our chunk size")
+    ap.add_argument("--profile", action="store_true", help="also list the CUDA time per kernel of one forward+backward")
+    ap.add_argument("--varlen", action="store_true", help="also time packed sequences (cu_seqlens) against the batched layout")
+    ap.add_argument("--no-sdpa", action="store_true")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override an entry of triton_delta.CONFIG, e.g. BV=64 or bwd_dqk=4,1 (num_warps,num_stages)")
     args = ap.parse_args()
 
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",") if s]
     pshapes = [tuple(int(x) for x in s.split("x")) for s in args.product_shapes.split(",") if s]
     H, D = args.heads, args.dim
     CHUNK[0] = args.chunk
+    apply_settings(args.set)
     fla = load_fla()
     commit = os.environ.get("HH_COMMIT") or _git_commit()
     props = torch.cuda.get_device_properties(0)
@@ -228,6 +255,7 @@ def main() -> int:
         f"- householder commit {commit}; {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"- bf16 q, k, v, beta; float32 log-decay g; H = {H}, K = V = {D}; unit-norm keys; our chunk {args.chunk}; "
         "median of CUDA-event timings (triton.testing.do_bench); ratio = fla / ours (> 1: ours faster)",
+        f"- our launch settings (householder.backends.triton_delta.CONFIG): {_config_text()}",
         "- fla's refusal of its gated backward on Triton < 3.7.1 on Hopper (its issue #640) is switched off to time it",
         f"- GB/s: the forward's memory floor (inputs read once, output written once; {fwd_model(16, 2048, H, D, D, 1)[0] / 1e6:.0f} MB "
         "at 32768 tokens) over our forward time; the card's copy bandwidth is the ceiling",
@@ -292,8 +320,18 @@ def main() -> int:
         ] + acc + [""]
         _write(args.out, lines)
 
+    if args.profile:
+        lines += ["## CUDA time per kernel, one forward+backward (torch.profiler)", ""] + profile(fla, H, D, shapes) + [""]
+        _write(args.out, lines)
+    if args.varlen:
+        lines += ["## Packed sequences (cu_seqlens, B = 1) vs batched, our gated op", ""] + varlen_overhead(H, D, shapes) + [""]
+        _write(args.out, lines)
+    if args.no_sdpa:
+        shapes_sdpa = []
+    else:
+        shapes_sdpa = shapes
     sd = ["| T | SDPA fwd ms | SDPA fwd+bwd ms | backend |", "|---|---|---|---|"]
-    for B, T in shapes:
+    for B, T in shapes_sdpa:
         try:
             a, b, label = sdpa_ms(B, T, H, D)
             sd.append(f"| {T} (B = {B}) | {a:.3f} | {b:.3f} | {label} |")
@@ -301,7 +339,8 @@ def main() -> int:
             sd.append(f"| {T} (B = {B}) | failed: {exc!r} | | |")
         print(sd[-1], flush=True)
         torch.cuda.empty_cache()
-    lines += ["## Attention for context (torch SDPA, causal, bf16, head dim 128)", ""] + sd + [""]
+    if shapes_sdpa:
+        lines += [f"## Attention for context (torch SDPA, causal, bf16, head dim {D})", ""] + sd + [""]
     _write(args.out, lines)
 
     if args.sweep:
@@ -330,8 +369,13 @@ def sweep(H, D, shapes):
         ("state BV=64", {"BV": 64}),
         ("state stages=3", {"state": dict(num_warps=4, num_stages=3)}),
         ("prep warps=4", {"prep": dict(num_warps=4, num_stages=1)}),
-        ("bwd_params warps=4", {"bwd_params": dict(num_warps=4, num_stages=1)}),
-        ("bwd_params BV=64", {"bwd_BV": 64}),
+        ("state BV=16", {"BV": 16}),
+        ("bwd_state stages=3", {"bwd_state": dict(num_warps=4, num_stages=3)}),
+        ("bwd_dqk warps=4", {"bwd_dqk": dict(num_warps=4, num_stages=1)}),
+        ("bwd_wy warps=4", {"bwd_wy": dict(num_warps=4, num_stages=1)}),
+        ("bwd BV=64", {"bwd_BV": 64}),
+        ("bwd BV=16", {"bwd_BV": 16}),
+        ("bwd chunk 32", {"bwd_chunk": 32}),
     ]
     out = ["| setting | B x T | fwd ms | fwd+bwd ms |", "|---|---|---|---|"]
     for name, change in variants:
@@ -349,6 +393,72 @@ def sweep(H, D, shapes):
             print(out[-1], flush=True)
     td.CONFIG.clear()
     td.CONFIG.update(default)
+    return out
+
+
+def profile(fla, H, D, shapes):
+    """CUDA time per kernel of one forward+backward call (torch.profiler), ours and fla's: where the time goes."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    out = ["| op | B x T | impl | kernel | calls | ms |", "|---|---|---|---|---|---|"]
+    for op, gated in (("delta", False), ("gated", True)):
+        for B, T in shapes:
+            x = make(B, T, H, D, D, gated=gated)
+            for who, fn in (("ours", ours_fn(1, gated)), ("fla", fla_fn(fla, 1, gated) if fla else None)):
+                if fn is None:
+                    continue
+                leaves = [a.requires_grad_(True) for a in x if a is not None]
+                try:
+                    do = torch.randn_like(fn(*x))
+                    for _ in range(3):
+                        fn(*x).backward(do)
+                    torch.cuda.synchronize()
+                    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+                        fn(*x).backward(do)
+                        torch.cuda.synchronize()
+                except Exception as exc:
+                    out.append(f"| {op} | {B} x {T} | {who} | failed: {exc!r} | | |")
+                    continue
+                finally:
+                    for a in leaves:
+                        a.grad = None
+                        a.requires_grad_(False)
+                per = {}
+                for ev in prof.key_averages():
+                    t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+                    if t > 0 and ev.key and not ev.key.startswith(("cudaLaunch", "cudaDevice", "cuLaunch")):
+                        per[ev.key] = (ev.count, t / 1e3)
+                total = 0.0
+                for name, (cnt, ms) in sorted(per.items(), key=lambda kv: -kv[1][1])[:12]:
+                    out.append(f"| {op} | {B} x {T} | {who} | {name[:60]} | {cnt} | {ms:.3f} |")
+                    total += ms
+                out.append(f"| {op} | {B} x {T} | {who} | (top kernels together) | | {total:.3f} |")
+                print("\n".join(out[-min(len(per), 12) - 1:]), flush=True)
+                torch.cuda.empty_cache()
+    return out
+
+
+def varlen_overhead(H, D, shapes):
+    """Our gated op on B equal sequences vs the same tokens packed into B = 1 with cu_seqlens."""
+    out = ["| B x T | batched fwd ms | packed fwd ms | fwd overhead | batched fwd+bwd ms | packed fwd+bwd ms | fwd+bwd overhead |",
+           "|---|---|---|---|---|---|---|"]
+    for B, T in shapes:
+        q, k, v, beta, g = make(B, T, H, D, D, gated=True)
+        cu = torch.arange(0, B * T + 1, T, device="cuda", dtype=torch.int32)
+
+        def packed(q, k, v, beta, g):
+            return hh.delta_rule(q, k, v, beta, g=g, cu_seqlens=cu, chunk_size=CHUNK[0], backend="triton", check_finite=False)[0]
+
+        flat = [x.reshape(1, B * T, *x.shape[2:]) for x in (q, k, v, beta, g)]
+        try:
+            a = bench(ours_fn(1, True), [q, k, v, beta, g], False)[0], bench(ours_fn(1, True), [q, k, v, beta, g], True)[0]
+            b = bench(packed, flat, False)[0], bench(packed, flat, True)[0]
+            out.append(f"| {B} x {T} | {a[0]:.3f} | {b[0]:.3f} | {100 * (b[0] / a[0] - 1):+.1f}% | {a[1]:.3f} | {b[1]:.3f} | {100 * (b[1] / a[1] - 1):+.1f}% |")
+        except Exception as exc:
+            out.append(f"| {B} x {T} | failed: {exc!r} | | | | | |")
+        print(out[-1], flush=True)
+        torch.cuda.empty_cache()
     return out
 
 

@@ -20,8 +20,10 @@ and the log-decays through every exp(G_t - G_s): with E = dGamma o Gamma
 e^{G_C} terms, and dg = the reverse running sum of dG inside the chunk.
 
 Kernels: ``bwd_state_kernel`` (one program per value block, sequence and head,
-sequential over chunks, writes dS' per chunk, dVn and dS_0) and
-``bwd_params_kernel`` (one program per chunk and head).
+sequential over chunks, writes dS' per chunk, dVn and dS_0), then two with one
+program per chunk and head: ``bwd_dqk_kernel`` (everything that reads the states:
+dq, partial dk and dG, dW) and ``bwd_wy_kernel`` (through the chunk factor: dk,
+dv, dbeta, dg). Two kernels rather than one keep each under the register file.
 """
 
 from __future__ import annotations
@@ -84,18 +86,17 @@ def bwd_state_kernel(
 
 
 @triton.jit
-def bwd_params_kernel(
-    q, k, v, beta, g, xs, h, dh, vn, dvn, do, dq, dk, dv, dbeta, dg, chunks, T_steps, NT, scale,
+def bwd_dqk_kernel(
+    q, k, g, h, dh, vn, dvn, do, dq, dk, dw, dgp, chunks, T_steps, NT, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BKP: tl.constexpr, BV: tl.constexpr,
     BC: tl.constexpr, NH: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr,
-    DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr, FPREC: tl.constexpr,
+    DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Per (chunk, head): dq, dk, dv, dbeta, dg. dk is float32 and written twice (partial, then final).
+    """Per (chunk, head), the gradients through the states: dq (final), dk and dG (partial), dW.
 
-    X comes from memory (written by the recomputing prep kernel), not from the in-register factor:
-    fewer live tiles, and it sidesteps a Triton 3.6 miscompile on Hopper (an out-of-bounds
-    shared-memory read in this kernel with bf16 operands, 64-row chunks and K >= 64 when TF32
-    products sit beside the bf16 ones; it went away with every float32 product here in FMA).
+    dM = scale tril(dO Vn^T), dq = scale e^G dO S^T + (dM o Gamma) K,
+    dk = (dM o Gamma)^T Q + diag(e^{G_C - G}) Vn dS'^T, dW = -dVn S^T, and every
+    log-decay term but those of the factor (the second kernel adds those).
     """
     i_c = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1)
@@ -104,20 +105,20 @@ def bwd_params_kernel(
     valid = r < end - start
     qrow = valid & last
     causal = r[:, None] >= r[None, :]
+    # the terms of G_C go to the chunk's last valid row (stored rows only are summed later)
+    is_end = r == tl.minimum(end - start, BC) - 1
     t0 = start // NH
     # int64 only in these scalar bases; tile offsets are int32
     pk = k + (start * H + i_h) * K
     pdk = dk + (start * H + i_h) * K
+    pdw = dw + (start * H + i_h) * K
     pq = q + (t0 * H + i_h) * K
     pdq = dq + (t0 * H + i_h) * K
-    pv = v + (start * H + i_h) * V
     pvn = vn + (start * H + i_h) * V
     pdvn = dvn + (start * H + i_h) * V
-    pdv = dv + (start * H + i_h) * V
     pdo = do + (t0 * H + i_h) * V
     ph = h + (i_c * H + i_h) * K * V
     pdh = dh + (i_c * H + i_h) * K * V
-    b = tl.load(beta + start * H + i_h + r * H, mask=valid, other=0.0).to(tl.float32)
     if HAS_G:
         Gc = chunk_gates(g + t0 * H + i_h, tok, valid, first, H)
     else:
@@ -125,45 +126,26 @@ def bwd_params_kernel(
     glast = tl.sum(tl.where(r == BC - 1, Gc, 0.0), 0)
     eG = tl.exp(Gc)
     ed = tl.exp(glast - Gc)
-
-    # 0. the chunk's Gram matrices (recomputed) and factor (saved)
-    Gm = tl.zeros((BC, BC), dtype=tl.float32)
-    QK = tl.zeros((BC, BC), dtype=tl.float32)
-    for k0 in tl.static_range(0, K, BKP):
-        ck = k0 + tl.arange(0, BKP)
-        mk = ck[None, :] < K
-        kb = tl.load(pk + r[:, None] * (H * K) + ck[None, :], mask=valid[:, None] & mk, other=0.0).to(DT)
-        qb = tl.load(pq + tok[:, None] * (H * K) + ck[None, :], mask=qrow[:, None] & mk, other=0.0).to(DT)
-        Gm += _dot(kb, tl.trans(kb), F32, PREC)
-        QK += _dot(qb, tl.trans(kb), F32, PREC)
-    X = tl.load(xs + (i_c * H + i_h) * BC * BC + r[:, None] * BC + r[None, :])
     gam = chunk_gamma(Gc, BC, HAS_G)
-    Xg = X * gam
-    A = Xg * b[None, :]
-    M = QK * gam
 
-    # 1. the C x C gradients that need every value column: dM = scale dO Vn^T, dA = dVn V^T
     dM = tl.zeros((BC, BC), dtype=tl.float32)
-    dA = tl.zeros((BC, BC), dtype=tl.float32)
     for v0 in tl.static_range(0, V, BV):
         cv = v0 + tl.arange(0, BV)
         mv = valid[:, None] & (cv[None, :] < V)
-        offv = r[:, None] * (H * V) + cv[None, :]
         dob = tl.load(pdo + tok[:, None] * (H * V) + cv[None, :], mask=qrow[:, None] & (cv[None, :] < V), other=0.0).to(DT)
-        vnb = tl.load(pvn + offv, mask=mv, other=0.0).to(DT)
-        dvnb = tl.load(pdvn + offv, mask=mv, other=0.0).to(DT)
-        vb = tl.load(pv + offv, mask=mv, other=0.0).to(DT)
+        vnb = tl.load(pvn + r[:, None] * (H * V) + cv[None, :], mask=mv, other=0.0).to(DT)
         dM += _dot(dob, tl.trans(vnb), F32, PREC)
-        dA += _dot(dvnb, tl.trans(vb), F32, PREC)
     dM = tl.where(causal, dM * scale, 0.0)
     dMg = dM * gam
     dG = tl.zeros((BC,), dtype=tl.float32)
     dGC = tl.sum(tl.zeros((BC,), dtype=tl.float32), 0)  # a float32 scalar (tensor) for the unrolled loops
+    if HAS_G:
+        QK = tl.zeros((BC, BC), dtype=tl.float32)
 
-    # 2. per key block: the products with the states S (h) and dS' (dh)
     for k0 in tl.static_range(0, K, BKP):
         ck = k0 + tl.arange(0, BKP)
         mk = valid[:, None] & (ck[None, :] < K)
+        mq = qrow[:, None] & (ck[None, :] < K)
         offk = r[:, None] * (H * K) + ck[None, :]
         dQ0 = tl.zeros((BC, BKP), dtype=tl.float32)
         dKd = tl.zeros((BC, BKP), dtype=tl.float32)
@@ -175,7 +157,8 @@ def bwd_params_kernel(
             offv = r[:, None] * (H * V) + cv[None, :]
             hb = tl.load(ph + ck[:, None] * V + cv[None, :], mask=mkv, other=0.0)
             dhb = tl.load(pdh + ck[:, None] * V + cv[None, :], mask=mkv, other=0.0)
-            dGC += tl.sum(tl.sum(hb.to(tl.float32) * dhb.to(tl.float32), 1), 0)
+            if HAS_G:
+                dGC += tl.sum(tl.sum(hb.to(tl.float32) * dhb.to(tl.float32), 1), 0)
             dob = tl.load(pdo + tok[:, None] * (H * V) + cv[None, :], mask=qrow[:, None] & (cv[None, :] < V), other=0.0).to(DT)
             vnb = tl.load(pvn + offv, mask=mv, other=0.0).to(DT)
             dvnb = tl.load(pdvn + offv, mask=mv, other=0.0).to(DT)
@@ -183,30 +166,98 @@ def bwd_params_kernel(
             dQ0 += _dot(dob, hT, F32, PREC)
             dW -= _dot(dvnb, hT, F32, PREC)
             dKd += _dot(vnb, tl.trans(dhb.to(DT)), F32, PREC)
-        dQ0 = dQ0 * scale
-        kb = tl.load(pk + offk, mask=mk, other=0.0).to(tl.float32)
-        qb = tl.load(pq + tok[:, None] * (H * K) + ck[None, :], mask=qrow[:, None] & (ck[None, :] < K), other=0.0).to(tl.float32)
-        dqb = dQ0 * eG[:, None] + _dot(dMg.to(DT), kb.to(DT), F32, PREC)
-        tl.store(pdq + tok[:, None] * (H * K) + ck[None, :], dqb.to(dq.dtype.element_ty), mask=qrow[:, None] & (ck[None, :] < K))
-        Kg = kb * eG[:, None]
-        Kd = kb * ed[:, None]
-        dA += _dot(dW.to(DT), tl.trans(Kg.to(DT)), F32, PREC)
-        dKg = _dot(tl.trans(A.to(DT)), dW.to(DT), F32, PREC)
-        if HAS_G:
-            # e^G in Q and W, e^{G_C - G} in Kd (its G_C part lands on the chunk's last row)
-            dKdKd = tl.sum(dKd * Kd, 1)
-            dG += tl.sum(dQ0 * qb * eG[:, None], 1) + tl.sum(dKg * Kg, 1) - dKdKd
-            dG += tl.where(r == BC - 1, tl.sum(dKdKd, 0), 0.0)
-        dkb = _dot(tl.trans(dMg.to(DT)), qb.to(DT), F32, PREC) + dKd * ed[:, None] + dKg * eG[:, None]
+        tl.store(pdw + offk, dW, mask=mk)
+        kb = tl.load(pk + offk, mask=mk, other=0.0)
+        qb = tl.load(pq + tok[:, None] * (H * K) + ck[None, :], mask=mq, other=0.0)
+        dQ0 = dQ0 * (scale * eG[:, None])
+        dqb = dQ0 + _dot(dMg.to(DT), kb.to(DT), F32, PREC)
+        tl.store(pdq + tok[:, None] * (H * K) + ck[None, :], dqb.to(dq.dtype.element_ty), mask=mq)
+        dKd = dKd * ed[:, None]
+        dkb = _dot(tl.trans(dMg.to(DT)), qb.to(DT), F32, PREC) + dKd
         tl.store(pdk + offk, dkb, mask=mk)
+        if HAS_G:
+            # e^G in Q, e^{G_C - G} in Kd (its G_C part lands on the chunk's last row)
+            QK += _dot(qb.to(DT), tl.trans(kb.to(DT)), F32, PREC)
+            dKdKd = tl.sum(dKd * kb.to(tl.float32), 1)
+            dG += tl.sum(dQ0 * qb.to(tl.float32), 1) - dKdKd
+            dG += tl.where(is_end, tl.sum(dKdKd, 0), 0.0)
+    if HAS_G:
+        E = dM * QK * gam
+        dG += tl.sum(E, 1) - tl.sum(E, 0)
+        dG += tl.where(is_end, dGC * tl.exp(glast), 0.0)
+        tl.store(dgp + start * H + i_h + r * H, dG, mask=valid)
 
-    # 3. through the factor: A = (X o Gamma) diag(beta), X = (I + L)^{-1}
+
+@triton.jit
+def bwd_wy_kernel(
+    k, v, beta, g, xs, dw, dvn, dkp, dgp, dk, dv, dbeta, dg, chunks, T_steps, NT,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BKP: tl.constexpr, BV: tl.constexpr,
+    BC: tl.constexpr, NH: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr,
+    DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr,
+):
+    """Per (chunk, head), the gradients through W = A diag(e^G) K and U = A V: dk, dv, dbeta, dg (final).
+
+    A = (X o Gamma) diag(beta), X = (I + L)^{-1}, L = tril(diag(beta) K K^T, -1); X is
+    read (saved by the recomputing prep kernel), K K^T recomputed. dkp and dgp hold
+    the first kernel's partial dk (float32) and per-step dG.
+    """
+    i_c = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1)
+    start, end = chunk_bounds(i_c, chunks, T_steps, NT, BC, VARLEN)
+    r, tok, first, last = chunk_rows(start, NH, BC)
+    valid = r < end - start
+    t0 = start // NH
+    pk = k + (start * H + i_h) * K
+    pdk = dk + (start * H + i_h) * K
+    pdkp = dkp + (start * H + i_h) * K
+    pdw = dw + (start * H + i_h) * K
+    pv = v + (start * H + i_h) * V
+    pdv = dv + (start * H + i_h) * V
+    pdvn = dvn + (start * H + i_h) * V
+    b = tl.load(beta + start * H + i_h + r * H, mask=valid, other=0.0).to(tl.float32)
+    if HAS_G:
+        Gc = chunk_gates(g + t0 * H + i_h, tok, valid, first, H)
+    else:
+        Gc = tl.zeros((BC,), dtype=tl.float32)
+    eG = tl.exp(Gc)
+    X = tl.load(xs + (i_c * H + i_h) * BC * BC + r[:, None] * BC + r[None, :])
+    gam = chunk_gamma(Gc, BC, HAS_G)
+    Xg = X * gam
+    A = Xg * b[None, :]
+    At = tl.trans(A.to(DT))
+
+    # dA = dU V^T + dW (diag(e^G) K)^T with dU = dVn; dV = A^T dU on the way
+    dA = tl.zeros((BC, BC), dtype=tl.float32)
+    for v0 in tl.static_range(0, V, BV):
+        cv = v0 + tl.arange(0, BV)
+        mv = valid[:, None] & (cv[None, :] < V)
+        offv = r[:, None] * (H * V) + cv[None, :]
+        dvnb = tl.load(pdvn + offv, mask=mv, other=0.0).to(DT)
+        vb = tl.load(pv + offv, mask=mv, other=0.0).to(DT)
+        dA += _dot(dvnb, tl.trans(vb), F32, PREC)
+        tl.store(pdv + offv, _dot(At, dvnb, F32, PREC).to(dv.dtype.element_ty), mask=mv)
+    Gm = tl.zeros((BC, BC), dtype=tl.float32)
+    dG = tl.zeros((BC,), dtype=tl.float32)
+    for k0 in tl.static_range(0, K, BKP):
+        ck = k0 + tl.arange(0, BKP)
+        mk = valid[:, None] & (ck[None, :] < K)
+        offk = r[:, None] * (H * K) + ck[None, :]
+        kb = tl.load(pk + offk, mask=mk, other=0.0)
+        dWb = tl.load(pdw + offk, mask=mk, other=0.0).to(DT)
+        Gm += _dot(kb.to(DT), tl.trans(kb.to(DT)), F32, PREC)
+        Kg = kb.to(tl.float32) * eG[:, None]
+        dA += _dot(dWb, tl.trans(Kg.to(DT)), F32, PREC)
+        if HAS_G:
+            dKg = _dot(At, dWb, F32, PREC)
+            dG += tl.sum(dKg * Kg, 1)
+
+    # through the factor: dX = (dA diag(beta)) o Gamma, dL = -X^T dX X^T (strictly lower)
     db = tl.sum(Xg * dA, 0)
     dXg = dA * b[None, :]
-    E = dXg * Xg + dM * M
     dX = dXg * gam
     Xt = tl.trans(X)
-    # float32 FMA ("ieee") for these three products: see the docstring (the miscompile)
+    # float32 FMA ("ieee") for the factor's products: TF32 products beside bf16 ones in one
+    # kernel miscompiled on Triton 3.6 / Hopper (an out-of-bounds shared-memory read)
     dL = -_dot(_dot(Xt, dX, True, "ieee"), Xt, True, "ieee")
     dL = tl.where(r[:, None] > r[None, :], dL, 0.0)
     db += tl.sum(dL * Gm, 1)
@@ -214,29 +265,23 @@ def bwd_params_kernel(
     dLs = dLb + tl.trans(dLb)
     tl.store(dbeta + start * H + i_h + r * H, db.to(dbeta.dtype.element_ty), mask=valid)
     if HAS_G:
+        E = dXg * Xg
         dG += tl.sum(E, 1) - tl.sum(E, 0)
-        dG += tl.where(r == BC - 1, dGC * tl.exp(glast), 0.0)
+        dG += tl.load(dgp + start * H + i_h + r * H, mask=valid, other=0.0)
         dgs = tl.sum(dG, 0) - tl.cumsum(dG, 0) + dG  # reverse running sum inside the chunk
         tl.store(dg + t0 * H + i_h + tok * H, dgs.to(dg.dtype.element_ty), mask=valid & first)
-    tl.debug_barrier()  # the partial dk above is read back by other threads
+
+    # dk = partial + A^T dW o e^G + (dL_b + dL_b^T) K
     for k0 in tl.static_range(0, K, BKP):
         ck = k0 + tl.arange(0, BKP)
         mk = valid[:, None] & (ck[None, :] < K)
         offk = r[:, None] * (H * K) + ck[None, :]
         kb = tl.load(pk + offk, mask=mk, other=0.0).to(tl.float32)
-        dkb = tl.load(pdk + offk, mask=mk, other=0.0)
+        dWb = tl.load(pdw + offk, mask=mk, other=0.0).to(DT)
+        dkb = tl.load(pdkp + offk, mask=mk, other=0.0)
+        dkb += _dot(At, dWb, F32, PREC) * eG[:, None]
         dkb += _dot(dLs, kb, True, "ieee")
-        tl.debug_barrier()
-        tl.store(pdk + offk, dkb, mask=mk)
-
-    # 4. dV = A^T dU with dU = dVn
-    At = tl.trans(A.to(DT))
-    for v0 in tl.static_range(0, V, BV):
-        cv = v0 + tl.arange(0, BV)
-        mv = valid[:, None] & (cv[None, :] < V)
-        offv = r[:, None] * (H * V) + cv[None, :]
-        dvnb = tl.load(pdvn + offv, mask=mv, other=0.0).to(DT)
-        tl.store(pdv + offv, _dot(At, dvnb, F32, PREC).to(dv.dtype.element_ty), mask=mv)
+        tl.store(pdk + offk, dkb.to(dk.dtype.element_ty), mask=mk)
 
 
 def backward(q, k, v, beta, g, S0, scale, plan, do, dsT):
@@ -259,15 +304,25 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT):
         BK=plan.BK, BV=plan.BV, HAS_G=g is not None, HAS_DST=dsT is not None, **tdelta.CONFIG["bwd_state"], **plan.common(),
     )
     dq = torch.empty_like(q)  # every token row is written once: at its last step
-    dk = torch.empty(k.shape, dtype=torch.float32, device=dev)
+    dkp = torch.empty(k.shape, dtype=torch.float32, device=dev)
+    dw = torch.empty(k.shape, dtype=torch.float32, device=dev)
+    dgp = torch.empty(beta.shape, dtype=torch.float32, device=dev) if g is not None else None
+    dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     dbeta = torch.empty(beta.shape, dtype=torch.float32, device=dev)
     dg = torch.empty(g.shape, dtype=torch.float32, device=dev) if g is not None else None
     if plan.NT_total:
-        bwd_params_kernel[(plan.NT_total, H)](
-            q, k, v, beta, g if g is not None else dummy, xs, hs, dhs, vn, dvn, do, dq, dk, dv, dbeta,
-            dg if g is not None else dummy, plan.chunks, plan.T_steps, plan.NT, scale,
-            BKP=plan.BKP, BV=plan.BVB, HAS_G=g is not None, FPREC=plan.FPREC, **tdelta.CONFIG["bwd_params"], **plan.common(),
+        grid = (plan.NT_total, H)
+        meta = dict(BKP=plan.BKP, BV=plan.BVB, HAS_G=g is not None, **plan.common())
+        bwd_dqk_kernel[grid](
+            q, k, g if g is not None else dummy, hs, dhs, vn, dvn, do, dq, dkp, dw,
+            dgp if g is not None else dummy, plan.chunks, plan.T_steps, plan.NT, scale,
+            **meta, **tdelta.CONFIG["bwd_dqk"],
+        )
+        bwd_wy_kernel[grid](
+            k, v, beta, g if g is not None else dummy, xs, dw, dvn, dkp, dgp if g is not None else dummy,
+            dk, dv, dbeta, dg if g is not None else dummy, plan.chunks, plan.T_steps, plan.NT,
+            **meta, **tdelta.CONFIG["bwd_wy"],
         )
     else:
         dk.zero_(), dv.zero_(), dbeta.zero_()
@@ -275,7 +330,7 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT):
             dg.zero_()
     return (
         dq,
-        dk.to(k.dtype),
+        dk,
         dv,
         dbeta.to(beta.dtype),
         None if g is None else dg.to(g.dtype),

@@ -30,7 +30,9 @@ CONFIG = {
     "prep": dict(num_warps=8, num_stages=1),
     "state": dict(num_warps=4, num_stages=2),
     "bwd_state": dict(num_warps=4, num_stages=2),
-    "bwd_params": dict(num_warps=8, num_stages=1),
+    "bwd_dqk": dict(num_warps=8, num_stages=1),
+    "bwd_wy": dict(num_warps=8, num_stages=1),
+    "bwd_chunk": None,  # chunk size of the backward pass (None: the forward's)
 }
 CHUNK_SIZES = (16, 32, 64)
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -175,17 +177,12 @@ class _DeltaRuleFunction(torch.autograd.Function):
 
 
 def _backward_plan(plan: _Plan) -> _Plan:
-    """The plan of the backward pass, which recomputes everything and so may use another chunk size.
-
-    On GPUs with half-precision inputs and K > 32 the backward runs on chunks of 16: with 64
-    (and Triton 3.6 on an H100) the per-chunk backward kernel reads shared memory out of bounds
-    (compute-sanitizer: an invalid __shared__ read inside bwd_params_kernel's bf16 products),
-    while 16 ran correctly at every benchmark shape. float32 and the interpreter keep the chunk.
-    """
-    B, T, H, K, V, NH, BC, offsets, dtype, device = plan.args
-    if BC > 16 and K > 32 and dtype != torch.float32 and not interpreting():
-        return _Plan(B, T, H, K, V, NH, 16, offsets, dtype, device)
-    return plan
+    """The plan of the backward pass, which recomputes everything and so may use another chunk size."""
+    BC = CONFIG["bwd_chunk"]
+    if BC is None or BC == plan.BC:
+        return plan
+    B, T, H, K, V, NH, _, offsets, dtype, device = plan.args
+    return _Plan(B, T, H, K, V, NH, BC, offsets, dtype, device)
 
 
 def chunk(q, k, v, beta, g, scale: float, initial_state, offsets, chunk_size: int, num_householder: int = 1, cu_seqlens=None):
