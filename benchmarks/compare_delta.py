@@ -201,9 +201,9 @@ def apply_settings(items) -> None:
         key, _, val = item.partition("=")
         if key not in td.CONFIG:
             raise SystemExit(f"--set: unknown key {key!r}; known: {sorted(td.CONFIG)}")
-        if isinstance(td.CONFIG[key], dict):
-            w, s_ = (int(x) for x in val.split(","))
-            td.CONFIG[key] = dict(num_warps=w, num_stages=s_)
+        if isinstance(td.CONFIG[key], (dict, list)):
+            pairs = [tuple(int(x) for x in p.split(",")) for p in val.split(";")]
+            td.CONFIG[key] = dict(num_warps=pairs[0][0], num_stages=pairs[0][1]) if len(pairs) == 1 else pairs
         else:
             td.CONFIG[key] = None if val == "None" else int(val)
 
@@ -233,7 +233,8 @@ def main() -> int:
     ap.add_argument("--varlen", action="store_true", help="also time packed sequences (cu_seqlens) against the batched layout")
     ap.add_argument("--no-sdpa", action="store_true")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override an entry of triton_delta.CONFIG, e.g. BV=64 or bwd_dqk=4,1 (num_warps,num_stages)")
+                    help="override an entry of triton_delta.CONFIG, e.g. BV=64, bwd_dqk=4,1 (num_warps,num_stages) "
+                    "or bwd_dqk='4,1;8,1' (autotuned over the pairs)")
     args = ap.parse_args()
 
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",") if s]
@@ -413,6 +414,8 @@ def profile(fla, H, D, shapes):
                     do = torch.randn_like(fn(*x))
                     for _ in range(3):
                         fn(*x).backward(do)
+                    for a in leaves:
+                        a.grad = None  # else the profiled call pays for accumulating into .grad
                     torch.cuda.synchronize()
                     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
                         fn(*x).backward(do)

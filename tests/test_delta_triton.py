@@ -172,7 +172,7 @@ def test_backward_may_use_another_chunk_size(rng, monkeypatch):
 
 
 @pytest.mark.parametrize("K", [64, 128, 256])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_chunk64_backward_at_model_head_sizes(rng, K, dtype):
     # The shapes of the benchmarks (chunk 64, K = V in {64, 128, 256}, gated, a short last
     # chunk) in bf16 too: the kernels' tile sizes there differ from the tiny shapes above.

@@ -136,11 +136,19 @@ def bwd_dqk_kernel(
         vnb = tl.load(pvn + r[:, None] * (H * V) + cv[None, :], mask=mv, other=0.0).to(DT)
         dM += _dot(dob, tl.trans(vnb), F32, PREC)
     dM = tl.where(causal, dM * scale, 0.0)
-    dMg = dM * gam
     dG = tl.zeros((BC,), dtype=tl.float32)
     dGC = tl.sum(tl.zeros((BC,), dtype=tl.float32), 0)  # a float32 scalar (tensor) for the unrolled loops
     if HAS_G:
+        # through the scores' decays: E = dM o M with M = tril(Q K^T) o Gamma
         QK = tl.zeros((BC, BC), dtype=tl.float32)
+        for k0 in tl.static_range(0, K, BKP):
+            ck = k0 + tl.arange(0, BKP)
+            kb = tl.load(pk + r[:, None] * (H * K) + ck[None, :], mask=valid[:, None] & (ck[None, :] < K), other=0.0).to(DT)
+            qb = tl.load(pq + tok[:, None] * (H * K) + ck[None, :], mask=qrow[:, None] & (ck[None, :] < K), other=0.0).to(DT)
+            QK += _dot(qb, tl.trans(kb), F32, PREC)
+        E = dM * QK * gam
+        dG += tl.sum(E, 1) - tl.sum(E, 0)
+    dMg = dM * gam
 
     for k0 in tl.static_range(0, K, BKP):
         ck = k0 + tl.arange(0, BKP)
@@ -177,13 +185,10 @@ def bwd_dqk_kernel(
         tl.store(pdk + offk, dkb, mask=mk)
         if HAS_G:
             # e^G in Q, e^{G_C - G} in Kd (its G_C part lands on the chunk's last row)
-            QK += _dot(qb.to(DT), tl.trans(kb.to(DT)), F32, PREC)
             dKdKd = tl.sum(dKd * kb.to(tl.float32), 1)
             dG += tl.sum(dQ0 * qb.to(tl.float32), 1) - dKdKd
             dG += tl.where(is_end, tl.sum(dKdKd, 0), 0.0)
     if HAS_G:
-        E = dM * QK * gam
-        dG += tl.sum(E, 1) - tl.sum(E, 0)
         dG += tl.where(is_end, dGC * tl.exp(glast), 0.0)
         tl.store(dgp + start * H + i_h + r * H, dG, mask=valid)
 
@@ -198,8 +203,8 @@ def bwd_wy_kernel(
     """Per (chunk, head), the gradients through W = A diag(e^G) K and U = A V: dk, dv, dbeta, dg (final).
 
     A = (X o Gamma) diag(beta), X = (I + L)^{-1}, L = tril(diag(beta) K K^T, -1); X is
-    read (saved by the recomputing prep kernel), K K^T recomputed. dkp and dgp hold
-    the first kernel's partial dk (float32) and per-step dG.
+    read (saved by the recomputing prep kernel). dkp and dgp hold the first kernel's
+    partial dk (float32) and per-step dG.
     """
     i_c = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1)
@@ -223,8 +228,7 @@ def bwd_wy_kernel(
     X = tl.load(xs + (i_c * H + i_h) * BC * BC + r[:, None] * BC + r[None, :])
     gam = chunk_gamma(Gc, BC, HAS_G)
     Xg = X * gam
-    A = Xg * b[None, :]
-    At = tl.trans(A.to(DT))
+    At = tl.trans((Xg * b[None, :]).to(DT))
 
     # dA = dU V^T + dW (diag(e^G) K)^T with dU = dVn; dV = A^T dU on the way
     dA = tl.zeros((BC, BC), dtype=tl.float32)
@@ -236,7 +240,6 @@ def bwd_wy_kernel(
         vb = tl.load(pv + offv, mask=mv, other=0.0).to(DT)
         dA += _dot(dvnb, tl.trans(vb), F32, PREC)
         tl.store(pdv + offv, _dot(At, dvnb, F32, PREC).to(dv.dtype.element_ty), mask=mv)
-    Gm = tl.zeros((BC, BC), dtype=tl.float32)
     dG = tl.zeros((BC,), dtype=tl.float32)
     for k0 in tl.static_range(0, K, BKP):
         ck = k0 + tl.arange(0, BKP)
@@ -244,34 +247,30 @@ def bwd_wy_kernel(
         offk = r[:, None] * (H * K) + ck[None, :]
         kb = tl.load(pk + offk, mask=mk, other=0.0)
         dWb = tl.load(pdw + offk, mask=mk, other=0.0).to(DT)
-        Gm += _dot(kb.to(DT), tl.trans(kb.to(DT)), F32, PREC)
         Kg = kb.to(tl.float32) * eG[:, None]
         dA += _dot(dWb, tl.trans(Kg.to(DT)), F32, PREC)
         if HAS_G:
-            dKg = _dot(At, dWb, F32, PREC)
-            dG += tl.sum(dKg * Kg, 1)
+            dG += tl.sum(_dot(At, dWb, F32, PREC) * Kg, 1)
 
-    # through the factor: dX = (dA diag(beta)) o Gamma, dL = -X^T dX X^T (strictly lower)
+    # through the factor: dX = (dA diag(beta)) o Gamma, dL = -X^T dX X^T (strictly lower).
+    # Every product here is in the inputs' precision (bf16/fp16 operands, float32 accumulation):
+    # TF32 products beside bf16 ones in one kernel miscompiled on Triton 3.6 / Hopper.
     db = tl.sum(Xg * dA, 0)
     dXg = dA * b[None, :]
-    dX = dXg * gam
-    Xt = tl.trans(X)
-    # float32 FMA ("ieee") for the factor's products: TF32 products beside bf16 ones in one
-    # kernel miscompiled on Triton 3.6 / Hopper (an out-of-bounds shared-memory read)
-    dL = -_dot(_dot(Xt, dX, True, "ieee"), Xt, True, "ieee")
-    dL = tl.where(r[:, None] > r[None, :], dL, 0.0)
-    db += tl.sum(dL * Gm, 1)
-    dLb = dL * b[:, None]
-    dLs = dLb + tl.trans(dLb)
-    tl.store(dbeta + start * H + i_h + r * H, db.to(dbeta.dtype.element_ty), mask=valid)
     if HAS_G:
         E = dXg * Xg
         dG += tl.sum(E, 1) - tl.sum(E, 0)
         dG += tl.load(dgp + start * H + i_h + r * H, mask=valid, other=0.0)
         dgs = tl.sum(dG, 0) - tl.cumsum(dG, 0) + dG  # reverse running sum inside the chunk
         tl.store(dg + t0 * H + i_h + tok * H, dgs.to(dg.dtype.element_ty), mask=valid & first)
+    Xt = tl.trans(X.to(DT))
+    dL = -_dot(_dot(Xt, (dXg * gam).to(DT), F32, PREC).to(DT), Xt, F32, PREC)
+    dL = tl.where(r[:, None] > r[None, :], dL, 0.0)
+    dLd = dL.to(DT)
+    dLtd = tl.trans(dLd)
 
-    # dk = partial + A^T dW o e^G + (dL_b + dL_b^T) K
+    # dk = partial + (A^T dW) o e^G + (diag(beta) dL + dL^T diag(beta)) K, and
+    # dbeta += rowsum(dL o K K^T) = rowsum((dL K) o K) on the way
     for k0 in tl.static_range(0, K, BKP):
         ck = k0 + tl.arange(0, BKP)
         mk = valid[:, None] & (ck[None, :] < K)
@@ -279,9 +278,12 @@ def bwd_wy_kernel(
         kb = tl.load(pk + offk, mask=mk, other=0.0).to(tl.float32)
         dWb = tl.load(pdw + offk, mask=mk, other=0.0).to(DT)
         dkb = tl.load(pdkp + offk, mask=mk, other=0.0)
-        dkb += _dot(At, dWb, F32, PREC) * eG[:, None]
-        dkb += _dot(dLs, kb, True, "ieee")
+        dLK = _dot(dLd, kb.to(DT), F32, PREC)
+        db += tl.sum(dLK * kb, 1)
+        dkb += _dot(At, dWb, F32, PREC) * eG[:, None] + dLK * b[:, None]
+        dkb += _dot(dLtd, (kb * b[:, None]).to(DT), F32, PREC)
         tl.store(pdk + offk, dkb.to(dk.dtype.element_ty), mask=mk)
+    tl.store(dbeta + start * H + i_h + r * H, db.to(dbeta.dtype.element_ty), mask=valid)
 
 
 def backward(q, k, v, beta, g, S0, scale, plan, do, dsT):
@@ -298,10 +300,10 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT):
     dvn = torch.empty_like(vn)
     ds0 = torch.empty((plan.N, H, K, V), dtype=torch.float32, device=dev)
     dummy = u
-    bwd_state_kernel[(triton.cdiv(V, plan.BV), plan.N * H)](
+    tdelta.launch("bwd_state", bwd_state_kernel, (triton.cdiv(V, plan.BV), plan.N * H),
         q, k, w, aqk, g if g is not None else dummy, do, dsT.contiguous() if dsT is not None else dummy,
         dhs, dvn, ds0, plan.seqs, plan.T_steps, plan.NT, scale,
-        BK=plan.BK, BV=plan.BV, HAS_G=g is not None, HAS_DST=dsT is not None, **tdelta.CONFIG["bwd_state"], **plan.common(),
+        BK=plan.BK, BV=plan.BV, HAS_G=g is not None, HAS_DST=dsT is not None, **plan.common(),
     )
     dq = torch.empty_like(q)  # every token row is written once: at its last step
     dkp = torch.empty(k.shape, dtype=torch.float32, device=dev)
@@ -314,15 +316,15 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT):
     if plan.NT_total:
         grid = (plan.NT_total, H)
         meta = dict(BKP=plan.BKP, BV=plan.BVB, HAS_G=g is not None, **plan.common())
-        bwd_dqk_kernel[grid](
+        tdelta.launch("bwd_dqk", bwd_dqk_kernel, grid,
             q, k, g if g is not None else dummy, hs, dhs, vn, dvn, do, dq, dkp, dw,
             dgp if g is not None else dummy, plan.chunks, plan.T_steps, plan.NT, scale,
-            **meta, **tdelta.CONFIG["bwd_dqk"],
+            **meta,
         )
-        bwd_wy_kernel[grid](
+        tdelta.launch("bwd_wy", bwd_wy_kernel, grid,
             k, v, beta, g if g is not None else dummy, xs, dw, dvn, dkp, dgp if g is not None else dummy,
             dk, dv, dbeta, dg if g is not None else dummy, plan.chunks, plan.T_steps, plan.NT,
-            **meta, **tdelta.CONFIG["bwd_wy"],
+            **meta,
         )
     else:
         dk.zero_(), dv.zero_(), dbeta.zero_()

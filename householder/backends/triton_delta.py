@@ -20,20 +20,24 @@ from householder.backends import _triton_delta_bwd as _bwd
 from householder.backends import _triton_delta_fwd as _fwd
 
 MAX_K = 256
-# Launch settings per kernel on GPUs (the interpreter ignores them), chosen from the compiler's
-# register report for sm_90 (H = 16, K = V = 128, bf16): 4 warps and 32 value columns keep the
-# state passes free of spills; the per-chunk kernels hold many 64 x 64 float32 tiles and spill
-# least with 8 warps. Benchmarks may sweep these.
+# Launch settings per kernel on GPUs (the interpreter ignores them). A (num_warps, num_stages)
+# pair is used as is; a list of pairs is autotuned by Triton on the first call for each head
+# size, chunk size and dtype (the interpreter takes the first). BV: value columns per program
+# of the sequential passes (more programs when small); bwd_BV: value columns per step of the
+# per-chunk backward kernels. Benchmarks override entries (compare_delta.py --set).
 CONFIG = {
-    "BV": 32,  # value columns per program of the sequential passes (None: by program count)
-    "bwd_BV": 32,  # value columns per step of the per-chunk backward kernel
-    "prep": dict(num_warps=8, num_stages=1),
-    "state": dict(num_warps=4, num_stages=2),
-    "bwd_state": dict(num_warps=4, num_stages=2),
-    "bwd_dqk": dict(num_warps=8, num_stages=1),
-    "bwd_wy": dict(num_warps=8, num_stages=1),
+    "BV": 32,
+    "bwd_BV": 64,
+    "prep": [(4, 1), (8, 1), (4, 2)],
+    "state": [(4, 2), (4, 1), (8, 2)],
+    "bwd_state": [(4, 2), (4, 1), (8, 2)],
+    "bwd_dqk": [(4, 1), (8, 1), (4, 2)],
+    "bwd_wy": [(4, 1), (8, 1), (4, 2)],
     "bwd_chunk": None,  # chunk size of the backward pass (None: the forward's)
 }
+# the kernels' compile-time arguments that change the best launch setting
+_TUNE_KEYS = ("H", "K", "V", "BC", "NH", "BK", "BKP", "BV", "HAS_G", "VARLEN", "DT", "F32",
+              "SAVE_X", "WRITE_O", "SAVE_H", "HAS_S0", "STORE_ST", "HAS_DST")
 CHUNK_SIZES = (16, 32, 64)
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -112,6 +116,27 @@ def _varlen_tables(offsets: tuple, NH: int, BC: int, device: str):
     return seq_t, chunk_t, len(chunks)
 
 
+def launch(name: str, kernel, grid, *args, **meta) -> None:
+    """Launch ``kernel`` with the setting CONFIG[name]: fixed, or autotuned over a list (GPUs only)."""
+    setting = CONFIG[name]
+    if isinstance(setting, dict):
+        kernel[grid](*args, **meta, **setting)
+        return
+    pairs = [tuple(p) for p in setting]
+    if interpreting() or len(pairs) == 1:
+        kernel[grid](*args, **meta, num_warps=pairs[0][0], num_stages=pairs[0][1])
+        return
+    _tuned(kernel, tuple(pairs))[grid](*args, **meta)
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(kernel, pairs: tuple):
+    # every kernel here writes its outputs from its inputs alone, so timing reruns are harmless
+    keys = [k for k in _TUNE_KEYS if k in kernel.arg_names]
+    configs = [triton.Config({}, num_warps=w, num_stages=s) for w, s in pairs]
+    return triton.autotune(configs=configs, key=keys)(kernel)
+
+
 def _g_arg(g, like):
     return g if g is not None else like  # never read when HAS_G is False
 
@@ -126,9 +151,9 @@ def prep(q, k, v, beta, g, plan: _Plan, save_x: bool = False):
     aqk = torch.empty((plan.NT_total, plan.H, plan.BC, plan.BC), dtype=q.dtype, device=q.device)
     xs = torch.empty((plan.NT_total, plan.H, plan.BC, plan.BC), dtype=torch.float32, device=q.device) if save_x else None
     if plan.NT_total:
-        _fwd.prep_kernel[(plan.NT_total, plan.H)](
+        launch("prep", _fwd.prep_kernel, (plan.NT_total, plan.H),
             q, k, v, beta, _g_arg(g, beta), w, u, aqk, xs if save_x else aqk, plan.chunks, plan.T_steps, plan.NT,
-            BKP=plan.BKP, BV=plan.BVP, HAS_G=g is not None, SAVE_X=save_x, FPREC=plan.FPREC, **CONFIG["prep"], **plan.common(),
+            BKP=plan.BKP, BV=plan.BVP, HAS_G=g is not None, SAVE_X=save_x, FPREC=plan.FPREC, **plan.common(),
         )
     return (w, u, aqk, xs) if save_x else (w, u, aqk)
 
@@ -142,12 +167,12 @@ def state_pass(q, k, w, u, aqk, g, scale, S0, plan: _Plan, *, want_o=True, want_
     h = torch.empty((plan.NT_total, H, K, V), dtype=q.dtype, device=dev) if save_h else None
     vn = torch.empty_like(u) if save_h else None
     dummy = u
-    _fwd.state_kernel[(triton.cdiv(V, plan.BV), plan.N * H)](
+    launch("state", _fwd.state_kernel, (triton.cdiv(V, plan.BV), plan.N * H),
         q, k, w, u, aqk, _g_arg(g, dummy), o if want_o else dummy, S0 if S0 is not None else dummy,
         sT if want_final else dummy, h if save_h else dummy, vn if save_h else dummy,
         plan.seqs, plan.T_steps, plan.NT, scale,
         BK=plan.BK, BV=plan.BV, HAS_G=g is not None, HAS_S0=S0 is not None, STORE_ST=want_final,
-        WRITE_O=want_o, SAVE_H=save_h, **CONFIG["state"], **plan.common(),
+        WRITE_O=want_o, SAVE_H=save_h, **plan.common(),
     )
     return o, sT, h, vn
 
