@@ -170,13 +170,17 @@ def test_beta_ranges(seed):
 # -- the LM: cached decoding, padding, gradients ----------------------------------
 
 
-def _decode(model, ids, mask, prefill):
-    """Logits of prefill + one token at a time through the cache, (B, T, V)."""
-    out = model(ids[:, :prefill], attention_mask=None if mask is None else mask[:, :prefill], use_cache=True)
-    logits, cache = [out.logits], out.cache
-    for t in range(prefill, ids.shape[1]):
-        out = model(ids[:, t : t + 1], attention_mask=None if mask is None else mask[:, : t + 1], cache=cache, use_cache=True)
-        logits.append(out.logits)
+def _decode(model, ids, mask, prefill, grad=True):
+    """Logits of prefill + one token at a time through the cache, (B, T, V).
+
+    ``grad=False`` decodes under no_grad, where attention writes its cache in place.
+    """
+    with torch.set_grad_enabled(grad):
+        out = model(ids[:, :prefill], attention_mask=None if mask is None else mask[:, :prefill], use_cache=True)
+        logits, cache = [out.logits], out.cache
+        for t in range(prefill, ids.shape[1]):
+            out = model(ids[:, t : t + 1], attention_mask=None if mask is None else mask[:, : t + 1], cache=cache, use_cache=True)
+            logits.append(out.logits)
     return torch.cat(logits, 1)
 
 
@@ -186,11 +190,15 @@ def test_cached_decoding_equals_full_forward(seed, mixer):
     ids = torch.randint(0, 37, (2, 23))
     full = model(ids).logits
     assert full.dtype == torch.float64
-    torch.testing.assert_close(_decode(model, ids, None, prefill=5), full, atol=TOL, rtol=0)
-    # chunked prefill: the second call continues a cache with several tokens at once
-    first = model(ids[:, :9], use_cache=True)
-    rest = model(ids[:, 9:], cache=first.cache, use_cache=True)
-    torch.testing.assert_close(torch.cat([first.logits, rest.logits], 1), full, atol=TOL, rtol=0)
+    for grad in (True, False):
+        torch.testing.assert_close(_decode(model, ids, None, prefill=5, grad=grad), full, atol=TOL, rtol=0)
+    # chunked prefill: later calls continue a cache with several tokens at once
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            first = model(ids[:, :9], use_cache=True)
+            second = model(ids[:, 9:12], cache=first.cache, use_cache=True)
+            rest = model(ids[:, 12:], cache=second.cache, use_cache=True)
+        torch.testing.assert_close(torch.cat([first.logits, second.logits, rest.logits], 1), full, atol=TOL, rtol=0)
 
 
 @pytest.mark.parametrize("mixer", BUILTIN_MIXERS + [["deltaproduct", "attention"]], ids=BUILTIN_MIXERS + ["hybrid"])
@@ -203,11 +211,12 @@ def test_left_padding_matches_unpadded_rows(seed, mixer):
         mask[row, :p] = 0
         ids[row, :p] = torch.randint(0, 37, (p,))  # padding content must not matter
     full = model(ids, attention_mask=mask).logits
-    decoded = _decode(model, ids, mask, prefill=13)
+    decoded = [_decode(model, ids, mask, prefill=13, grad=grad) for grad in (True, False)]
     for row, p in enumerate(pads):
         alone = model(ids[row : row + 1, p:]).logits[0]
         torch.testing.assert_close(full[row, p:], alone, atol=TOL, rtol=0)
-        torch.testing.assert_close(decoded[row, p:], alone, atol=TOL, rtol=0)
+        for d in decoded:
+            torch.testing.assert_close(d[row, p:], alone, atol=TOL, rtol=0)
 
 
 @pytest.mark.parametrize("mixer", BUILTIN_MIXERS)
@@ -233,6 +242,76 @@ def test_cache_memory_is_constant_for_recurrent_layers(seed):
     assert sizes[0][1] == 4  # window_size - 1 keys
     assert out.cache.seen_tokens == 20
     assert isinstance(out.cache, Cache) and out.cache.nbytes() > 0
+
+
+@pytest.mark.parametrize("window", [1, 2, 3])
+def test_small_windows_and_padding_mid_decode(seed, window):
+    # windows whose cache holds 0, 1 or 2 keys; padding that first appears after a cache without any
+    model = tiny_model("swa", window_size=window)
+    ids = torch.randint(0, 37, (2, 12))
+    full = model(ids).logits
+    for grad in (True, False):
+        torch.testing.assert_close(_decode(model, ids, None, prefill=4, grad=grad), full, atol=TOL, rtol=0)
+    for mixer in ("attention", "swa"):
+        model = tiny_model(mixer, window_size=window)
+        mask = torch.ones(2, 12, dtype=torch.long)
+        mask[1, 6] = 0  # one padding column in the middle of row 1
+        with torch.no_grad():
+            out = model(ids[:, :5], use_cache=True)
+            late = model(ids[:, 5:], attention_mask=mask, cache=out.cache).logits
+            full = model(ids, attention_mask=mask).logits[:, 5:]
+        torch.testing.assert_close(late, full, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("mixer", ["attention", "swa"])
+def test_attention_decode_step_is_unmasked_and_in_place(seed, mixer, monkeypatch):
+    # a decoded token sees every cached key (swa keeps only its window), so without padding SDPA
+    # gets no mask (a mask rules out flash attention on GPUs); under no_grad the cache is written
+    # in place: a global cache moves only when its room doubles, a window cache once per window
+    model = tiny_model(mixer, num_layers=1, window_size=5)
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        calls.append((q.shape[2], k.shape[2], attn_mask))
+        return real(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    ids = torch.randint(0, 37, (2, 8))
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        out = model(ids[:, -1:], cache=out.cache, use_cache=True)  # the first step makes room
+        buffers = []
+        for _ in range(12):
+            buffers.append(out.cache[0]["k"])
+            out = model(ids[:, -1:], cache=out.cache, use_cache=True)
+    steps = calls[1:]
+    assert len(steps) == 13 and all(T == 1 and m is None for T, _, m in steps)
+    if mixer == "attention":
+        assert [L for _, L, _ in steps] == list(range(9, 22))
+        assert all(b is buffers[0] for b in buffers[:8])  # room for 16 keys: 8 tokens without a move
+    else:
+        assert all(L == 5 for _, L, _ in steps)  # 4 cached keys and the new one
+        assert len({id(b) for b in buffers}) <= 4  # a buffer of room 8 for a window of 4: one move per 4 tokens
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (cuDNN attention is a CUDA backend)")
+def test_decode_step_avoids_cudnn_attention(monkeypatch):
+    # cuDNN builds an execution plan per key length: decoding must not reach it
+    model = LanguageModel(tiny_config("attention"), device="cuda", dtype=torch.bfloat16).eval()
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kw):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return real(*args, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    enabled = torch.backends.cuda.cudnn_sdp_enabled()
+    with torch.no_grad():
+        out = model(torch.randint(0, 37, (1, 8), device="cuda"), use_cache=True)
+        model(out.logits[:, -1:].argmax(-1), cache=out.cache, use_cache=True)
+    assert seen[2:] == [False, False] and torch.backends.cuda.cudnn_sdp_enabled() == enabled
 
 
 def test_grouped_query_attention_decoding(seed):

@@ -121,14 +121,22 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (y * torch.rsqrt(y.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
-    """Rotary position embedding (half-split layout) of x (B, T, H, D) at positions (B, T)."""
-    D = x.shape[-1]
-    half = D // 2
-    inv_freq = theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+def rotary_tables(positions: torch.Tensor, dim: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles at positions (B, T): each (B, T, 1, dim // 2) float32.
+
+    Computed once per call and shared by queries and keys, for the new tokens only.
+    """
+    half = dim // 2
+    inv_freq = theta ** (-torch.arange(half, device=positions.device, dtype=torch.float32) / half)
     angles = positions.to(torch.float32)[..., None] * inv_freq  # (B, T, half)
+    return angles.cos()[:, :, None], angles.sin()[:, :, None]
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding (half-split layout) of x (B, T, H, D) with tables from :func:`rotary_tables`."""
+    half = cos.shape[-1]
     y = upcast(x)
-    cos, sin = angles.cos()[:, :, None].to(y.dtype), angles.sin()[:, :, None].to(y.dtype)  # (B, T, 1, half)
+    cos, sin = cos.to(y.dtype), sin.to(y.dtype)
     x1, x2 = y[..., :half], y[..., half : 2 * half]
     out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, y[..., 2 * half :]], dim=-1)
     return out.to(x.dtype)
