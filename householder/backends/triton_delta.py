@@ -28,11 +28,11 @@ MAX_K = 256
 CONFIG = {
     "BV": 32,
     "bwd_BV": 64,
-    "prep": [(4, 1), (8, 1), (4, 2)],
-    "state": [(4, 2), (4, 1), (8, 2)],
-    "bwd_state": [(4, 2), (4, 1), (8, 2)],
-    "bwd_dqk": [(4, 1), (8, 1), (4, 2)],
-    "bwd_wy": [(4, 1), (8, 1), (4, 2)],
+    "prep": [(4, 1)],
+    "state": [(4, 2)],
+    "bwd_state": [(4, 2)],
+    "bwd_dqk": [(8, 1)],
+    "bwd_wy": [(8, 1)],
     "bwd_chunk": None,  # chunk size of the backward pass (None: the forward's)
 }
 # the kernels' compile-time arguments that change the best launch setting
