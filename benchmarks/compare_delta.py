@@ -201,9 +201,8 @@ def apply_settings(items) -> None:
         key, _, val = item.partition("=")
         if key not in td.CONFIG:
             raise SystemExit(f"--set: unknown key {key!r}; known: {sorted(td.CONFIG)}")
-        if isinstance(td.CONFIG[key], (dict, list)):
-            pairs = [tuple(int(x) for x in p.split(",")) for p in val.split(";")]
-            td.CONFIG[key] = dict(num_warps=pairs[0][0], num_stages=pairs[0][1]) if len(pairs) == 1 else pairs
+        if isinstance(td.CONFIG[key], tuple):
+            td.CONFIG[key] = tuple(int(x) for x in val.split(","))
         else:
             td.CONFIG[key] = None if val == "None" else int(val)
 
@@ -233,8 +232,7 @@ def main() -> int:
     ap.add_argument("--varlen", action="store_true", help="also time packed sequences (cu_seqlens) against the batched layout")
     ap.add_argument("--no-sdpa", action="store_true")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override an entry of triton_delta.CONFIG, e.g. BV=64, bwd_dqk=4,1 (num_warps,num_stages) "
-                    "or bwd_dqk='4,1;8,1' (autotuned over the pairs)")
+                    help="override an entry of triton_delta.CONFIG, e.g. BV=64 or bwd_dqk=4,1 (num_warps,num_stages)")
     args = ap.parse_args()
 
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",") if s]
@@ -368,12 +366,12 @@ def sweep(H, D, shapes):
     variants = [
         ("default", {}),
         ("state BV=64", {"BV": 64}),
-        ("state stages=3", {"state": dict(num_warps=4, num_stages=3)}),
-        ("prep warps=4", {"prep": dict(num_warps=4, num_stages=1)}),
+        ("state stages=3", {"state": (4, 3)}),
+        ("prep warps=8", {"prep": (8, 1)}),
         ("state BV=16", {"BV": 16}),
-        ("bwd_state stages=3", {"bwd_state": dict(num_warps=4, num_stages=3)}),
-        ("bwd_dqk warps=4", {"bwd_dqk": dict(num_warps=4, num_stages=1)}),
-        ("bwd_wy warps=4", {"bwd_wy": dict(num_warps=4, num_stages=1)}),
+        ("bwd_state stages=3", {"bwd_state": (4, 3)}),
+        ("bwd_dqk warps=4", {"bwd_dqk": (4, 1)}),
+        ("bwd_wy warps=4", {"bwd_wy": (4, 1)}),
         ("bwd BV=64", {"bwd_BV": 64}),
         ("bwd BV=16", {"bwd_BV": 16}),
         ("bwd chunk 32", {"bwd_chunk": 32}),

@@ -20,24 +20,23 @@ from householder.backends import _triton_delta_bwd as _bwd
 from householder.backends import _triton_delta_fwd as _fwd
 
 MAX_K = 256
-# Launch settings per kernel on GPUs (the interpreter ignores them). A (num_warps, num_stages)
-# pair is used as is; a list of pairs is autotuned by Triton on the first call for each head
-# size, chunk size and dtype (the interpreter takes the first). BV: value columns per program
-# of the sequential passes (more programs when small); bwd_BV: value columns per step of the
-# per-chunk backward kernels. Benchmarks override entries (compare_delta.py --set).
+# Launch settings (num_warps, num_stages) per kernel on GPUs; the interpreter ignores them.
+# Chosen by an H100 sweep (compare_delta.py --sweep): the per-chunk forward kernel is fastest
+# at 4 warps, the per-chunk backward kernels at 8 (swept before bwd_wy moved to the inputs'
+# precision), 64 value columns per backward step. BV: value columns per program of
+# the sequential passes (more programs when small); bwd_BV: value columns per step of the
+# per-chunk backward kernels. (Triton's autotuner over several settings ended in an illegal
+# memory access on an H100 with Triton 3.6, so the settings are fixed.)
 CONFIG = {
     "BV": 32,
     "bwd_BV": 64,
-    "prep": [(4, 1)],
-    "state": [(4, 2)],
-    "bwd_state": [(4, 2)],
-    "bwd_dqk": [(8, 1)],
-    "bwd_wy": [(8, 1)],
+    "prep": (4, 1),
+    "state": (4, 2),
+    "bwd_state": (4, 2),
+    "bwd_dqk": (8, 1),
+    "bwd_wy": (8, 1),
     "bwd_chunk": None,  # chunk size of the backward pass (None: the forward's)
 }
-# the kernels' compile-time arguments that change the best launch setting
-_TUNE_KEYS = ("H", "K", "V", "BC", "NH", "BK", "BKP", "BV", "HAS_G", "VARLEN", "DT", "F32",
-              "SAVE_X", "WRITE_O", "SAVE_H", "HAS_S0", "STORE_ST", "HAS_DST")
 CHUNK_SIZES = (16, 32, 64)
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -117,24 +116,9 @@ def _varlen_tables(offsets: tuple, NH: int, BC: int, device: str):
 
 
 def launch(name: str, kernel, grid, *args, **meta) -> None:
-    """Launch ``kernel`` with the setting CONFIG[name]: fixed, or autotuned over a list (GPUs only)."""
-    setting = CONFIG[name]
-    if isinstance(setting, dict):
-        kernel[grid](*args, **meta, **setting)
-        return
-    pairs = [tuple(p) for p in setting]
-    if interpreting() or len(pairs) == 1:
-        kernel[grid](*args, **meta, num_warps=pairs[0][0], num_stages=pairs[0][1])
-        return
-    _tuned(kernel, tuple(pairs))[grid](*args, **meta)
-
-
-@functools.lru_cache(maxsize=None)
-def _tuned(kernel, pairs: tuple):
-    # every kernel here writes its outputs from its inputs alone, so timing reruns are harmless
-    keys = [k for k in _TUNE_KEYS if k in kernel.arg_names]
-    configs = [triton.Config({}, num_warps=w, num_stages=s) for w, s in pairs]
-    return triton.autotune(configs=configs, key=keys)(kernel)
+    """Launch ``kernel`` with the (num_warps, num_stages) of CONFIG[name]."""
+    warps, stages = CONFIG[name]
+    kernel[grid](*args, **meta, num_warps=warps, num_stages=stages)
 
 
 def _g_arg(g, like):
