@@ -174,7 +174,7 @@ def bwd_dqk_kernel(
             dQ0 += _dot(dob, hT, F32, PREC)
             dW -= _dot(dvnb, hT, F32, PREC)
             dKd += _dot(vnb, tl.trans(dhb.to(DT)), F32, PREC)
-        tl.store(pdw + offk, dW, mask=mk)
+        tl.store(pdw + offk, dW.to(dw.dtype.element_ty), mask=mk)
         kb = tl.load(pk + offk, mask=mk, other=0.0)
         qb = tl.load(pq + tok[:, None] * (H * K) + ck[None, :], mask=mq, other=0.0)
         dQ0 = dQ0 * (scale * eG[:, None])
@@ -299,28 +299,33 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT):
     dhs = torch.empty_like(hs)
     dvn = torch.empty_like(vn)
     ds0 = torch.empty((plan.N, H, K, V), dtype=torch.float32, device=dev)
-    dummy = u
+    dummy = do  # stands for absent optional tensors; never read
     tdelta.launch("bwd_state", bwd_state_kernel, (triton.cdiv(V, plan.BV), plan.N * H),
         q, k, w, aqk, g if g is not None else dummy, do, dsT.contiguous() if dsT is not None else dummy,
         dhs, dvn, ds0, plan.seqs, plan.T_steps, plan.NT, scale,
         BK=plan.BK, BV=plan.BV, HAS_G=g is not None, HAS_DST=dsT is not None, **plan.common(),
     )
+    # each buffer is dropped after its last reader and each output made just before its
+    # writer, so the caching allocator reuses the memory and the peak stays low
+    del w, u, aqk
     dq = torch.empty_like(q)  # every token row is written once: at its last step
     dkp = torch.empty(k.shape, dtype=torch.float32, device=dev)
-    dw = torch.empty(k.shape, dtype=torch.float32, device=dev)
+    dw = torch.empty_like(k)  # only ever read as a matrix-product operand in k's dtype
     dgp = torch.empty(beta.shape, dtype=torch.float32, device=dev) if g is not None else None
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
-    dbeta = torch.empty(beta.shape, dtype=torch.float32, device=dev)
-    dg = torch.empty(g.shape, dtype=torch.float32, device=dev) if g is not None else None
+    grid = (plan.NT_total, H)
+    meta = dict(BKP=plan.BKP, BV=plan.BVB, HAS_G=g is not None, **plan.common())
     if plan.NT_total:
-        grid = (plan.NT_total, H)
-        meta = dict(BKP=plan.BKP, BV=plan.BVB, HAS_G=g is not None, **plan.common())
         tdelta.launch("bwd_dqk", bwd_dqk_kernel, grid,
             q, k, g if g is not None else dummy, hs, dhs, vn, dvn, do, dq, dkp, dw,
             dgp if g is not None else dummy, plan.chunks, plan.T_steps, plan.NT, scale,
             **meta,
         )
+    del hs, dhs, vn
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    dbeta = torch.empty(beta.shape, dtype=torch.float32, device=dev)
+    dg = torch.empty(g.shape, dtype=torch.float32, device=dev) if g is not None else None
+    if plan.NT_total:
         tdelta.launch("bwd_wy", bwd_wy_kernel, grid,
             k, v, beta, g if g is not None else dummy, xs, dw, dvn, dkp, dgp if g is not None else dummy,
             dk, dv, dbeta, dg if g is not None else dummy, plan.chunks, plan.T_steps, plan.NT,
