@@ -18,8 +18,6 @@ GPU_SHAPES = {"b16_t2048": (16, 2048), "b4_t8192": (4, 8192), "b2_t16384": (2, 1
 H, D = 16, 128
 
 
-
-
 @functools.lru_cache(maxsize=4)
 def _inputs(shape: str, n: int, dim: int, device: str = "cuda"):
     """bf16 q, k (unit rows), v, beta ~ U[0, 1] and float32 log-decays, cached across benchmarks."""
