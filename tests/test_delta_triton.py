@@ -58,13 +58,15 @@ def test_forward_matches_reference(rng, B, T, H, K, V, n, chunk, gated):
     assert rel_err(S, rS) < 1e-4
 
 
+@pytest.mark.parametrize("chunk", [16, 64])
 @pytest.mark.parametrize("n", [1, 2])
-def test_varlen_forward_matches_reference(rng, n):
+def test_varlen_forward_matches_reference(rng, n, chunk):
+    # chunk 64 with n = 2: the forward of test_backward_may_use_another_chunk_size, alone
     cu = [0, 5, 5, 22, 40]
     inp = make_inputs(rng, 1, cu[-1], 2, 16, 8, n=n, state=len(cu) - 1)
     o, S = hh.delta_product(
         **inp, num_householder=n, cu_seqlens=torch.tensor(cu, device=DEVICE), output_final_state=True,
-        chunk_size=16, backend="triton",
+        chunk_size=chunk, backend="triton",
     )
     ro, rS = ref_of(inp, n, cu=cu)
     assert rel_err(o, ro) < 1e-4
