@@ -139,7 +139,8 @@ def bwd_dqk_kernel(
     dG = tl.zeros((BC,), dtype=tl.float32)
     dGC = tl.sum(tl.zeros((BC,), dtype=tl.float32), 0)  # a float32 scalar (tensor) for the unrolled loops
     if HAS_G:
-        # through the scores' decays: E = dM o M with M = tril(Q K^T) o Gamma
+        # through the scores' decays: E = dM o M with M = tril(Q K^T) o Gamma; done before the
+        # key loop (which reloads q and k) so that dM and Q K^T are dead during it
         QK = tl.zeros((BC, BC), dtype=tl.float32)
         for k0 in tl.static_range(0, K, BKP):
             ck = k0 + tl.arange(0, BKP)
@@ -250,6 +251,8 @@ def bwd_wy_kernel(
         Kg = kb.to(tl.float32) * eG[:, None]
         dA += _dot(dWb, tl.trans(Kg.to(DT)), F32, PREC)
         if HAS_G:
+            # A^T dW is formed again in the last loop: keeping it for every key block would
+            # cost a (BC, K) float32 tile of registers for the whole factor step
             dG += tl.sum(_dot(At, dWb, F32, PREC) * Kg, 1)
 
     # through the factor: dX = (dA diag(beta)) o Gamma, dL = -X^T dX X^T (strictly lower).
