@@ -201,7 +201,9 @@ def apply_settings(items) -> None:
         key, _, val = item.partition("=")
         if key not in td.CONFIG:
             raise SystemExit(f"--set: unknown key {key!r}; known: {sorted(td.CONFIG)}")
-        if isinstance(td.CONFIG[key], tuple):
+        if isinstance(td.CONFIG[key], bool):
+            td.CONFIG[key] = val in ("1", "True", "true")
+        elif isinstance(td.CONFIG[key], tuple):
             td.CONFIG[key] = tuple(int(x) for x in val.split(","))
         else:
             td.CONFIG[key] = None if val == "None" else int(val)
@@ -231,6 +233,8 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true", help="also list the CUDA time per kernel of one forward+backward")
     ap.add_argument("--varlen", action="store_true", help="also time packed sequences (cu_seqlens) against the batched layout")
     ap.add_argument("--no-sdpa", action="store_true")
+    ap.add_argument("--keep-ab", action="store_true",
+                    help="also time our forward+backward with the forward's chunk quantities kept (save_prep) and recomputed")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override an entry of triton_delta.CONFIG, e.g. BV=64 or bwd_dqk=4,1 (num_warps,num_stages)")
     args = ap.parse_args()
@@ -319,12 +323,6 @@ def main() -> int:
         ] + acc + [""]
         _write(args.out, lines)
 
-    if args.profile:
-        lines += ["## CUDA time per kernel, one forward+backward (torch.profiler)", ""] + profile(fla, H, D, shapes) + [""]
-        _write(args.out, lines)
-    if args.varlen:
-        lines += ["## Packed sequences (cu_seqlens, B = 1) vs batched, our gated op", ""] + varlen_overhead(H, D, shapes) + [""]
-        _write(args.out, lines)
     if args.no_sdpa:
         shapes_sdpa = []
     else:
@@ -342,6 +340,17 @@ def main() -> int:
         lines += [f"## Attention for context (torch SDPA, causal, bf16, head dim {D})", ""] + sd + [""]
     _write(args.out, lines)
 
+    if args.profile:
+        lines += [f"## CUDA time per kernel, one forward+backward at B x T = {shapes[0][0]} x {shapes[0][1]} (torch.profiler)", ""]
+        lines += profile(fla, H, D, shapes[:1]) + [""]
+        _write(args.out, lines)
+    if args.keep_ab:
+        lines += ["## Backward with the forward's chunk quantities kept or recomputed (ours, CONFIG['save_prep'])", ""]
+        lines += keep_ab(H, D, shapes) + [""]
+        _write(args.out, lines)
+    if args.varlen:
+        lines += ["## Packed sequences (cu_seqlens, B = 1) vs batched, our gated op", ""] + varlen_overhead(H, D, shapes) + [""]
+        _write(args.out, lines)
     if args.sweep:
         lines += ["## Launch-setting sweep (ours, gated delta rule)", ""] + sweep(H, D, shapes) + [""]
 
@@ -437,6 +446,41 @@ def profile(fla, H, D, shapes):
                 out.append(f"| {op} | {B} x {T} | {who} | (top kernels together) | | {total:.3f} |")
                 print("\n".join(out[-min(len(per), 12) - 1:]), flush=True)
                 torch.cuda.empty_cache()
+    return out
+
+
+def keep_ab(H, D, shapes):
+    """Our forward+backward with save_prep on and off: the time saved against the memory held."""
+    from householder.backends import triton_delta as td
+
+    out = ["| op | B x T | kept fwd+bwd ms | recomputed fwd+bwd ms | kept peak MiB | recomputed peak MiB | held after fwd (output included), kept MiB |",
+           "|---|---|---|---|---|---|---|"]
+    before = td.CONFIG["save_prep"]
+    for op, gated in (("delta", False), ("gated", True)):
+        for B, T in shapes:
+            x = make(B, T, H, D, D, gated=gated)
+            cells = {}
+            try:
+                for keep in (True, False):
+                    td.CONFIG["save_prep"] = keep
+                    ms, _, fb, peak = bench(ours_fn(1, gated), list(x), False) + bench(ours_fn(1, gated), list(x), True)
+                    cells[keep] = (fb, peak)
+                td.CONFIG["save_prep"] = True
+                leaves = [a.requires_grad_(True) for a in x if a is not None]
+                base = torch.cuda.memory_allocated()
+                o = ours_fn(1, gated)(*x)
+                held = (torch.cuda.memory_allocated() - base) / 2**20
+                del o
+                for a in leaves:
+                    a.requires_grad_(False)
+                out.append(f"| {op} | {B} x {T} | {cells[True][0]:.3f} | {cells[False][0]:.3f} | {cells[True][1]:.0f} | "
+                           f"{cells[False][1]:.0f} | {held:.0f} |")
+            except Exception as exc:
+                out.append(f"| {op} | {B} x {T} | failed: {exc!r} | | | | |")
+            finally:
+                td.CONFIG["save_prep"] = before
+            print(out[-1], flush=True)
+            torch.cuda.empty_cache()
     return out
 
 

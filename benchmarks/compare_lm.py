@@ -257,6 +257,10 @@ def versions(device: torch.device) -> str:
     return ", ".join(parts) + f", Python {platform.python_version()}"
 
 
+CASES = ("train-ours", "train-sdpa", "train-fla-op", "train-fla-model",
+         "decode-ours", "decode-sdpa", "decode-fla", "decode-sdpa-default")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", help="write the report (markdown) here")
@@ -266,7 +270,13 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=3, help="untimed training steps per case (the first compiles kernels)")
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--commit", default=None, help="commit to record where the copy has no git metadata (default: git rev-parse)")
+    p.add_argument("--cases", default=",".join(CASES),
+                   help=f"comma-separated cases to run (default all): {', '.join(CASES)}")
     args = p.parse_args()
+    wanted = [c for c in args.cases.split(",") if c]
+    unknown = sorted(set(wanted) - set(CASES))
+    if unknown:
+        p.error(f"unknown --cases {unknown}; choose from {list(CASES)}")
     device = torch.device(args.device)
     if args.quick:
         size = dict(vocab_size=256, hidden_size=64, num_layers=2, num_heads=2)
@@ -281,6 +291,9 @@ def main() -> int:
     def say(s: str = "") -> None:
         print(s, flush=True)
         lines.append(s)
+        if args.out:  # rewritten each line, so a run stopped part-way keeps what it measured
+            with open(args.out, "w") as f:
+                f.write("\n".join(lines) + "\n")
 
     def free() -> None:
         if device.type == "cuda":
@@ -303,12 +316,14 @@ def main() -> int:
     say("| model | params | T | batch | tokens/s | ms/step | peak GiB | last loss |")
     say("|---|---|---|---|---|---|---|---|")
     builders = [
-        ("ours: DeltaNet", lambda: ours("deltanet", size, device), ours_loss),
-        ("ours: Transformer (SDPA)", lambda: ours("attention", size, device), ours_loss),
-        ("our DeltaNet LM with fla's chunk_delta_rule", lambda: fla_op_deltanet(size, device), ours_loss),
-        ("fla: DeltaNetForCausalLM", lambda: fla_model(size, device), fla_loss),
+        ("train-ours", "ours: DeltaNet", lambda: ours("deltanet", size, device), ours_loss),
+        ("train-sdpa", "ours: Transformer (SDPA)", lambda: ours("attention", size, device), ours_loss),
+        ("train-fla-op", "our DeltaNet LM with fla's chunk_delta_rule", lambda: fla_op_deltanet(size, device), ours_loss),
+        ("train-fla-model", "fla: DeltaNetForCausalLM", lambda: fla_model(size, device), fla_loss),
     ]
-    for label, build, loss_of in builders:
+    for key, label, build, loss_of in builders:
+        if key not in wanted:
+            continue
         for T in lengths:
             batch = max(1, tokens_per_step // T)
             model = None
@@ -334,14 +349,16 @@ def main() -> int:
     say("| model | context | ms/token | cache MiB |")
     say("|---|---|---|---|")
     cases = [
-        ("ours: DeltaNet (recurrent state)", lambda: ours("deltanet", size, device), ours_step, contextlib.nullcontext),
-        ("ours: Transformer (KV cache)", lambda: ours("attention", size, device), ours_step, contextlib.nullcontext),
-        ("fla: DeltaNetForCausalLM (recurrent state)", lambda: fla_model(size, device), fla_step, contextlib.nullcontext),
+        ("decode-ours", "ours: DeltaNet (recurrent state)", lambda: ours("deltanet", size, device), ours_step, contextlib.nullcontext),
+        ("decode-sdpa", "ours: Transformer (KV cache)", lambda: ours("attention", size, device), ours_step, contextlib.nullcontext),
+        ("decode-fla", "fla: DeltaNetForCausalLM (recurrent state)", lambda: fla_model(size, device), fla_step, contextlib.nullcontext),
     ]
     if device.type == "cuda":
-        cases.append(("ours: Transformer (KV cache), SDPA backend left to torch as before the fix",
+        cases.append(("decode-sdpa-default", "ours: Transformer (KV cache), SDPA backend left to torch as before the fix",
                       lambda: ours("attention", size, device), ours_step, sdpa_backend_left_to_torch))
-    for label, build, step, context in cases:
+    for key, label, build, step, context in cases:
+        if key not in wanted:
+            continue
         model = None
         try:
             torch.manual_seed(0)
@@ -365,8 +382,6 @@ def main() -> int:
     say()
     say(f"Total wall time of this script: {time.perf_counter() - began:.0f} s.")
     if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
         print(f"wrote {args.out}")
     return 0
 

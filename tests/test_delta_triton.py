@@ -173,6 +173,39 @@ def test_backward_may_use_another_chunk_size(rng, monkeypatch):
         assert rel_err(a, b) < 2e-4, name
 
 
+@pytest.mark.parametrize("n, cu", [(1, None), (2, [0, 23, 23, 50])])
+def test_backward_keeps_or_recomputes_the_chunk_quantities_alike(rng, monkeypatch, n, cu):
+    # CONFIG["save_prep"]: the forward's W, U, Aqk, X kept for the backward, or recomputed there.
+    # Both run the same kernels on the same chunks, so the gradients agree to rounding.
+    from householder.backends import triton_delta as td
+
+    N = 1 if cu is None else len(cu) - 1
+    inp = make_inputs(rng, 1, 50, 2, 16, 16, n=n, state=N)
+    cu_t = None if cu is None else torch.tensor(cu, device=DEVICE)
+    do = torch.tensor(rng.standard_normal((1, 50, 2, 16)), dtype=torch.float32, device=DEVICE)
+    dS = torch.tensor(rng.standard_normal((N, 2, 16, 16)), dtype=torch.float32, device=DEVICE)
+    runs = {}
+    for keep in (True, False):
+        monkeypatch.setitem(td.CONFIG, "save_prep", keep)
+        runs[keep] = _grads(inp, "triton", n, cu_t, do, dS, 32)
+    want = _grads({k: x.double() for k, x in inp.items()}, "torch", n, cu_t, do.double(), dS.double(), 64)
+    for name, a, b, c in zip(["o", "S"] + [f"d{m}" for m in inp], runs[True], runs[False], want):
+        assert rel_err(a, b) < 1e-6, name
+        assert rel_err(a, c) < 2e-4, name
+
+
+def test_kept_chunk_quantities_are_released_by_the_backward(rng, monkeypatch):
+    from householder.backends import triton_delta as td
+
+    monkeypatch.setitem(td.CONFIG, "save_prep", True)
+    inp = {k: x.requires_grad_() for k, x in make_inputs(rng, 1, 40, 1, 16, 16, state=1).items()}
+    o, _ = hh.delta_rule(**inp, chunk_size=16, backend="triton")
+    node = o.grad_fn
+    assert node.prepped is not None and len(node.prepped) == 4  # W, U, Aqk, X
+    o.sum().backward()
+    assert node.prepped is None
+
+
 @pytest.mark.parametrize("K", [64, 128, 256])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_chunk64_backward_at_model_head_sizes(rng, K, dtype):

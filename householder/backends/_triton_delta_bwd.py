@@ -289,15 +289,19 @@ def bwd_wy_kernel(
     tl.store(dbeta + start * H + i_h + r * H, db.to(dbeta.dtype.element_ty), mask=valid)
 
 
-def backward(q, k, v, beta, g, S0, scale, plan, do, dsT):
-    """Gradients (dq, dk, dv, dbeta, dg, dS0) of the chunkwise delta rule for output gradients do, dsT."""
+def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None):
+    """Gradients (dq, dk, dv, dbeta, dg, dS0) of the chunkwise delta rule for output gradients do, dsT.
+
+    ``prepped``: the forward's (W, U, Aqk, X) on this plan's chunks, or None to recompute them.
+    """
     from householder.backends import triton_delta as tdelta  # the launchers (imported here: no cycle)
 
     H, K, V = plan.H, plan.K, plan.V
     dev = q.device
     do = do.contiguous() if do is not None else torch.zeros((plan.B, plan.T, H, V), dtype=q.dtype, device=dev)
-    # recompute the forward's chunk quantities and per-chunk states (nothing but the inputs was saved)
-    w, u, aqk, xs = tdelta.prep(q, k, v, beta, g, plan, save_x=True)
+    # the forward's chunk quantities (kept, or recomputed from the inputs) and its per-chunk states
+    w, u, aqk, xs = prepped if prepped is not None else tdelta.prep(q, k, v, beta, g, plan, save_x=True)
+    prepped = None  # so that the del below frees w, u, aqk
     _, _, hs, vn = tdelta.state_pass(q, k, w, u, aqk, g, scale, S0, plan, want_o=False, want_final=False, save_h=True)
     dhs = torch.empty_like(hs)
     dvn = torch.empty_like(vn)

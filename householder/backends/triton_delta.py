@@ -36,6 +36,11 @@ CONFIG = {
     "bwd_dqk": (8, 1),
     "bwd_wy": (8, 1),
     "bwd_chunk": None,  # chunk size of the backward pass (None: the forward's)
+    # Keep the forward's W, U, Aqk and chunk inverses X for the backward instead of recomputing
+    # them there: one per-chunk kernel less in the backward, for (K + V + BC) * 2 + BC * 4 bytes
+    # per step and head held between the passes (bf16 inputs; 3.5x q's size at K = V = 128 and
+    # chunk 64). False: only the inputs are kept, as before.
+    "save_prep": True,
 }
 CHUNK_SIZES = (16, 32, 64)
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -161,10 +166,14 @@ def state_pass(q, k, w, u, aqk, g, scale, S0, plan: _Plan, *, want_o=True, want_
     return o, sT, h, vn
 
 
-def _forward(q, k, v, beta, g, scale, S0, plan, want_final):
-    w, u, aqk = prep(q, k, v, beta, g, plan)
+def _forward(q, k, v, beta, g, scale, S0, plan, want_final, keep=False):
+    """o and the final states; with ``keep``, also (W, U, Aqk, X) for the backward (else None)."""
+    if keep:
+        w, u, aqk, xs = prep(q, k, v, beta, g, plan, save_x=True)
+    else:
+        w, u, aqk = prep(q, k, v, beta, g, plan)
     o, sT, _, _ = state_pass(q, k, w, u, aqk, g, scale, S0, plan, want_final=want_final)
-    return o, sT
+    return o, sT, ((w, u, aqk, xs) if keep else None)
 
 
 # -- autograd -----------------------------------------------------------------------------
@@ -173,15 +182,21 @@ def _forward(q, k, v, beta, g, scale, S0, plan, want_final):
 class _DeltaRuleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, beta, g, S0, scale, plan):
-        o, sT = _forward(q, k, v, beta, g, scale, S0, plan, want_final=True)
+        bplan = _backward_plan(plan)
+        keep = CONFIG["save_prep"] and bplan is plan  # another backward chunk size recomputes them anyway
+        o, sT, prepped = _forward(q, k, v, beta, g, scale, S0, plan, want_final=True, keep=keep)
         ctx.save_for_backward(q, k, v, beta, g, S0)
-        ctx.scale, ctx.plan = scale, plan
+        # Intermediates (never inputs or outputs, so no reference cycle) held on ctx rather than
+        # saved: the backward drops each after its last reader, which saved tensors would not allow.
+        ctx.prepped = prepped
+        ctx.scale, ctx.plan = scale, bplan
         return o, sT
 
     @staticmethod
     def backward(ctx, do, dsT):
         q, k, v, beta, g, S0 = ctx.saved_tensors
-        dq, dk, dv, dbeta, dg, dS0 = _bwd.backward(q, k, v, beta, g, S0, ctx.scale, _backward_plan(ctx.plan), do, dsT)
+        prepped, ctx.prepped = ctx.prepped, None
+        dq, dk, dv, dbeta, dg, dS0 = _bwd.backward(q, k, v, beta, g, S0, ctx.scale, ctx.plan, do, dsT, prepped)
         return dq, dk, dv, dbeta, dg, dS0, None, None
 
 
@@ -220,7 +235,7 @@ def chunk(q, k, v, beta, g, scale: float, initial_state, offsets, chunk_size: in
     if torch.is_grad_enabled() and any(x.requires_grad for x in inputs):
         o, sT = _DeltaRuleFunction.apply(q, k, v, beta, g, S0, scale, plan)
     else:
-        o, sT = _forward(q, k, v, beta, g, scale, S0, plan, want_final=True)
+        o, sT, _ = _forward(q, k, v, beta, g, scale, S0, plan, want_final=True)
     return o, sT
 
 
