@@ -6,6 +6,8 @@ tiny shapes; with one, on CUDA tensors.
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import pytest
 
@@ -202,8 +204,19 @@ def test_kept_chunk_quantities_are_released_by_the_backward(rng, monkeypatch):
     o, _ = hh.delta_rule(**inp, chunk_size=16, backend="triton")
     node = o.grad_fn
     assert node.prepped is not None and len(node.prepped) == 4  # W, U, Aqk, X
+    w = weakref.ref(node.prepped[0])
+    alive = {}
+
+    def spy(name, *args, **meta):  # W's last reader is bwd_state: it must be freed before bwd_wy
+        if name == "bwd_wy":
+            alive["W"] = w() is not None
+        return launch(name, *args, **meta)
+
+    launch = td.launch
+    monkeypatch.setattr(td, "launch", spy)
     o.sum().backward()
     assert node.prepped is None
+    assert alive == {"W": False}
 
 
 @pytest.mark.parametrize("K", [64, 128, 256])

@@ -300,8 +300,11 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None):
     dev = q.device
     do = do.contiguous() if do is not None else torch.zeros((plan.B, plan.T, H, V), dtype=q.dtype, device=dev)
     # the forward's chunk quantities (kept, or recomputed from the inputs) and its per-chunk states
-    w, u, aqk, xs = prepped if prepped is not None else tdelta.prep(q, k, v, beta, g, plan, save_x=True)
-    prepped = None  # so that the del below frees w, u, aqk
+    if prepped is not None:
+        w, u, aqk, xs = prepped
+        del prepped  # so that the del below frees w, u, aqk
+    else:
+        w, u, aqk, xs = tdelta.prep(q, k, v, beta, g, plan, save_x=True)
     _, _, hs, vn = tdelta.state_pass(q, k, w, u, aqk, g, scale, S0, plan, want_o=False, want_final=False, save_h=True)
     dhs = torch.empty_like(hs)
     dvn = torch.empty_like(vn)
