@@ -133,20 +133,24 @@ def sdpa_ms(B, T, H, D):
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        ctx, label = sdpa_kernel(SDPBackend.CUDNN_ATTENTION), "cuDNN"
-        with ctx:
+        # a factory: sdpa_kernel's context manager can be entered only once
+        def ctx():
+            return sdpa_kernel(SDPBackend.CUDNN_ATTENTION)
+
+        label = "cuDNN"
+        with ctx():
             F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(do)
     except Exception:
         import contextlib
 
-        ctx, label = contextlib.nullcontext(), "default"
+        ctx, label = contextlib.nullcontext, "default"
 
     def fwd():
-        with ctx, torch.no_grad():
+        with ctx(), torch.no_grad():
             F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
     def fb():
-        with ctx:
+        with ctx():
             F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(do)
 
     return do_bench(fwd, warmup=25, rep=100, return_mode="median"), do_bench(fb, warmup=25, rep=100, grad_to_none=[q, k, v], return_mode="median"), label

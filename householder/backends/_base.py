@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 
 class Backend:
     """Interface of a backend. Arrays are the backend library's own type.

@@ -9,8 +9,6 @@ input dtype.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 
