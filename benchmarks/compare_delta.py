@@ -238,7 +238,8 @@ def main() -> int:
     ap.add_argument("--varlen", action="store_true", help="also time packed sequences (cu_seqlens) against the batched layout")
     ap.add_argument("--no-sdpa", action="store_true")
     ap.add_argument("--keep-ab", action="store_true",
-                    help="also time our forward+backward with the forward's chunk quantities kept (save_prep) and recomputed")
+                    help="also time our forward+backward with the forward's chunk quantities recomputed, kept (save_prep) "
+                         "and kept with the per-chunk states (save_states)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override an entry of triton_delta.CONFIG, e.g. BV=64 or bwd_dqk=4,1 (num_warps,num_stages)")
     args = ap.parse_args()
@@ -349,7 +350,8 @@ def main() -> int:
         lines += profile(fla, H, D, shapes[:1]) + [""]
         _write(args.out, lines)
     if args.keep_ab:
-        lines += ["## Backward with the forward's chunk quantities kept or recomputed (ours, CONFIG['save_prep'])", ""]
+        lines += ["## Backward with the forward's chunk quantities kept or recomputed (ours, CONFIG['save_prep'], "
+                  "CONFIG['save_states']; held after fwd includes the output)", ""]
         lines += keep_ab(H, D, shapes) + [""]
         _write(args.out, lines)
     if args.varlen:
@@ -454,35 +456,37 @@ def profile(fla, H, D, shapes):
 
 
 def keep_ab(H, D, shapes):
-    """Our forward+backward with save_prep on and off: the time saved against the memory held."""
+    """Our forward+backward with save_prep / save_states on and off: the time saved against the memory held."""
     from householder.backends import triton_delta as td
 
-    out = ["| op | B x T | kept fwd+bwd ms | recomputed fwd+bwd ms | kept peak MiB | recomputed peak MiB | held after fwd (output included), kept MiB |",
-           "|---|---|---|---|---|---|---|"]
-    before = td.CONFIG["save_prep"]
+    modes = {"recomputed": (False, False), "kept": (True, False), "kept + states": (True, True)}
+    out = ["| op | B x T | " + " | ".join(f"{m} fwd+bwd ms" for m in modes) + " | "
+           + " | ".join(f"{m} peak MiB" for m in modes) + " | " + " | ".join(f"{m}: held after fwd MiB" for m in modes) + " |",
+           "|---|---|" + "---|" * (3 * len(modes))]
+    before = td.CONFIG["save_prep"], td.CONFIG["save_states"]
     for op, gated in (("delta", False), ("gated", True)):
         for B, T in shapes:
             x = make(B, T, H, D, D, gated=gated)
             cells = {}
             try:
-                for keep in (True, False):
-                    td.CONFIG["save_prep"] = keep
-                    ms, _, fb, peak = bench(ours_fn(1, gated), list(x), False) + bench(ours_fn(1, gated), list(x), True)
-                    cells[keep] = (fb, peak)
-                td.CONFIG["save_prep"] = True
-                leaves = [a.requires_grad_(True) for a in x if a is not None]
-                base = torch.cuda.memory_allocated()
-                o = ours_fn(1, gated)(*x)
-                held = (torch.cuda.memory_allocated() - base) / 2**20
-                del o
-                for a in leaves:
-                    a.requires_grad_(False)
-                out.append(f"| {op} | {B} x {T} | {cells[True][0]:.3f} | {cells[False][0]:.3f} | {cells[True][1]:.0f} | "
-                           f"{cells[False][1]:.0f} | {held:.0f} |")
+                for mode, (prep, states) in modes.items():
+                    td.CONFIG["save_prep"], td.CONFIG["save_states"] = prep, states
+                    _, _, fb, peak = bench(ours_fn(1, gated), list(x), False) + bench(ours_fn(1, gated), list(x), True)
+                    leaves = [a.requires_grad_(True) for a in x if a is not None]
+                    base = torch.cuda.memory_allocated()
+                    o = ours_fn(1, gated)(*x)
+                    held = (torch.cuda.memory_allocated() - base) / 2**20  # the output included
+                    del o
+                    for a in leaves:
+                        a.requires_grad_(False)
+                    cells[mode] = (fb, peak, held)
+                out.append(f"| {op} | {B} x {T} | " + " | ".join(f"{cells[m][0]:.3f}" for m in modes) + " | "
+                           + " | ".join(f"{cells[m][1]:.0f}" for m in modes) + " | "
+                           + " | ".join(f"{cells[m][2]:.0f}" for m in modes) + " |")
             except Exception as exc:
-                out.append(f"| {op} | {B} x {T} | failed: {exc!r} | | | | |")
+                out.append(f"| {op} | {B} x {T} | failed: {exc!r} |" + " |" * (3 * len(modes) - 1))
             finally:
-                td.CONFIG["save_prep"] = before
+                td.CONFIG["save_prep"], td.CONFIG["save_states"] = before
             print(out[-1], flush=True)
             torch.cuda.empty_cache()
     return out

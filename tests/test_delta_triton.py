@@ -177,7 +177,8 @@ def test_backward_may_use_another_chunk_size(rng, monkeypatch):
 
 @pytest.mark.parametrize("n, cu", [(1, None), (2, [0, 23, 23, 50])])
 def test_backward_keeps_or_recomputes_the_chunk_quantities_alike(rng, monkeypatch, n, cu):
-    # CONFIG["save_prep"]: the forward's W, U, Aqk, X kept for the backward, or recomputed there.
+    # CONFIG["save_prep"]: the forward's W, U, Aqk, X kept for the backward, or recomputed there;
+    # CONFIG["save_states"]: the per-chunk states and pseudo-values kept too.
     # Both run the same kernels on the same chunks, so the gradients agree to rounding.
     from householder.backends import triton_delta as td
 
@@ -186,37 +187,43 @@ def test_backward_keeps_or_recomputes_the_chunk_quantities_alike(rng, monkeypatc
     cu_t = None if cu is None else torch.tensor(cu, device=DEVICE)
     do = torch.tensor(rng.standard_normal((1, 50, 2, 16)), dtype=torch.float32, device=DEVICE)
     dS = torch.tensor(rng.standard_normal((N, 2, 16, 16)), dtype=torch.float32, device=DEVICE)
-    runs = {}
-    for keep in (True, False):
+    runs = []
+    for keep, states in ((True, False), (True, True), (False, False)):
         monkeypatch.setitem(td.CONFIG, "save_prep", keep)
-        runs[keep] = _grads(inp, "triton", n, cu_t, do, dS, 32)
+        monkeypatch.setitem(td.CONFIG, "save_states", states)
+        runs.append(_grads(inp, "triton", n, cu_t, do, dS, 32))
     want = _grads({k: x.double() for k, x in inp.items()}, "torch", n, cu_t, do.double(), dS.double(), 64)
-    for name, a, b, c in zip(["o", "S"] + [f"d{m}" for m in inp], runs[True], runs[False], want):
-        assert rel_err(a, b) < 1e-6, name
-        assert rel_err(a, c) < 2e-4, name
+    for name, a, b, c, d in zip(["o", "S"] + [f"d{m}" for m in inp], *runs, want):
+        assert rel_err(a, b) < 1e-6 and rel_err(a, c) < 1e-6, name
+        assert rel_err(a, d) < 2e-4, name
 
 
-def test_kept_chunk_quantities_are_released_by_the_backward(rng, monkeypatch):
+@pytest.mark.parametrize("states", [False, True])
+def test_kept_chunk_quantities_are_released_by_the_backward(rng, monkeypatch, states):
     from householder.backends import triton_delta as td
 
     monkeypatch.setitem(td.CONFIG, "save_prep", True)
+    monkeypatch.setitem(td.CONFIG, "save_states", states)
     inp = {k: x.requires_grad_() for k, x in make_inputs(rng, 1, 40, 1, 16, 16, state=1).items()}
     o, _ = hh.delta_rule(**inp, chunk_size=16, backend="triton")
     node = o.grad_fn
-    assert node.prepped is not None and len(node.prepped) == 4  # W, U, Aqk, X
-    w = weakref.ref(node.prepped[0])
+    assert node.prepped is not None and len(node.prepped) == 6  # W, U, Aqk, X, h, Vn
+    assert (node.prepped[4] is not None) == states
+    kept = {"W": weakref.ref(node.prepped[0])}
+    if states:
+        kept["h"] = weakref.ref(node.prepped[4])
     alive = {}
 
-    def spy(name, *args, **meta):  # W's last reader is bwd_state: it must be freed before bwd_wy
+    def spy(name, *args, **meta):  # the last readers of W and h run before bwd_wy
         if name == "bwd_wy":
-            alive["W"] = w() is not None
+            alive.update({key: ref() is not None for key, ref in kept.items()})
         return launch(name, *args, **meta)
 
     launch = td.launch
     monkeypatch.setattr(td, "launch", spy)
     o.sum().backward()
     assert node.prepped is None
-    assert alive == {"W": False}
+    assert alive == {key: False for key in kept}
 
 
 @pytest.mark.parametrize("K", [64, 128, 256])

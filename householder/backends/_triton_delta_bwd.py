@@ -292,20 +292,23 @@ def bwd_wy_kernel(
 def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None):
     """Gradients (dq, dk, dv, dbeta, dg, dS0) of the chunkwise delta rule for output gradients do, dsT.
 
-    ``prepped``: the forward's (W, U, Aqk, X) on this plan's chunks, or None to recompute them.
+    ``prepped``: the forward's (W, U, Aqk, X, h, Vn) on this plan's chunks, or None to recompute
+    them; h and Vn (per-chunk states, pseudo-values) may be None on their own.
     """
     from householder.backends import triton_delta as tdelta  # the launchers (imported here: no cycle)
 
     H, K, V = plan.H, plan.K, plan.V
     dev = q.device
     do = do.contiguous() if do is not None else torch.zeros((plan.B, plan.T, H, V), dtype=q.dtype, device=dev)
-    # the forward's chunk quantities (kept, or recomputed from the inputs) and its per-chunk states
+    # the forward's chunk quantities and per-chunk states: kept by the forward, or recomputed
     if prepped is not None:
-        w, u, aqk, xs = prepped
-        del prepped  # so that the del below frees w, u, aqk
+        w, u, aqk, xs, hs, vn = prepped
+        del prepped  # so that the dels below free each buffer after its last reader
     else:
         w, u, aqk, xs = tdelta.prep(q, k, v, beta, g, plan, save_x=True)
-    _, _, hs, vn = tdelta.state_pass(q, k, w, u, aqk, g, scale, S0, plan, want_o=False, want_final=False, save_h=True)
+        hs = vn = None
+    if hs is None:
+        _, _, hs, vn = tdelta.state_pass(q, k, w, u, aqk, g, scale, S0, plan, want_o=False, want_final=False, save_h=True)
     dhs = torch.empty_like(hs)
     dvn = torch.empty_like(vn)
     ds0 = torch.empty((plan.N, H, K, V), dtype=torch.float32, device=dev)

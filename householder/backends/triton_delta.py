@@ -41,6 +41,10 @@ CONFIG = {
     # per step and head held between the passes (bf16 inputs; 3.5x q's size at K = V = 128 and
     # chunk 64). False: only the inputs are kept, as before.
     "save_prep": True,
+    # With save_prep, also keep the per-chunk states and pseudo-values written by the forward's
+    # state pass, so that the backward skips that pass too: (K * V / BC + V) * 2 more bytes per
+    # step and head (3x q's size at K = V = 128, chunk 64). Off: not yet timed on a GPU.
+    "save_states": False,
 }
 CHUNK_SIZES = (16, 32, 64)
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -166,14 +170,16 @@ def state_pass(q, k, w, u, aqk, g, scale, S0, plan: _Plan, *, want_o=True, want_
     return o, sT, h, vn
 
 
-def _forward(q, k, v, beta, g, scale, S0, plan, want_final, keep=False):
-    """o and the final states; with ``keep``, also (W, U, Aqk, X) for the backward (else None)."""
+def _forward(q, k, v, beta, g, scale, S0, plan, want_final, keep=False, keep_states=False):
+    """o and the final states; with ``keep``, also (W, U, Aqk, X, h, Vn) for the backward (else
+    None), where the per-chunk states h and pseudo-values Vn are None unless ``keep_states``."""
     if keep:
         w, u, aqk, xs = prep(q, k, v, beta, g, plan, save_x=True)
     else:
         w, u, aqk = prep(q, k, v, beta, g, plan)
-    o, sT, _, _ = state_pass(q, k, w, u, aqk, g, scale, S0, plan, want_final=want_final)
-    return o, sT, ((w, u, aqk, xs) if keep else None)
+    keep_states = keep and keep_states
+    o, sT, hs, vn = state_pass(q, k, w, u, aqk, g, scale, S0, plan, want_final=want_final, save_h=keep_states)
+    return o, sT, ((w, u, aqk, xs, hs, vn) if keep else None)
 
 
 # -- autograd -----------------------------------------------------------------------------
@@ -184,7 +190,8 @@ class _DeltaRuleFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, beta, g, S0, scale, plan):
         bplan = _backward_plan(plan)
         keep = CONFIG["save_prep"] and bplan is plan  # another backward chunk size recomputes them anyway
-        o, sT, prepped = _forward(q, k, v, beta, g, scale, S0, plan, want_final=True, keep=keep)
+        o, sT, prepped = _forward(q, k, v, beta, g, scale, S0, plan, want_final=True, keep=keep,
+                                  keep_states=CONFIG["save_states"])
         ctx.save_for_backward(q, k, v, beta, g, S0)
         # Intermediates (never inputs or outputs, so no reference cycle) held on ctx rather than
         # saved: the backward drops each after its last reader, which saved tensors would not allow.
@@ -202,7 +209,7 @@ class _DeltaRuleFunction(torch.autograd.Function):
 
 
 def _take_prepped(ctx):
-    """The kept (W, U, Aqk, X), removed from ctx (None when they were not kept)."""
+    """The kept (W, U, Aqk, X, h, Vn), removed from ctx (None when they were not kept)."""
     prepped, ctx.prepped = ctx.prepped, None
     return prepped
 
