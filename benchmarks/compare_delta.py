@@ -9,6 +9,11 @@ Writes device, versions, commit and the tables to ``--out``: median times
 ratios (peer time / our time: > 1 means ours is faster), peak memory of
 forward+backward, achieved bandwidth and arithmetic rate of our forward, and
 the accuracy of ours and of the peer against a float64 computation.
+
+Peers are timed where importable: flash-linear-attention (``pip install
+fla-core==0.6.0``) and FlashQLA (``pip install flash-qla==0.1.3``, which needs
+tilelang, apache-tvm-ffi, torch-c-dlpack-ext and z3-solver; Hopper or Blackwell),
+whose gated op with g = 0 stands in for the plain delta rule.
 """
 
 from __future__ import annotations
@@ -63,6 +68,28 @@ def make(B, T, H, K, V, n=1, gated=False, dtype=torch.bfloat16, seed=0):
 
 
 CHUNK = [64]
+
+
+def load_qla():
+    """FlashQLA's chunk_gated_delta_rule (TileLang, Hopper and Blackwell), or None with the reason printed."""
+    try:
+        import flash_qla
+    except Exception as exc:  # report and go on without the peer
+        print(f"FlashQLA unavailable: {exc!r}")
+        return None
+    return dict(version=flash_qla.__version__, gated=flash_qla.chunk_gated_delta_rule)
+
+
+def qla_fn(qla, n, gated):
+    """FlashQLA's gated op; with g = 0 it is the plain delta rule. It has no DeltaProduct (None)."""
+    if qla is None or n > 1:
+        return None
+
+    def f(q, k, v, beta, g):
+        gg = g if gated else torch.zeros(q.shape[:3], device=q.device, dtype=torch.float32)
+        return qla["gated"](q, k, v, gg, beta)[0]
+
+    return f
 
 
 def ours_fn(n, gated):
@@ -237,6 +264,7 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true", help="also list the CUDA time per kernel of one forward+backward")
     ap.add_argument("--varlen", action="store_true", help="also time packed sequences (cu_seqlens) against the batched layout")
     ap.add_argument("--no-sdpa", action="store_true")
+    ap.add_argument("--no-qla", action="store_true", help="leave FlashQLA out even where it is installed")
     ap.add_argument("--keep-ab", action="store_true",
                     help="also time our forward+backward with the forward's chunk quantities recomputed, kept (save_prep) "
                          "and kept with the per-chunk states (save_states)")
@@ -250,6 +278,7 @@ def main() -> int:
     CHUNK[0] = args.chunk
     apply_settings(args.set)
     fla = load_fla()
+    qla = None if args.no_qla else load_qla()
     commit = os.environ.get("HH_COMMIT") or _git_commit()
     props = torch.cuda.get_device_properties(0)
     import triton
@@ -259,10 +288,11 @@ def main() -> int:
         "",
         f"- device: {torch.cuda.get_device_name(0)} ({props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB)",
         f"- torch {torch.__version__}, triton {triton.__version__}, fla-core {fla['version'] if fla else 'n/a'}, "
+        f"FlashQLA {qla['version'] if qla else 'n/a'} (qla columns; the plain delta rule as its gated op with g = 0), "
         f"python {platform.python_version()}",
         f"- householder commit {commit}; {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"- bf16 q, k, v, beta; float32 log-decay g; H = {H}, K = V = {D}; unit-norm keys; our chunk {args.chunk}; "
-        "median of CUDA-event timings (triton.testing.do_bench); ratio = fla / ours (> 1: ours faster)",
+        "median of CUDA-event timings (triton.testing.do_bench); ratio = fla / ours, qla/ours = FlashQLA / ours (> 1: ours faster)",
         f"- our launch settings (householder.backends.triton_delta.CONFIG): {_config_text()}",
         "- fla's refusal of its gated backward on Triton < 3.7.1 on Hopper (its issue #640) is switched off to time it",
         f"- GB/s: the forward's memory floor (inputs read once, output written once; {fwd_model(16, 2048, H, D, D, 1)[0] / 1e6:.0f} MB "
@@ -273,8 +303,9 @@ def main() -> int:
     ]
     print("\n".join(lines))
 
-    table = ["| op | B x T | ours fwd ms | fla fwd ms | ratio fwd | ours fwd+bwd ms | fla fwd+bwd ms | ratio fwd+bwd | ours peak MiB | fla peak MiB | ours fwd GB/s | ours fwd TFLOP/s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    table = ["| op | B x T | ours fwd ms | fla fwd ms | ratio fwd | ours fwd+bwd ms | fla fwd+bwd ms | ratio fwd+bwd | ours peak MiB | fla peak MiB | ours fwd GB/s | ours fwd TFLOP/s "
+             "| qla fwd ms | qla fwd+bwd ms | qla/ours fwd | qla/ours fwd+bwd | qla peak MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     ops = args.ops.split(",")
     for op in ops:
         n = int(op[len("product"):]) if op.startswith("product") else 1
@@ -282,7 +313,8 @@ def main() -> int:
         for B, T in (pshapes if n > 1 else shapes):
             x = make(B, T, H, D, D, n=n, gated=gated)
             row = {}
-            for who, fn in (("ours", ours_fn(n, gated)), ("fla", fla_fn(fla, n, gated) if fla else None)):
+            peers = (("ours", ours_fn(n, gated)), ("fla", fla_fn(fla, n, gated) if fla else None), ("qla", qla_fn(qla, n, gated)))
+            for who, fn in peers:
                 if fn is None:
                     continue
                 try:
@@ -290,7 +322,7 @@ def main() -> int:
                 except Exception as exc:
                     print(f"{who} {op} {B}x{T} failed: {exc!r}")
                 torch.cuda.empty_cache()
-            o, f = row.get("ours"), row.get("fla")
+            o, f, c = row.get("ours"), row.get("fla"), row.get("qla")
             nb, nf = fwd_model(B, T, H, D, D, n)
 
             def fmt(v, p=3):
@@ -299,7 +331,9 @@ def main() -> int:
             line = (
                 f"| {op} | {B} x {T} | {fmt(o and o[0])} | {fmt(f and f[0])} | {fmt(o and f and f[0] / o[0], 2)} | "
                 f"{fmt(o and o[2])} | {fmt(f and f[2])} | {fmt(o and f and f[2] / o[2], 2)} | {fmt(o and o[3], 0)} | "
-                f"{fmt(f and f[3], 0)} | {fmt(o and nb / o[0] / 1e6, 0)} | {fmt(o and nf / o[0] / 1e9, 1)} |"
+                f"{fmt(f and f[3], 0)} | {fmt(o and nb / o[0] / 1e6, 0)} | {fmt(o and nf / o[0] / 1e9, 1)} | "
+                f"{fmt(c and c[0])} | {fmt(c and c[2])} | {fmt(o and c and c[0] / o[0], 2)} | {fmt(o and c and c[2] / o[2], 2)} | "
+                f"{fmt(c and c[3], 0)} |"
             )
             table.append(line)
             print(line, flush=True)
