@@ -242,3 +242,15 @@ def test_chunk64_backward_at_model_head_sizes(rng, K, dtype):
     tol = 2e-4 if dtype == torch.float32 else 3e-2
     for name, a, b in zip(["o", "S"] + [f"d{n}" for n in inp], got, want):
         assert rel_err(a, b) < tol, name
+
+
+def test_second_backward_with_retain_graph_recomputes_what_the_first_released(rng, monkeypatch):
+    from householder.backends import triton_delta as td
+
+    monkeypatch.setitem(td.CONFIG, "save_prep", True)
+    inp = {k: x.requires_grad_() for k, x in make_inputs(rng, 1, 40, 1, 16, 16, state=1).items()}
+    o, _ = hh.delta_rule(**inp, chunk_size=16, backend="triton")
+    first = torch.autograd.grad(o.sum(), list(inp.values()), retain_graph=True)
+    second = torch.autograd.grad(o.sum(), list(inp.values()))
+    for name, a, b in zip(inp, first, second):
+        assert rel_err(a, b) < 1e-6, name

@@ -215,7 +215,8 @@ def _take_prepped(ctx):
 
 
 def _backward_plan(plan: _Plan) -> _Plan:
-    """The plan of the backward pass, which recomputes everything and so may use another chunk size."""
+    """The plan of the backward pass: the forward's, or one of another chunk size (CONFIG["bwd_chunk"]),
+    which then recomputes the chunk quantities on its own chunks."""
     BC = CONFIG["bwd_chunk"]
     if BC is None or BC == plan.BC:
         return plan
