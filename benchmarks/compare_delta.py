@@ -386,7 +386,7 @@ def main() -> int:
     if args.keep_ab:
         lines += ["## Backward with the forward's chunk quantities kept or recomputed (ours, CONFIG['save_prep'], "
                   "CONFIG['save_states']; held after fwd includes the output)", ""]
-        lines += keep_ab(H, D, shapes) + [""]
+        lines += keep_ab(H, D, sorted({shapes[0], shapes[-1]})) + [""]
         _write(args.out, lines)
     if args.varlen:
         lines += ["## Packed sequences (cu_seqlens, B = 1) vs batched, our gated op", ""] + varlen_overhead(H, D, shapes) + [""]
@@ -505,7 +505,7 @@ def keep_ab(H, D, shapes):
             try:
                 for mode, (prep, states) in modes.items():
                     td.CONFIG["save_prep"], td.CONFIG["save_states"] = prep, states
-                    _, _, fb, peak = bench(ours_fn(1, gated), list(x), False) + bench(ours_fn(1, gated), list(x), True)
+                    fb, peak = bench(ours_fn(1, gated), list(x), True)
                     leaves = [a.requires_grad_(True) for a in x if a is not None]
                     base = torch.cuda.memory_allocated()
                     o = ours_fn(1, gated)(*x)
@@ -527,21 +527,31 @@ def keep_ab(H, D, shapes):
 
 
 def varlen_overhead(H, D, shapes):
-    """Our gated op on B equal sequences vs the same tokens packed into B = 1 with cu_seqlens."""
-    out = ["| B x T | batched fwd ms | packed fwd ms | fwd overhead | batched fwd+bwd ms | packed fwd+bwd ms | fwd+bwd overhead |",
+    """Our gated op on B equal sequences vs the same tokens packed into B = 1 with cu_seqlens,
+    given on the GPU (read back to the host every call: a synchronisation) and on the CPU."""
+    out = ["| B x T | batched fwd ms | packed fwd ms (cu_seqlens GPU / CPU) | fwd overhead (GPU / CPU) "
+           "| batched fwd+bwd ms | packed fwd+bwd ms (GPU / CPU) | fwd+bwd overhead (GPU / CPU) |",
            "|---|---|---|---|---|---|---|"]
     for B, T in shapes:
         q, k, v, beta, g = make(B, T, H, D, D, gated=True)
-        cu = torch.arange(0, B * T + 1, T, device="cuda", dtype=torch.int32)
+        cus = [torch.arange(0, B * T + 1, T, device=dev, dtype=torch.int32) for dev in ("cuda", "cpu")]
 
-        def packed(q, k, v, beta, g):
-            return hh.delta_rule(q, k, v, beta, g=g, cu_seqlens=cu, chunk_size=CHUNK[0], backend="triton", check_finite=False)[0]
+        def packed(cu):
+            def f(q, k, v, beta, g):
+                return hh.delta_rule(q, k, v, beta, g=g, cu_seqlens=cu, chunk_size=CHUNK[0], backend="triton", check_finite=False)[0]
+
+            return f
 
         flat = [x.reshape(1, B * T, *x.shape[2:]) for x in (q, k, v, beta, g)]
         try:
-            a = bench(ours_fn(1, True), [q, k, v, beta, g], False)[0], bench(ours_fn(1, True), [q, k, v, beta, g], True)[0]
-            b = bench(packed, flat, False)[0], bench(packed, flat, True)[0]
-            out.append(f"| {B} x {T} | {a[0]:.3f} | {b[0]:.3f} | {100 * (b[0] / a[0] - 1):+.1f}% | {a[1]:.3f} | {b[1]:.3f} | {100 * (b[1] / a[1] - 1):+.1f}% |")
+            a = [bench(ours_fn(1, True), [q, k, v, beta, g], bwd)[0] for bwd in (False, True)]
+            b = [[bench(packed(cu), flat, bwd)[0] for cu in cus] for bwd in (False, True)]
+
+            def pct(x, y):
+                return f"{100 * (x / y - 1):+.1f}%"
+
+            out.append(f"| {B} x {T} | {a[0]:.3f} | {b[0][0]:.3f} / {b[0][1]:.3f} | {pct(b[0][0], a[0])} / {pct(b[0][1], a[0])} "
+                       f"| {a[1]:.3f} | {b[1][0]:.3f} / {b[1][1]:.3f} | {pct(b[1][0], a[1])} / {pct(b[1][1], a[1])} |")
         except Exception as exc:
             out.append(f"| {B} x {T} | failed: {exc!r} | | | | | |")
         print(out[-1], flush=True)

@@ -204,17 +204,17 @@ def test_kept_chunk_quantities_are_released_by_the_backward(rng, monkeypatch, st
 
     monkeypatch.setitem(td.CONFIG, "save_prep", True)
     monkeypatch.setitem(td.CONFIG, "save_states", states)
-    inp = {k: x.requires_grad_() for k, x in make_inputs(rng, 1, 40, 1, 16, 16, state=1).items()}
+    inp = {k: x.requires_grad_() for k, x in make_inputs(rng, 1, 40, 1, 16, 16, gated=True, state=1).items()}
     o, _ = hh.delta_rule(**inp, chunk_size=16, backend="triton")
     node = o.grad_fn
-    assert node.prepped is not None and len(node.prepped) == 6  # W, U, Aqk, X, h, Vn
-    assert (node.prepped[4] is not None) == states
-    kept = {"W": weakref.ref(node.prepped[0])}
+    assert isinstance(node.prepped, td.Kept)
+    assert node.prepped.gcs is not None and (node.prepped.h is not None) == states
+    kept = {"W": weakref.ref(node.prepped.w), "G": weakref.ref(node.prepped.gcs)}
     if states:
-        kept["h"] = weakref.ref(node.prepped[4])
+        kept["h"] = weakref.ref(node.prepped.h)
     alive = {}
 
-    def spy(name, *args, **meta):  # the last readers of W and h run before bwd_wy
+    def spy(name, *args, **meta):  # the last readers of W, G and h run before bwd_wy
         if name == "bwd_wy":
             alive.update({key: ref() is not None for key, ref in kept.items()})
         return launch(name, *args, **meta)

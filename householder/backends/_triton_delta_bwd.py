@@ -32,12 +32,12 @@ import torch
 import triton
 import triton.language as tl
 
-from householder.backends._triton_delta_fwd import _dot, chunk_bounds, chunk_gamma, chunk_gates, chunk_rows, seq_bounds
+from householder.backends._triton_delta_fwd import _dot, chunk_bounds, chunk_gamma, chunk_gates, chunk_rows, load_gates, seq_bounds
 
 
 @triton.jit
 def bwd_state_kernel(
-    q, k, w, aqk, g, do, dsT, dh, dvn, ds0, seqs, T_steps, NT, scale,
+    q, k, w, aqk, gcs, do, dsT, dh, dvn, ds0, seqs, T_steps, NT, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BC: tl.constexpr, NH: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr, HAS_DST: tl.constexpr,
     DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr,
@@ -73,8 +73,7 @@ def bwd_state_kernel(
         dot_ = tl.load(do + (t0 * H + i_h) * V + tok[:, None] * (H * V) + cv[None, :], mask=qrow[:, None] & (cv[None, :] < V), other=0.0).to(DT)
         at = tl.load(aqk + ((c0 + j) * H + i_h) * BC * BC + r[:, None] * BC + r[None, :]).to(DT)
         if HAS_G:
-            Gc = chunk_gates(g + t0 * H + i_h, tok, valid, first, H)
-            glast = tl.sum(tl.where(r == BC - 1, Gc, 0.0), 0)
+            Gc, glast = load_gates(gcs + i_h, start, r, valid, eos, H, BC)
             kt = kt * tl.exp(glast - Gc)[:, None]
             qt = qt * tl.exp(Gc)[:, None]
         dvt = _dot(tl.trans(at), dot_, F32, PREC) * scale + _dot(kt.to(DT), dS.to(DT), F32, PREC)
@@ -292,8 +291,8 @@ def bwd_wy_kernel(
 def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None):
     """Gradients (dq, dk, dv, dbeta, dg, dS0) of the chunkwise delta rule for output gradients do, dsT.
 
-    ``prepped``: the forward's (W, U, Aqk, X, h, Vn) on this plan's chunks, or None to recompute
-    them; h and Vn (per-chunk states, pseudo-values) may be None on their own.
+    ``prepped``: the forward's ``triton_delta.Kept`` on this plan's chunks, or None to recompute
+    them; its per-chunk states h and pseudo-values Vn may be None on their own.
     """
     from householder.backends import triton_delta as tdelta  # the launchers (imported here: no cycle)
 
@@ -302,25 +301,25 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None):
     do = do.contiguous() if do is not None else torch.zeros((plan.B, plan.T, H, V), dtype=q.dtype, device=dev)
     # the forward's chunk quantities and per-chunk states: kept by the forward, or recomputed
     if prepped is not None:
-        w, u, aqk, xs, hs, vn = prepped
+        w, u, aqk, xs, gcs, hs, vn = prepped
         del prepped  # so that the dels below free each buffer after its last reader
     else:
-        w, u, aqk, xs = tdelta.prep(q, k, v, beta, g, plan, save_x=True)
+        w, u, aqk, xs, gcs = tdelta.prep(q, k, v, beta, g, plan, save_x=True)
         hs = vn = None
     if hs is None:
-        _, _, hs, vn = tdelta.state_pass(q, k, w, u, aqk, g, scale, S0, plan, want_o=False, want_final=False, save_h=True)
+        _, _, hs, vn = tdelta.state_pass(q, k, w, u, aqk, gcs, scale, S0, plan, want_o=False, want_final=False, save_h=True)
     dhs = torch.empty_like(hs)
     dvn = torch.empty_like(vn)
     ds0 = torch.empty((plan.N, H, K, V), dtype=torch.float32, device=dev)
     dummy = do  # stands for absent optional tensors; never read
     tdelta.launch("bwd_state", bwd_state_kernel, (triton.cdiv(V, plan.BV), plan.N * H),
-        q, k, w, aqk, g if g is not None else dummy, do, dsT.contiguous() if dsT is not None else dummy,
+        q, k, w, aqk, gcs if g is not None else dummy, do, dsT.contiguous() if dsT is not None else dummy,
         dhs, dvn, ds0, plan.seqs, plan.T_steps, plan.NT, scale,
         BK=plan.BK, BV=plan.BV, HAS_G=g is not None, HAS_DST=dsT is not None, **plan.common(),
     )
     # each buffer is dropped after its last reader and each output made just before its
     # writer, so the caching allocator reuses the memory and the peak stays low
-    del w, u, aqk
+    del w, u, aqk, gcs
     dq = torch.empty_like(q)  # every token row is written once: at its last step
     dkp = torch.empty(k.shape, dtype=torch.float32, device=dev)
     dw = torch.empty_like(k)  # only ever read as a matrix-product operand in k's dtype

@@ -6,6 +6,10 @@ Two kernels (the algorithm is the one written out in torch_delta.py):
    WY factor A = T^T o Gamma (the core's factor from ``_triton_factor``, gated by
    Gamma_ts = exp(G_t - G_s)), then W = A diag(e^G) K, U = A V and the masked
    scores Aqk = tril(Q K^T) o Gamma, written to memory.
+   With a gate it also writes G, the running log-decay inside each chunk, per step
+   (float32), so that the sequential passes load it rather than recompute it: a
+   cumulative sum is a cross-warp step on their critical path, which is what made
+   the gated op slower than the plain one when few (B x H) programs run.
 2. ``state``, one program per (value block, sequence, head), sequential over
    the sequence's chunks: the pseudo-values Vn = U - W S, the output
    O = scale (diag(e^G) Q S + Aqk Vn) and the state pass
@@ -85,6 +89,16 @@ def chunk_gates(gp, tok, valid, first, H: tl.constexpr):
 
 
 @triton.jit
+def load_gates(gcs, start, r, valid, end, H: tl.constexpr, BC: tl.constexpr):
+    """The running log-decay G of a chunk (BC,) written by ``prep_kernel``, and G at its last row.
+
+    Rows past the sequence's end get the last row's value, as the running sum would."""
+    glast = tl.load(gcs + (start + tl.minimum(end - start, BC) - 1) * H)
+    Gc = tl.load(gcs + start * H + r * H, mask=valid, other=0.0)
+    return tl.where(valid, Gc, glast), glast
+
+
+@triton.jit
 def chunk_gamma(Gc, BC: tl.constexpr, HAS_G: tl.constexpr):
     """Gamma_ts = exp(G_t - G_s) on and below the diagonal, 0 above (all ones there without a gate)."""
     r = tl.arange(0, BC)
@@ -110,12 +124,12 @@ def chunk_factor(Gm, b, Gc, BC: tl.constexpr, HAS_G: tl.constexpr, FPREC: tl.con
 
 @triton.jit
 def prep_kernel(
-    q, k, v, beta, g, w, u, aqk, xs, chunks, T_steps, NT,
+    q, k, v, beta, g, w, u, aqk, xs, gcs, chunks, T_steps, NT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BKP: tl.constexpr, BV: tl.constexpr,
     BC: tl.constexpr, NH: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr, SAVE_X: tl.constexpr,
     DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr, FPREC: tl.constexpr,
 ):
-    """Per (chunk, head): W = A diag(e^G) K, U = A V and Aqk = tril(Q K^T) o Gamma (and X, float32)."""
+    """Per (chunk, head): W = A diag(e^G) K, U = A V and Aqk = tril(Q K^T) o Gamma (and X and G, float32)."""
     i_c = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1)
     start, end = chunk_bounds(i_c, chunks, T_steps, NT, BC, VARLEN)
@@ -141,6 +155,7 @@ def prep_kernel(
         QK += _dot(qb, tl.trans(kb), F32, PREC)
     if HAS_G:
         Gc = chunk_gates(g + t0 * H + i_h, tok, valid, first, H)
+        tl.store(gcs + start * H + i_h + r * H, Gc, mask=valid)
     else:
         Gc = tl.zeros((BC,), dtype=tl.float32)
     A, X, gam = chunk_factor(Gm, b, Gc, BC, HAS_G, FPREC)
@@ -167,7 +182,7 @@ def prep_kernel(
 
 @triton.jit
 def state_kernel(
-    q, k, w, u, aqk, g, o, s0, sT, h, vn, seqs, T_steps, NT, scale,
+    q, k, w, u, aqk, gcs, o, s0, sT, h, vn, seqs, T_steps, NT, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BC: tl.constexpr, NH: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr,
     HAS_S0: tl.constexpr, STORE_ST: tl.constexpr, WRITE_O: tl.constexpr, SAVE_H: tl.constexpr,
@@ -207,8 +222,7 @@ def state_kernel(
             tl.store(vn + (start * H + i_h) * V + offv, vnew.to(vn.dtype.element_ty), mask=mv)
         vd = vnew.to(DT)
         if HAS_G:
-            Gc = chunk_gates(g + t0 * H + i_h, tok, valid, first, H)
-            glast = tl.sum(tl.where(r == BC - 1, Gc, 0.0), 0)
+            Gc, glast = load_gates(gcs + i_h, start, r, valid, eos, H, BC)
         if WRITE_O:
             qrow = valid & last
             qt = tl.load(q + (t0 * H + i_h) * K + tok[:, None] * (H * K) + ck[None, :], mask=qrow[:, None] & (ck[None, :] < K), other=0.0).to(DT)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -138,21 +139,27 @@ def _g_arg(g, like):
 
 
 def prep(q, k, v, beta, g, plan: _Plan, save_x: bool = False):
-    """W (B, T_steps, H, K), U (B, T_steps, H, V), Aqk (NT_total, H, BC, BC) of every chunk (and X, float32)."""
+    """W (B, T_steps, H, K), U (B, T_steps, H, V), Aqk (NT_total, H, BC, BC) of every chunk, X (float32,
+    or None unless ``save_x``) and the running log-decays G inside each chunk (B, T_steps, H) float32
+    (None without a gate)."""
     w = torch.empty_like(k)
     u = torch.empty_like(v)
     aqk = torch.empty((plan.NT_total, plan.H, plan.BC, plan.BC), dtype=q.dtype, device=q.device)
     xs = torch.empty((plan.NT_total, plan.H, plan.BC, plan.BC), dtype=torch.float32, device=q.device) if save_x else None
+    gcs = torch.empty(beta.shape, dtype=torch.float32, device=q.device) if g is not None else None
     if plan.NT_total:
         launch("prep", _fwd.prep_kernel, (plan.NT_total, plan.H),
-            q, k, v, beta, _g_arg(g, beta), w, u, aqk, xs if save_x else aqk, plan.chunks, plan.T_steps, plan.NT,
+            q, k, v, beta, _g_arg(g, beta), w, u, aqk, xs if save_x else aqk, gcs if g is not None else aqk,
+            plan.chunks, plan.T_steps, plan.NT,
             BKP=plan.BKP, BV=plan.BVP, HAS_G=g is not None, SAVE_X=save_x, FPREC=plan.FPREC, **plan.common(),
         )
-    return (w, u, aqk, xs) if save_x else (w, u, aqk)
+    return w, u, aqk, xs, gcs
 
 
-def state_pass(q, k, w, u, aqk, g, scale, S0, plan: _Plan, *, want_o=True, want_final=True, save_h=False):
-    """The sequential pass: o (B, T, H, V), final states (N, H, K, V) float32, and the per-chunk states."""
+def state_pass(q, k, w, u, aqk, gcs, scale, S0, plan: _Plan, *, want_o=True, want_final=True, save_h=False):
+    """The sequential pass: o (B, T, H, V), final states (N, H, K, V) float32, and the per-chunk states.
+
+    ``gcs``: the running log-decays from ``prep`` (None without a gate)."""
     B, T, H, K, V = plan.B, plan.T, plan.H, plan.K, plan.V
     dev = q.device
     o = torch.empty((B, T, H, V), dtype=q.dtype, device=dev) if want_o else None
@@ -161,25 +168,34 @@ def state_pass(q, k, w, u, aqk, g, scale, S0, plan: _Plan, *, want_o=True, want_
     vn = torch.empty_like(u) if save_h else None
     dummy = u
     launch("state", _fwd.state_kernel, (triton.cdiv(V, plan.BV), plan.N * H),
-        q, k, w, u, aqk, _g_arg(g, dummy), o if want_o else dummy, S0 if S0 is not None else dummy,
+        q, k, w, u, aqk, _g_arg(gcs, dummy), o if want_o else dummy, S0 if S0 is not None else dummy,
         sT if want_final else dummy, h if save_h else dummy, vn if save_h else dummy,
         plan.seqs, plan.T_steps, plan.NT, scale,
-        BK=plan.BK, BV=plan.BV, HAS_G=g is not None, HAS_S0=S0 is not None, STORE_ST=want_final,
+        BK=plan.BK, BV=plan.BV, HAS_G=gcs is not None, HAS_S0=S0 is not None, STORE_ST=want_final,
         WRITE_O=want_o, SAVE_H=save_h, **plan.common(),
     )
     return o, sT, h, vn
 
 
+class Kept(NamedTuple):
+    """What the forward keeps for the backward: the chunk quantities and, optionally, the states."""
+
+    w: torch.Tensor
+    u: torch.Tensor
+    aqk: torch.Tensor
+    xs: torch.Tensor
+    gcs: Optional[torch.Tensor]  # running log-decays (None without a gate)
+    h: Optional[torch.Tensor]  # per-chunk states (None unless CONFIG["save_states"])
+    vn: Optional[torch.Tensor]  # pseudo-values (likewise)
+
+
 def _forward(q, k, v, beta, g, scale, S0, plan, want_final, keep=False, keep_states=False):
-    """o and the final states; with ``keep``, also (W, U, Aqk, X, h, Vn) for the backward (else
-    None), where the per-chunk states h and pseudo-values Vn are None unless ``keep_states``."""
-    if keep:
-        w, u, aqk, xs = prep(q, k, v, beta, g, plan, save_x=True)
-    else:
-        w, u, aqk = prep(q, k, v, beta, g, plan)
+    """o and the final states; with ``keep``, also a ``Kept`` for the backward (else None), whose
+    per-chunk states h and pseudo-values Vn are None unless ``keep_states``."""
+    w, u, aqk, xs, gcs = prep(q, k, v, beta, g, plan, save_x=keep)
     keep_states = keep and keep_states
-    o, sT, hs, vn = state_pass(q, k, w, u, aqk, g, scale, S0, plan, want_final=want_final, save_h=keep_states)
-    return o, sT, ((w, u, aqk, xs, hs, vn) if keep else None)
+    o, sT, hs, vn = state_pass(q, k, w, u, aqk, gcs, scale, S0, plan, want_final=want_final, save_h=keep_states)
+    return o, sT, (Kept(w, u, aqk, xs, gcs, hs, vn) if keep else None)
 
 
 # -- autograd -----------------------------------------------------------------------------
@@ -209,7 +225,7 @@ class _DeltaRuleFunction(torch.autograd.Function):
 
 
 def _take_prepped(ctx):
-    """The kept (W, U, Aqk, X, h, Vn), removed from ctx (None when they were not kept)."""
+    """The ``Kept`` of the forward, removed from ctx (None when nothing was kept)."""
     prepped, ctx.prepped = ctx.prepped, None
     return prepped
 
