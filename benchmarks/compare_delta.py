@@ -306,7 +306,7 @@ def main() -> int:
     table = ["| op | B x T | ours fwd ms | fla fwd ms | ratio fwd | ours fwd+bwd ms | fla fwd+bwd ms | ratio fwd+bwd | ours peak MiB | fla peak MiB | ours fwd GB/s | ours fwd TFLOP/s "
              "| qla fwd ms | qla fwd+bwd ms | qla/ours fwd | qla/ours fwd+bwd | qla peak MiB |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    ops = args.ops.split(",")
+    ops = [op for op in args.ops.split(",") if op]  # --ops "": no timing table, only the other sections
     for op in ops:
         n = int(op[len("product"):]) if op.startswith("product") else 1
         gated = op == "gated" or n > 1  # fla's DeltaProduct op is the gated one
