@@ -268,6 +268,8 @@ def main() -> int:
     ap.add_argument("--keep-ab", action="store_true",
                     help="also time our forward+backward with the forward's chunk quantities recomputed, kept (save_prep) "
                          "and kept with the per-chunk states (save_states)")
+    ap.add_argument("--ab", action="append", default=[], metavar="KEY=V1,V2,...",
+                    help="also time our ops under each value of a triton_delta.CONFIG entry, e.g. gates=0,1,2")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override an entry of triton_delta.CONFIG, e.g. BV=64 or bwd_dqk=4,1 (num_warps,num_stages)")
     args = ap.parse_args()
@@ -277,6 +279,9 @@ def main() -> int:
     H, D = args.heads, args.dim
     CHUNK[0] = args.chunk
     apply_settings(args.set)
+    # fla >= 0.6 hands its gated op to FlashQLA when that is installed: keep fla's own Triton path
+    # in the fla columns (FlashQLA has columns of its own)
+    os.environ.setdefault("FLA_FLASH_QLA", "0")
     fla = load_fla()
     qla = None if args.no_qla else load_qla()
     commit = os.environ.get("HH_COMMIT") or _git_commit()
@@ -294,7 +299,8 @@ def main() -> int:
         f"- bf16 q, k, v, beta; float32 log-decay g; H = {H}, K = V = {D}; unit-norm keys; our chunk {args.chunk}; "
         "median of CUDA-event timings (triton.testing.do_bench); ratio = fla / ours, qla/ours = FlashQLA / ours (> 1: ours faster)",
         f"- our launch settings (householder.backends.triton_delta.CONFIG): {_config_text()}",
-        "- fla's refusal of its gated backward on Triton < 3.7.1 on Hopper (its issue #640) is switched off to time it",
+        "- fla's refusal of its gated backward on Triton < 3.7.1 on Hopper (its issue #640) is switched off to time it; "
+        f"FLA_FLASH_QLA={os.environ['FLA_FLASH_QLA']} (0: fla's own Triton kernels, not its dispatch to FlashQLA)",
         f"- GB/s: the forward's memory floor (inputs read once, output written once; {fwd_model(16, 2048, H, D, D, 1)[0] / 1e6:.0f} MB "
         "at 32768 tokens) over our forward time; the card's copy bandwidth is the ceiling",
         "- TFLOP/s: the chunk algorithm's useful matrix work (K K^T, Q K^T, W, U, Aqk Vn, W S, Q S, K^T Vn), "
@@ -380,8 +386,8 @@ def main() -> int:
     _write(args.out, lines)
 
     if args.profile:
-        lines += [f"## CUDA time per kernel, one forward+backward at B x T = {shapes[0][0]} x {shapes[0][1]} (torch.profiler)", ""]
-        lines += profile(fla, H, D, shapes[:1]) + [""]
+        lines += ["## CUDA time per kernel, one forward+backward (torch.profiler)", ""]
+        lines += profile(fla, H, D, sorted({shapes[0], shapes[-1]})) + [""]
         _write(args.out, lines)
     if args.keep_ab:
         lines += ["## Backward with the forward's chunk quantities kept or recomputed (ours, CONFIG['save_prep'], "
@@ -390,6 +396,10 @@ def main() -> int:
         _write(args.out, lines)
     if args.varlen:
         lines += ["## Packed sequences (cu_seqlens, B = 1) vs batched, our gated op", ""] + varlen_overhead(H, D, shapes) + [""]
+        _write(args.out, lines)
+    for item in args.ab:
+        key, _, vals = item.partition("=")
+        lines += [f"## Our ops under each value of CONFIG[{key!r}]", ""] + ab(H, D, sorted({shapes[0], shapes[-1]}), key, vals.split(",")) + [""]
         _write(args.out, lines)
     if args.sweep:
         lines += ["## Launch-setting sweep (ours, gated delta rule)", ""] + sweep(H, D, shapes) + [""]
@@ -441,6 +451,30 @@ def sweep(H, D, shapes):
             print(out[-1], flush=True)
     td.CONFIG.clear()
     td.CONFIG.update(default)
+    return out
+
+
+def ab(H, D, shapes, key, values):
+    """Our delta and gated ops, forward and forward+backward, under each value of CONFIG[key]."""
+    from householder.backends import triton_delta as td
+
+    before = td.CONFIG[key]
+    out = [f"| op | B x T | {key} | fwd ms | fwd+bwd ms | peak MiB |", "|---|---|---|---|---|---|"]
+    for op, gated in (("delta", False), ("gated", True)):
+        for B, T in shapes:
+            x = make(B, T, H, D, D, gated=gated)
+            for val in values:
+                try:
+                    apply_settings([f"{key}={val}"])
+                    f = bench(ours_fn(1, gated), list(x), False)[0]
+                    fb, peak = bench(ours_fn(1, gated), list(x), True)
+                    out.append(f"| {op} | {B} x {T} | {val} | {f:.3f} | {fb:.3f} | {peak:.0f} |")
+                except Exception as exc:
+                    out.append(f"| {op} | {B} x {T} | {val} | failed: {exc!r} | | |")
+                finally:
+                    td.CONFIG[key] = before
+                print(out[-1], flush=True)
+            torch.cuda.empty_cache()
     return out
 
 

@@ -198,12 +198,36 @@ def test_backward_keeps_or_recomputes_the_chunk_quantities_alike(rng, monkeypatc
         assert rel_err(a, d) < 2e-4, name
 
 
+@pytest.mark.parametrize("gates", [1, 2])
+@pytest.mark.parametrize("n, cu", [(1, None), (2, [0, 7, 7, 30, 50])], ids=["delta", "product-varlen"])
+def test_sequential_passes_take_the_gates_from_any_source_alike(rng, monkeypatch, gates, n, cu):
+    # CONFIG["gates"]: the running log-decays summed in the sequential kernels (0) or written by
+    # the prep kernel and loaded there (1, 2); a short last chunk and an empty sequence included
+    from householder.backends import triton_delta as td
+
+    N = 1 if cu is None else len(cu) - 1
+    inp = make_inputs(rng, 1, 50, 2, 16, 16, n=n, state=N)
+    cu_t = None if cu is None else torch.tensor(cu, device=DEVICE)
+    do = torch.tensor(rng.standard_normal((1, 50, 2, 16)), dtype=torch.float32, device=DEVICE)
+    dS = torch.tensor(rng.standard_normal((N, 2, 16, 16)), dtype=torch.float32, device=DEVICE)
+    runs = []
+    for mode, states in ((0, False), (gates, False), (gates, True)):
+        monkeypatch.setitem(td.CONFIG, "gates", mode)
+        monkeypatch.setitem(td.CONFIG, "save_states", states)
+        runs.append(_grads(inp, "triton", n, cu_t, do, dS, 32))
+    want = _grads({k: x.double() for k, x in inp.items()}, "torch", n, cu_t, do.double(), dS.double(), 64)
+    for name, a, b, c, d in zip(["o", "S"] + [f"d{m}" for m in inp], *runs, want):
+        assert rel_err(a, b) < 1e-6 and rel_err(a, c) < 1e-6, name
+        assert rel_err(b, d) < 2e-4, name
+
+
 @pytest.mark.parametrize("states", [False, True])
 def test_kept_chunk_quantities_are_released_by_the_backward(rng, monkeypatch, states):
     from householder.backends import triton_delta as td
 
     monkeypatch.setitem(td.CONFIG, "save_prep", True)
     monkeypatch.setitem(td.CONFIG, "save_states", states)
+    monkeypatch.setitem(td.CONFIG, "gates", 1)  # so that prep writes the running log-decays G too
     inp = {k: x.requires_grad_() for k, x in make_inputs(rng, 1, 40, 1, 16, 16, gated=True, state=1).items()}
     o, _ = hh.delta_rule(**inp, chunk_size=16, backend="triton")
     node = o.grad_fn

@@ -37,10 +37,10 @@ from householder.backends._triton_delta_fwd import _dot, chunk_bounds, chunk_gam
 
 @triton.jit
 def bwd_state_kernel(
-    q, k, w, aqk, gcs, do, dsT, dh, dvn, ds0, seqs, T_steps, NT, scale,
+    q, k, w, aqk, g, gcs, do, dsT, dh, dvn, ds0, seqs, T_steps, NT, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BC: tl.constexpr, NH: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr, HAS_DST: tl.constexpr,
-    DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr,
+    DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr, GMODE: tl.constexpr,
 ):
     """Reverse pass over chunks: dS' of each chunk (into dh), dVn, and dS_0."""
     i_v = tl.program_id(0)
@@ -73,7 +73,7 @@ def bwd_state_kernel(
         dot_ = tl.load(do + (t0 * H + i_h) * V + tok[:, None] * (H * V) + cv[None, :], mask=qrow[:, None] & (cv[None, :] < V), other=0.0).to(DT)
         at = tl.load(aqk + ((c0 + j) * H + i_h) * BC * BC + r[:, None] * BC + r[None, :]).to(DT)
         if HAS_G:
-            Gc, glast = load_gates(gcs + i_h, start, r, valid, eos, H, BC)
+            Gc, glast = load_gates(gcs + i_h, g + i_h, start, t0, r, tok, valid, first, eos, H, BC, GMODE)
             kt = kt * tl.exp(glast - Gc)[:, None]
             qt = qt * tl.exp(Gc)[:, None]
         dvt = _dot(tl.trans(at), dot_, F32, PREC) * scale + _dot(kt.to(DT), dS.to(DT), F32, PREC)
@@ -307,15 +307,16 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None):
         w, u, aqk, xs, gcs = tdelta.prep(q, k, v, beta, g, plan, save_x=True)
         hs = vn = None
     if hs is None:
-        _, _, hs, vn = tdelta.state_pass(q, k, w, u, aqk, gcs, scale, S0, plan, want_o=False, want_final=False, save_h=True)
+        _, _, hs, vn = tdelta.state_pass(q, k, w, u, aqk, g, gcs, scale, S0, plan, want_o=False, want_final=False, save_h=True)
     dhs = torch.empty_like(hs)
     dvn = torch.empty_like(vn)
     ds0 = torch.empty((plan.N, H, K, V), dtype=torch.float32, device=dev)
     dummy = do  # stands for absent optional tensors; never read
     tdelta.launch("bwd_state", bwd_state_kernel, (triton.cdiv(V, plan.BV), plan.N * H),
-        q, k, w, aqk, gcs if g is not None else dummy, do, dsT.contiguous() if dsT is not None else dummy,
-        dhs, dvn, ds0, plan.seqs, plan.T_steps, plan.NT, scale,
-        BK=plan.BK, BV=plan.BV, HAS_G=g is not None, HAS_DST=dsT is not None, **plan.common(),
+        q, k, w, aqk, g if g is not None else dummy, gcs if gcs is not None else dummy, do,
+        dsT.contiguous() if dsT is not None else dummy, dhs, dvn, ds0, plan.seqs, plan.T_steps, plan.NT, scale,
+        BK=plan.BK, BV=plan.BV, HAS_G=g is not None, HAS_DST=dsT is not None, GMODE=tdelta.gate_mode(gcs),
+        max_stages=plan.seq_stages, **plan.common(),
     )
     # each buffer is dropped after its last reader and each output made just before its
     # writer, so the caching allocator reuses the memory and the peak stays low

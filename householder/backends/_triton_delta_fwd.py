@@ -89,13 +89,24 @@ def chunk_gates(gp, tok, valid, first, H: tl.constexpr):
 
 
 @triton.jit
-def load_gates(gcs, start, r, valid, end, H: tl.constexpr, BC: tl.constexpr):
-    """The running log-decay G of a chunk (BC,) written by ``prep_kernel``, and G at its last row.
+def load_gates(gcs, g, start, t0, r, tok, valid, first, end, H: tl.constexpr, BC: tl.constexpr, GMODE: tl.constexpr):
+    """The running log-decay G of a chunk (BC,) and G at its last row, for the sequential passes.
 
-    Rows past the sequence's end get the last row's value, as the running sum would."""
-    glast = tl.load(gcs + (start + tl.minimum(end - start, BC) - 1) * H)
-    Gc = tl.load(gcs + start * H + r * H, mask=valid, other=0.0)
-    return tl.where(valid, Gc, glast), glast
+    ``gcs``/``g`` point at this head's column. GMODE 0: summed here from g; 1: loaded (written by
+    ``prep_kernel``), the last row's value by a scalar load; 2: loaded, the last row's value by a
+    reduction. Rows past the sequence's end get the last row's value, as the running sum would."""
+    if GMODE == 0:
+        Gc = chunk_gates(g + t0 * H, tok, valid, first, H)
+        glast = tl.sum(tl.where(r == BC - 1, Gc, 0.0), 0)
+    else:
+        Gc = tl.load(gcs + start * H + r * H, mask=valid, other=0.0)
+        if GMODE == 1:
+            glast = tl.load(gcs + (start + tl.minimum(end - start, BC) - 1) * H)
+        else:
+            nv = tl.minimum(end - start, BC).to(tl.int32)
+            glast = tl.sum(tl.where(r == nv - 1, Gc, 0.0), 0)
+        Gc = tl.where(valid, Gc, glast)
+    return Gc, glast
 
 
 @triton.jit
@@ -127,7 +138,7 @@ def prep_kernel(
     q, k, v, beta, g, w, u, aqk, xs, gcs, chunks, T_steps, NT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BKP: tl.constexpr, BV: tl.constexpr,
     BC: tl.constexpr, NH: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr, SAVE_X: tl.constexpr,
-    DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr, FPREC: tl.constexpr,
+    SAVE_G: tl.constexpr, DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr, FPREC: tl.constexpr,
 ):
     """Per (chunk, head): W = A diag(e^G) K, U = A V and Aqk = tril(Q K^T) o Gamma (and X and G, float32)."""
     i_c = tl.program_id(0).to(tl.int64)
@@ -155,7 +166,8 @@ def prep_kernel(
         QK += _dot(qb, tl.trans(kb), F32, PREC)
     if HAS_G:
         Gc = chunk_gates(g + t0 * H + i_h, tok, valid, first, H)
-        tl.store(gcs + start * H + i_h + r * H, Gc, mask=valid)
+        if SAVE_G:
+            tl.store(gcs + start * H + i_h + r * H, Gc, mask=valid)
     else:
         Gc = tl.zeros((BC,), dtype=tl.float32)
     A, X, gam = chunk_factor(Gm, b, Gc, BC, HAS_G, FPREC)
@@ -182,11 +194,11 @@ def prep_kernel(
 
 @triton.jit
 def state_kernel(
-    q, k, w, u, aqk, gcs, o, s0, sT, h, vn, seqs, T_steps, NT, scale,
+    q, k, w, u, aqk, g, gcs, o, s0, sT, h, vn, seqs, T_steps, NT, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BC: tl.constexpr, NH: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr,
     HAS_S0: tl.constexpr, STORE_ST: tl.constexpr, WRITE_O: tl.constexpr, SAVE_H: tl.constexpr,
-    DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr,
+    DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr, GMODE: tl.constexpr,
 ):
     """Per (value block, sequence, head): the sequential pass over chunks, with the output."""
     i_v = tl.program_id(0)
@@ -222,7 +234,7 @@ def state_kernel(
             tl.store(vn + (start * H + i_h) * V + offv, vnew.to(vn.dtype.element_ty), mask=mv)
         vd = vnew.to(DT)
         if HAS_G:
-            Gc, glast = load_gates(gcs + i_h, start, r, valid, eos, H, BC)
+            Gc, glast = load_gates(gcs + i_h, g + i_h, start, t0, r, tok, valid, first, eos, H, BC, GMODE)
         if WRITE_O:
             qrow = valid & last
             qt = tl.load(q + (t0 * H + i_h) * K + tok[:, None] * (H * K) + ck[None, :], mask=qrow[:, None] & (ck[None, :] < K), other=0.0).to(DT)

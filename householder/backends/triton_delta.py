@@ -37,6 +37,10 @@ CONFIG = {
     "bwd_dqk": (8, 1),
     "bwd_wy": (8, 1),
     "bwd_chunk": None,  # chunk size of the backward pass (None: the forward's)
+    # How the sequential passes get the running log-decays G of a chunk: 0 sum them from g there,
+    # 1 load them from the prep kernel's output (last row by a scalar load), 2 load them (last row
+    # by a reduction). Being timed on a GPU (compare_delta.py --ab gates=0,1,2).
+    "gates": 0,
     # Keep the forward's W, U, Aqk and chunk inverses X for the backward instead of recomputing
     # them there: one per-chunk kernel less in the backward, for (K + V + BC) * 2 + BC * 4 bytes
     # per step and head held between the passes (bf16 inputs; 3.5x q's size at K = V = 128 and
@@ -95,6 +99,9 @@ class _Plan:
         self.PREC = "ieee" if interp else "tf32x3"
         self.FPREC = "ieee" if interp else ("tf32x3" if dtype == torch.float32 else "tf32")
         self.BK = max(16, triton.next_power_of_2(K))
+        # float32 tiles of the sequential passes at K >= 128 outgrow shared memory when their loads
+        # are double-buffered (238 KB against the H100's 227 KB in the reverse pass): single stage
+        self.seq_stages = 1 if (dtype == torch.float32 and self.BK >= 128) else None
         self.BKP = min(64, self.BK)
         self.BVP = min(64, max(16, triton.next_power_of_2(V)))
         self.BVB = min(CONFIG["bwd_BV"], max(16, triton.next_power_of_2(V)))
@@ -125,10 +132,17 @@ def _varlen_tables(offsets: tuple, NH: int, BC: int, device: str):
     return seq_t, chunk_t, len(chunks)
 
 
-def launch(name: str, kernel, grid, *args, **meta) -> None:
-    """Launch ``kernel`` with the (num_warps, num_stages) of CONFIG[name]."""
+def launch(name: str, kernel, grid, *args, max_stages=None, **meta) -> None:
+    """Launch ``kernel`` with the (num_warps, num_stages) of CONFIG[name], stages capped at ``max_stages``."""
     warps, stages = CONFIG[name]
+    if max_stages is not None:
+        stages = min(stages, max_stages)
     kernel[grid](*args, **meta, num_warps=warps, num_stages=stages)
+
+
+def gate_mode(gcs) -> int:
+    """The sequential kernels' GMODE: 0 (sum the gates there) when prep wrote no running log-decays."""
+    return 0 if gcs is None else (CONFIG["gates"] or 1)
 
 
 def _g_arg(g, like):
@@ -141,25 +155,26 @@ def _g_arg(g, like):
 def prep(q, k, v, beta, g, plan: _Plan, save_x: bool = False):
     """W (B, T_steps, H, K), U (B, T_steps, H, V), Aqk (NT_total, H, BC, BC) of every chunk, X (float32,
     or None unless ``save_x``) and the running log-decays G inside each chunk (B, T_steps, H) float32
-    (None without a gate)."""
+    (None without a gate, or when CONFIG["gates"] is 0: then the sequential passes sum them)."""
     w = torch.empty_like(k)
     u = torch.empty_like(v)
     aqk = torch.empty((plan.NT_total, plan.H, plan.BC, plan.BC), dtype=q.dtype, device=q.device)
     xs = torch.empty((plan.NT_total, plan.H, plan.BC, plan.BC), dtype=torch.float32, device=q.device) if save_x else None
-    gcs = torch.empty(beta.shape, dtype=torch.float32, device=q.device) if g is not None else None
+    gcs = torch.empty(beta.shape, dtype=torch.float32, device=q.device) if g is not None and CONFIG["gates"] else None
     if plan.NT_total:
         launch("prep", _fwd.prep_kernel, (plan.NT_total, plan.H),
-            q, k, v, beta, _g_arg(g, beta), w, u, aqk, xs if save_x else aqk, gcs if g is not None else aqk,
+            q, k, v, beta, _g_arg(g, beta), w, u, aqk, xs if save_x else aqk, gcs if gcs is not None else aqk,
             plan.chunks, plan.T_steps, plan.NT,
-            BKP=plan.BKP, BV=plan.BVP, HAS_G=g is not None, SAVE_X=save_x, FPREC=plan.FPREC, **plan.common(),
+            BKP=plan.BKP, BV=plan.BVP, HAS_G=g is not None, SAVE_X=save_x, SAVE_G=gcs is not None, FPREC=plan.FPREC,
+            **plan.common(),
         )
     return w, u, aqk, xs, gcs
 
 
-def state_pass(q, k, w, u, aqk, gcs, scale, S0, plan: _Plan, *, want_o=True, want_final=True, save_h=False):
+def state_pass(q, k, w, u, aqk, g, gcs, scale, S0, plan: _Plan, *, want_o=True, want_final=True, save_h=False):
     """The sequential pass: o (B, T, H, V), final states (N, H, K, V) float32, and the per-chunk states.
 
-    ``gcs``: the running log-decays from ``prep`` (None without a gate)."""
+    ``gcs``: the running log-decays from ``prep`` (None: summed from g here)."""
     B, T, H, K, V = plan.B, plan.T, plan.H, plan.K, plan.V
     dev = q.device
     o = torch.empty((B, T, H, V), dtype=q.dtype, device=dev) if want_o else None
@@ -168,11 +183,11 @@ def state_pass(q, k, w, u, aqk, gcs, scale, S0, plan: _Plan, *, want_o=True, wan
     vn = torch.empty_like(u) if save_h else None
     dummy = u
     launch("state", _fwd.state_kernel, (triton.cdiv(V, plan.BV), plan.N * H),
-        q, k, w, u, aqk, _g_arg(gcs, dummy), o if want_o else dummy, S0 if S0 is not None else dummy,
+        q, k, w, u, aqk, _g_arg(g, dummy), _g_arg(gcs, dummy), o if want_o else dummy, S0 if S0 is not None else dummy,
         sT if want_final else dummy, h if save_h else dummy, vn if save_h else dummy,
         plan.seqs, plan.T_steps, plan.NT, scale,
-        BK=plan.BK, BV=plan.BV, HAS_G=gcs is not None, HAS_S0=S0 is not None, STORE_ST=want_final,
-        WRITE_O=want_o, SAVE_H=save_h, **plan.common(),
+        BK=plan.BK, BV=plan.BV, HAS_G=g is not None, HAS_S0=S0 is not None, STORE_ST=want_final,
+        WRITE_O=want_o, SAVE_H=save_h, GMODE=gate_mode(gcs), max_stages=plan.seq_stages, **plan.common(),
     )
     return o, sT, h, vn
 
@@ -184,7 +199,7 @@ class Kept(NamedTuple):
     u: torch.Tensor
     aqk: torch.Tensor
     xs: torch.Tensor
-    gcs: Optional[torch.Tensor]  # running log-decays (None without a gate)
+    gcs: Optional[torch.Tensor]  # running log-decays (None without a gate or with CONFIG["gates"] 0)
     h: Optional[torch.Tensor]  # per-chunk states (None unless CONFIG["save_states"])
     vn: Optional[torch.Tensor]  # pseudo-values (likewise)
 
@@ -194,7 +209,7 @@ def _forward(q, k, v, beta, g, scale, S0, plan, want_final, keep=False, keep_sta
     per-chunk states h and pseudo-values Vn are None unless ``keep_states``."""
     w, u, aqk, xs, gcs = prep(q, k, v, beta, g, plan, save_x=keep)
     keep_states = keep and keep_states
-    o, sT, hs, vn = state_pass(q, k, w, u, aqk, gcs, scale, S0, plan, want_final=want_final, save_h=keep_states)
+    o, sT, hs, vn = state_pass(q, k, w, u, aqk, g, gcs, scale, S0, plan, want_final=want_final, save_h=keep_states)
     return o, sT, (Kept(w, u, aqk, xs, gcs, hs, vn) if keep else None)
 
 
