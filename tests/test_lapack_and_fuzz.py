@@ -17,7 +17,7 @@ def reflectors(a: np.ndarray):
     geqrf = lapack.dgeqrf if a.dtype == np.float64 else lapack.sgeqrf
     qr, tau, _, info = geqrf(a)
     assert info == 0
-    m, k = a.shape[0], tau.shape[0]
+    k = tau.shape[0]
     v = np.tril(qr[:, :k], -1)
     v[np.arange(k), np.arange(k)] = 1.0
     return qr, v.T.copy(), tau
