@@ -278,3 +278,54 @@ def test_second_backward_with_retain_graph_recomputes_what_the_first_released(rn
     second = torch.autograd.grad(o.sum(), list(inp.values()))
     for name, a, b in zip(inp, first, second):
         assert rel_err(a, b) < 1e-6, name
+
+
+@pytest.mark.parametrize(
+    "B, T, H, K, V, n, chunk, gated, cu",
+    [
+        (2, 37, 2, 8, 24, 1, 16, True, None),  # short last chunk, K != V, K below the 16-wide tiles
+        (1, 40, 1, 16, 16, 1, 32, False, None),
+        (1, 50, 2, 80, 40, 2, 16, True, [0, 23, 23, 50]),  # two key blocks, DeltaProduct, varlen with an empty sequence
+    ],
+)
+def test_fused_backward_matches_the_two_kernel_one(rng, monkeypatch, B, T, H, K, V, n, chunk, gated, cu):
+    # CONFIG["fuse_bwd"]: the per-chunk backward in one kernel or two; same products on the same
+    # chunks, so the gradients agree to float32 rounding, and both with the float64 torch path
+    from householder.backends import triton_delta as td
+
+    N = B if cu is None else len(cu) - 1
+    inp = make_inputs(rng, B, T, H, K, V, n=n, gated=gated, state=N)
+    cu_t = None if cu is None else torch.tensor(cu, device=DEVICE)
+    do = torch.tensor(rng.standard_normal((B, T, H, V)), dtype=torch.float32, device=DEVICE)
+    dS = torch.tensor(rng.standard_normal((N, H, K, V)), dtype=torch.float32, device=DEVICE)
+    runs = []
+    for fused in (False, True):
+        monkeypatch.setitem(td.CONFIG, "fuse_bwd", fused)
+        runs.append(_grads(inp, "triton", n, cu_t, do, dS, chunk))
+    want = _grads({k: x.double() for k, x in inp.items()}, "torch", n, cu_t, do.double(), dS.double(), 64)
+    for name, a, b, c in zip(["o", "S"] + [f"d{m}" for m in inp], *runs, want):
+        assert rel_err(b, a) < 1e-5, name
+        assert rel_err(b, c) < 2e-4, name
+
+
+@pytest.mark.parametrize("splits", [0, 1, 2])
+@pytest.mark.parametrize("chunk", [16, 32, 64])
+def test_chunk_factor_inverse_split_into_quadrants(rng, monkeypatch, splits, chunk):
+    # CONFIG["inverse_splits"]: the prep kernel's triangular inverse by doubling over the whole
+    # chunk (0) or through quadrants split once or twice (fewer when the chunk is too small);
+    # nearly parallel keys make the inverse's entries large, where a wrong merge would show
+    from householder.backends import triton_delta as td
+
+    monkeypatch.setitem(td.CONFIG, "inverse_splits", splits)
+    inp = make_inputs(rng, 1, 70, 2, 16, 16, n=1, state=1)
+    base = inp["k"][:, :1]
+    inp["k"] = torch.nn.functional.normalize(base + 0.05 * inp["k"], dim=-1)
+    inp["beta"] = torch.full_like(inp["beta"], 1.9)
+    o, S = hh.delta_rule(**inp, output_final_state=True, chunk_size=chunk, backend="triton")
+    ro, rS = ref_of(inp)
+    assert rel_err(o, ro) < 1e-4
+    assert rel_err(S, rS) < 1e-4
+    got = _grads(inp, "triton", 1, None, torch.ones_like(o), torch.ones_like(S), chunk)
+    want = _grads({k: x.double() for k, x in inp.items()}, "torch", 1, None, torch.ones_like(o).double(), torch.ones_like(S).double(), 64)
+    for name, a, b in zip(["o", "S"] + [f"d{m}" for m in inp], got, want):
+        assert rel_err(a, b) < 2e-4, name

@@ -288,6 +288,153 @@ def bwd_wy_kernel(
     tl.store(dbeta + start * H + i_h + r * H, db.to(dbeta.dtype.element_ty), mask=valid)
 
 
+@triton.jit
+def bwd_fused_kernel(
+    q, k, v, beta, g, xs, h, dh, vn, dvn, do, dq, dkp, dk, dv, dbeta, dg, chunks, T_steps, NT, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BKP: tl.constexpr, BV: tl.constexpr,
+    BC: tl.constexpr, NH: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr,
+    DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr,
+):
+    """Per (chunk, head), ``bwd_dqk_kernel`` and ``bwd_wy_kernel`` in one program: dq, dk, dv, dbeta, dg.
+
+    dW never leaves the program: its two uses, dA += dW (diag(e^G) K)^T and the A^T dW term of dk,
+    are taken as each key block of it is formed, and dA += dVn V^T beside dM. Only dk's partial sum
+    goes through memory (``dkp``, float32, read back by the same program, so mostly from L2):
+    the factor's term of dk needs dA over every key block first.
+    """
+    i_c = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1)
+    start, end = chunk_bounds(i_c, chunks, T_steps, NT, BC, VARLEN)
+    r, tok, first, last = chunk_rows(start, NH, BC)
+    valid = r < end - start
+    qrow = valid & last
+    causal = r[:, None] >= r[None, :]
+    is_end = r == tl.minimum(end - start, BC) - 1
+    t0 = start // NH
+    pk = k + (start * H + i_h) * K
+    pdk = dk + (start * H + i_h) * K
+    pdkp = dkp + (start * H + i_h) * K
+    pq = q + (t0 * H + i_h) * K
+    pdq = dq + (t0 * H + i_h) * K
+    pv = v + (start * H + i_h) * V
+    pdv = dv + (start * H + i_h) * V
+    pvn = vn + (start * H + i_h) * V
+    pdvn = dvn + (start * H + i_h) * V
+    pdo = do + (t0 * H + i_h) * V
+    ph = h + (i_c * H + i_h) * K * V
+    pdh = dh + (i_c * H + i_h) * K * V
+    px = xs + (i_c * H + i_h) * BC * BC + r[:, None] * BC + r[None, :]
+    b = tl.load(beta + start * H + i_h + r * H, mask=valid, other=0.0).to(tl.float32)
+    if HAS_G:
+        Gc = chunk_gates(g + t0 * H + i_h, tok, valid, first, H)
+    else:
+        Gc = tl.zeros((BC,), dtype=tl.float32)
+    glast = tl.sum(tl.where(r == BC - 1, Gc, 0.0), 0)
+    eG = tl.exp(Gc)
+    ed = tl.exp(glast - Gc)
+    gam = chunk_gamma(Gc, BC, HAS_G)
+    At = tl.trans((tl.load(px) * gam * b[None, :]).to(DT))
+
+    # dM = scale tril(dO Vn^T), dA = dVn V^T (+ the key blocks' dW terms below), dV = A^T dVn
+    dM = tl.zeros((BC, BC), dtype=tl.float32)
+    dA = tl.zeros((BC, BC), dtype=tl.float32)
+    for v0 in tl.static_range(0, V, BV):
+        cv = v0 + tl.arange(0, BV)
+        mv = valid[:, None] & (cv[None, :] < V)
+        offv = r[:, None] * (H * V) + cv[None, :]
+        dob = tl.load(pdo + tok[:, None] * (H * V) + cv[None, :], mask=qrow[:, None] & (cv[None, :] < V), other=0.0).to(DT)
+        vnb = tl.load(pvn + offv, mask=mv, other=0.0).to(DT)
+        dvnb = tl.load(pdvn + offv, mask=mv, other=0.0).to(DT)
+        vb = tl.load(pv + offv, mask=mv, other=0.0).to(DT)
+        dM += _dot(dob, tl.trans(vnb), F32, PREC)
+        dA += _dot(dvnb, tl.trans(vb), F32, PREC)
+        tl.store(pdv + offv, _dot(At, dvnb, F32, PREC).to(dv.dtype.element_ty), mask=mv)
+    dM = tl.where(causal, dM * scale, 0.0)
+    dG = tl.zeros((BC,), dtype=tl.float32)
+    dGC = tl.sum(tl.zeros((BC,), dtype=tl.float32), 0)  # a float32 scalar (tensor) for the unrolled loops
+    if HAS_G:
+        QK = tl.zeros((BC, BC), dtype=tl.float32)
+        for k0 in tl.static_range(0, K, BKP):
+            ck = k0 + tl.arange(0, BKP)
+            kb = tl.load(pk + r[:, None] * (H * K) + ck[None, :], mask=valid[:, None] & (ck[None, :] < K), other=0.0).to(DT)
+            qb = tl.load(pq + tok[:, None] * (H * K) + ck[None, :], mask=qrow[:, None] & (ck[None, :] < K), other=0.0).to(DT)
+            QK += _dot(qb, tl.trans(kb), F32, PREC)
+        E = dM * QK * gam
+        dG += tl.sum(E, 1) - tl.sum(E, 0)
+    dMg = dM * gam
+
+    for k0 in tl.static_range(0, K, BKP):
+        ck = k0 + tl.arange(0, BKP)
+        mk = valid[:, None] & (ck[None, :] < K)
+        mq = qrow[:, None] & (ck[None, :] < K)
+        offk = r[:, None] * (H * K) + ck[None, :]
+        dQ0 = tl.zeros((BC, BKP), dtype=tl.float32)
+        dKd = tl.zeros((BC, BKP), dtype=tl.float32)
+        dW = tl.zeros((BC, BKP), dtype=tl.float32)
+        for v0 in tl.static_range(0, V, BV):
+            cv = v0 + tl.arange(0, BV)
+            mv = valid[:, None] & (cv[None, :] < V)
+            mkv = (ck[:, None] < K) & (cv[None, :] < V)
+            offv = r[:, None] * (H * V) + cv[None, :]
+            hb = tl.load(ph + ck[:, None] * V + cv[None, :], mask=mkv, other=0.0)
+            dhb = tl.load(pdh + ck[:, None] * V + cv[None, :], mask=mkv, other=0.0)
+            if HAS_G:
+                dGC += tl.sum(tl.sum(hb.to(tl.float32) * dhb.to(tl.float32), 1), 0)
+            dob = tl.load(pdo + tok[:, None] * (H * V) + cv[None, :], mask=qrow[:, None] & (cv[None, :] < V), other=0.0).to(DT)
+            vnb = tl.load(pvn + offv, mask=mv, other=0.0).to(DT)
+            dvnb = tl.load(pdvn + offv, mask=mv, other=0.0).to(DT)
+            hT = tl.trans(hb.to(DT))
+            dQ0 += _dot(dob, hT, F32, PREC)
+            dW -= _dot(dvnb, hT, F32, PREC)
+            dKd += _dot(vnb, tl.trans(dhb.to(DT)), F32, PREC)
+        kb = tl.load(pk + offk, mask=mk, other=0.0)
+        qb = tl.load(pq + tok[:, None] * (H * K) + ck[None, :], mask=mq, other=0.0)
+        # dW in the inputs' precision, as the two-kernel path stores it
+        dWd = dW.to(DT)
+        Kg = kb.to(tl.float32) * eG[:, None]
+        dA += _dot(dWd, tl.trans(Kg.to(DT)), F32, PREC)
+        AtdW = _dot(At, dWd, F32, PREC)
+        dQ0 = dQ0 * (scale * eG[:, None])
+        dqb = dQ0 + _dot(dMg.to(DT), kb.to(DT), F32, PREC)
+        tl.store(pdq + tok[:, None] * (H * K) + ck[None, :], dqb.to(dq.dtype.element_ty), mask=mq)
+        dKd = dKd * ed[:, None]
+        dkb = _dot(tl.trans(dMg.to(DT)), qb.to(DT), F32, PREC) + dKd + AtdW * eG[:, None]
+        tl.store(pdkp + offk, dkb, mask=mk)
+        if HAS_G:
+            dKdKd = tl.sum(dKd * kb.to(tl.float32), 1)
+            dG += tl.sum(dQ0 * qb.to(tl.float32), 1) - dKdKd + tl.sum(AtdW * Kg, 1)
+            dG += tl.where(is_end, tl.sum(dKdKd, 0), 0.0)
+
+    # through the factor, as in bwd_wy_kernel
+    Xg = tl.load(px) * gam
+    db = tl.sum(Xg * dA, 0)
+    dXg = dA * b[None, :]
+    if HAS_G:
+        dG += tl.where(is_end, dGC * tl.exp(glast), 0.0)
+        E = dXg * Xg
+        dG += tl.sum(E, 1) - tl.sum(E, 0)
+        dgs = tl.sum(dG, 0) - tl.cumsum(dG, 0) + dG
+        tl.store(dg + t0 * H + i_h + tok * H, dgs.to(dg.dtype.element_ty), mask=valid & first)
+    Xt = tl.trans(tl.load(px).to(DT))
+    dL = -_dot(_dot(Xt, (dXg * gam).to(DT), F32, PREC).to(DT), Xt, F32, PREC)
+    dL = tl.where(r[:, None] > r[None, :], dL, 0.0)
+    dLd = dL.to(DT)
+    dLtd = tl.trans(dLd)
+    # the partial dk rows were stored by other threads of this program
+    tl.debug_barrier()
+    for k0 in tl.static_range(0, K, BKP):
+        ck = k0 + tl.arange(0, BKP)
+        mk = valid[:, None] & (ck[None, :] < K)
+        offk = r[:, None] * (H * K) + ck[None, :]
+        kb = tl.load(pk + offk, mask=mk, other=0.0).to(tl.float32)
+        dkb = tl.load(pdkp + offk, mask=mk, other=0.0)
+        dLK = _dot(dLd, kb.to(DT), F32, PREC)
+        db += tl.sum(dLK * kb, 1)
+        dkb += dLK * b[:, None] + _dot(dLtd, (kb * b[:, None]).to(DT), F32, PREC)
+        tl.store(pdk + offk, dkb.to(dk.dtype.element_ty), mask=mk)
+    tl.store(dbeta + start * H + i_h + r * H, db.to(dbeta.dtype.element_ty), mask=valid)
+
+
 def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None):
     """Gradients (dq, dk, dv, dbeta, dg, dS0) of the chunkwise delta rule for output gradients do, dsT.
 
@@ -321,12 +468,25 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None):
     # each buffer is dropped after its last reader and each output made just before its
     # writer, so the caching allocator reuses the memory and the peak stays low
     del w, u, aqk, gcs
+    grid = (plan.NT_total, H)
+    meta = dict(BKP=plan.BKP, BV=plan.BVB, HAS_G=g is not None, **plan.common())
+    if tdelta.CONFIG["fuse_bwd"] and plan.NT_total:
+        dq = torch.empty_like(q)
+        dkp = torch.empty(k.shape, dtype=torch.float32, device=dev)
+        dk = torch.empty_like(k)
+        dv = torch.empty_like(v)
+        dbeta = torch.empty(beta.shape, dtype=torch.float32, device=dev)
+        dg = torch.empty(g.shape, dtype=torch.float32, device=dev) if g is not None else None
+        tdelta.launch("bwd_fused", bwd_fused_kernel, grid,
+            q, k, v, beta, g if g is not None else dummy, xs, hs, dhs, vn, dvn, do, dq, dkp, dk, dv, dbeta,
+            dg if g is not None else dummy, plan.chunks, plan.T_steps, plan.NT, scale,
+            **meta,
+        )
+        return _grads_out(dq, dk, dv, dbeta, dg, ds0, beta, g, S0)
     dq = torch.empty_like(q)  # every token row is written once: at its last step
     dkp = torch.empty(k.shape, dtype=torch.float32, device=dev)
     dw = torch.empty_like(k)  # only ever read as a matrix-product operand in k's dtype
     dgp = torch.empty(beta.shape, dtype=torch.float32, device=dev) if g is not None else None
-    grid = (plan.NT_total, H)
-    meta = dict(BKP=plan.BKP, BV=plan.BVB, HAS_G=g is not None, **plan.common())
     if plan.NT_total:
         tdelta.launch("bwd_dqk", bwd_dqk_kernel, grid,
             q, k, g if g is not None else dummy, hs, dhs, vn, dvn, do, dq, dkp, dw,
@@ -348,6 +508,11 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None):
         dk.zero_(), dv.zero_(), dbeta.zero_()
         if dg is not None:
             dg.zero_()
+    return _grads_out(dq, dk, dv, dbeta, dg, ds0, beta, g, S0)
+
+
+def _grads_out(dq, dk, dv, dbeta, dg, ds0, beta, g, S0):
+    """The gradients in the dtypes of their inputs (None for absent g and S0)."""
     return (
         dq,
         dk,

@@ -28,7 +28,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from householder.backends._triton_factor import unit_upper_inverse
+from householder.backends._triton_factor import split_unit_upper_inverse
 
 
 @triton.jit
@@ -121,14 +121,15 @@ def chunk_gamma(Gc, BC: tl.constexpr, HAS_G: tl.constexpr):
 
 
 @triton.jit
-def chunk_factor(Gm, b, Gc, BC: tl.constexpr, HAS_G: tl.constexpr, FPREC: tl.constexpr):
+def chunk_factor(Gm, b, Gc, BC: tl.constexpr, HAS_G: tl.constexpr, FPREC: tl.constexpr, SPLITS: tl.constexpr):
     """The gated chunk factor A = (X o Gamma) diag(beta), X = (I + tril(diag(beta) K K^T, -1))^{-1}.
 
-    Gm = K K^T (BC, BC) float32, b = beta (BC,), Gc = running log-decay (BC,).
+    Gm = K K^T (BC, BC) float32, b = beta (BC,), Gc = running log-decay (BC,); SPLITS: quadrant
+    splits of the inverse (``split_unit_upper_inverse``).
     Returns (A, X, Gamma).
     """
     # X^T = (I + striu(K K^T diag(beta)))^{-1}, and X diag(beta) = T^T for the core's factor T
-    X = tl.trans(unit_upper_inverse(Gm * b[None, :], BC, FPREC))
+    X = tl.trans(split_unit_upper_inverse(Gm * b[None, :], BC, FPREC, SPLITS))
     gam = chunk_gamma(Gc, BC, HAS_G)
     return X * gam * b[None, :], X, gam
 
@@ -139,6 +140,7 @@ def prep_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BKP: tl.constexpr, BV: tl.constexpr,
     BC: tl.constexpr, NH: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr, SAVE_X: tl.constexpr,
     SAVE_G: tl.constexpr, DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr, FPREC: tl.constexpr,
+    SPLITS: tl.constexpr,
 ):
     """Per (chunk, head): W = A diag(e^G) K, U = A V and Aqk = tril(Q K^T) o Gamma (and X and G, float32)."""
     i_c = tl.program_id(0).to(tl.int64)
@@ -170,7 +172,7 @@ def prep_kernel(
             tl.store(gcs + start * H + i_h + r * H, Gc, mask=valid)
     else:
         Gc = tl.zeros((BC,), dtype=tl.float32)
-    A, X, gam = chunk_factor(Gm, b, Gc, BC, HAS_G, FPREC)
+    A, X, gam = chunk_factor(Gm, b, Gc, BC, HAS_G, FPREC, SPLITS)
     QK = QK * gam
     tl.store(aqk + (i_c * H + i_h) * BC * BC + r[:, None] * BC + r[None, :], QK.to(aqk.dtype.element_ty))
     if SAVE_X:

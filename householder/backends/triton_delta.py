@@ -36,6 +36,7 @@ CONFIG = {
     "bwd_state": (4, 2),
     "bwd_dqk": (8, 1),
     "bwd_wy": (8, 1),
+    "bwd_fused": (8, 1),
     "bwd_chunk": None,  # chunk size of the backward pass (None: the forward's)
     # How the sequential passes get the running log-decays G of a chunk: 0 sum them from g there,
     # 1 load them from the prep kernel's output (last row by a scalar load), 2 load them (last row
@@ -53,6 +54,13 @@ CONFIG = {
     # backward at the same peak, but holds 384 MiB more per call between the passes (at 32768 tokens,
     # H = 16): off, because a model holds that for every layer awaiting its backward.
     "save_states": False,
+    # One per-chunk backward kernel (bwd_fused_kernel) instead of two (bwd_dqk, then bwd_wy): dW
+    # and the second kernel's reloads of dVn, k and the partial dk no longer go through memory.
+    "fuse_bwd": False,
+    # Quadrant splits (0, 1, 2) of the chunk factor's triangular inverse in the prep kernel: 0
+    # inverts the whole chunk by doubling, which at chunk 64 is 4.3x (1 split) or 15x (2) the
+    # multiply-adds of the split forms.
+    "inverse_splits": 0,
 }
 CHUNK_SIZES = (16, 32, 64)
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -169,6 +177,7 @@ def prep(q, k, v, beta, g, plan: _Plan, save_x: bool = False):
             q, k, v, beta, _g_arg(g, beta), w, u, aqk, xs if save_x else aqk, gcs if gcs is not None else aqk,
             plan.chunks, plan.T_steps, plan.NT,
             BKP=plan.BKP, BV=plan.BVP, HAS_G=g is not None, SAVE_X=save_x, SAVE_G=gcs is not None, FPREC=plan.FPREC,
+            SPLITS=CONFIG["inverse_splits"],
             **plan.common(),
         )
     return w, u, aqk, xs, gcs
