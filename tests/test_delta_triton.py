@@ -299,13 +299,19 @@ def test_fused_backward_matches_the_two_kernel_one(rng, monkeypatch, B, T, H, K,
     do = torch.tensor(rng.standard_normal((B, T, H, V)), dtype=torch.float32, device=DEVICE)
     dS = torch.tensor(rng.standard_normal((N, H, K, V)), dtype=torch.float32, device=DEVICE)
     runs = []
-    for fused in (False, True):
+    # (fuse_bwd, dg_from_aqk): mode 1 fuses only without a gate, 2 always; the gate's score term
+    # from the forward's Aqk or from Q K^T formed again, in either kernel
+    for fused, aqk in ((0, False), (2, False), (2, True), (0, True), (1, False)):
         monkeypatch.setitem(td.CONFIG, "fuse_bwd", fused)
+        monkeypatch.setitem(td.CONFIG, "dg_from_aqk", aqk)
         runs.append(_grads(inp, "triton", n, cu_t, do, dS, chunk))
     want = _grads({k: x.double() for k, x in inp.items()}, "torch", n, cu_t, do.double(), dS.double(), 64)
-    for name, a, b, c in zip(["o", "S"] + [f"d{m}" for m in inp], *runs, want):
-        assert rel_err(b, a) < 1e-5, name
-        assert rel_err(b, c) < 2e-4, name
+    for name, a, *others, c in zip(["o", "S"] + [f"d{m}" for m in inp], *runs, want):
+        for b in others:
+            assert rel_err(b, a) < 1e-5, name
+        assert rel_err(a, c) < 2e-4, name
+    if gated:  # mode 1, the last one above: the plain op fused, the gated one not
+        assert td.fused_backward(None) and not td.fused_backward(inp["g"])
 
 
 @pytest.mark.parametrize("splits", [0, 1, 2])

@@ -86,10 +86,10 @@ def bwd_state_kernel(
 
 @triton.jit
 def bwd_dqk_kernel(
-    q, k, g, h, dh, vn, dvn, do, dq, dk, dw, dgp, chunks, T_steps, NT, scale,
+    q, k, g, h, dh, vn, dvn, do, aqk, dq, dk, dw, dgp, chunks, T_steps, NT, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BKP: tl.constexpr, BV: tl.constexpr,
     BC: tl.constexpr, NH: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr,
-    DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr,
+    DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr, AQK: tl.constexpr,
 ):
     """Per (chunk, head), the gradients through the states: dq (final), dk and dG (partial), dW.
 
@@ -136,17 +136,22 @@ def bwd_dqk_kernel(
         dM += _dot(dob, tl.trans(vnb), F32, PREC)
     dM = tl.where(causal, dM * scale, 0.0)
     dG = tl.zeros((BC,), dtype=tl.float32)
-    dGC = tl.sum(tl.zeros((BC,), dtype=tl.float32), 0)  # a float32 scalar (tensor) for the unrolled loops
+    # S o dS' summed elementwise over the blocks, reduced across warps once at the end
+    hdh = tl.zeros((BKP, BV), dtype=tl.float32)
     if HAS_G:
         # through the scores' decays: E = dM o M with M = tril(Q K^T) o Gamma; done before the
         # key loop (which reloads q and k) so that dM and Q K^T are dead during it
-        QK = tl.zeros((BC, BC), dtype=tl.float32)
-        for k0 in tl.static_range(0, K, BKP):
-            ck = k0 + tl.arange(0, BKP)
-            kb = tl.load(pk + r[:, None] * (H * K) + ck[None, :], mask=valid[:, None] & (ck[None, :] < K), other=0.0).to(DT)
-            qb = tl.load(pq + tok[:, None] * (H * K) + ck[None, :], mask=qrow[:, None] & (ck[None, :] < K), other=0.0).to(DT)
-            QK += _dot(qb, tl.trans(kb), F32, PREC)
-        E = dM * QK * gam
+        if AQK:
+            # the forward's masked scores M = tril(Q K^T) o Gamma, in the inputs' precision
+            E = dM * tl.load(aqk + (i_c * H + i_h) * BC * BC + r[:, None] * BC + r[None, :]).to(tl.float32)
+        else:
+            QK = tl.zeros((BC, BC), dtype=tl.float32)
+            for k0 in tl.static_range(0, K, BKP):
+                ck = k0 + tl.arange(0, BKP)
+                kb = tl.load(pk + r[:, None] * (H * K) + ck[None, :], mask=valid[:, None] & (ck[None, :] < K), other=0.0).to(DT)
+                qb = tl.load(pq + tok[:, None] * (H * K) + ck[None, :], mask=qrow[:, None] & (ck[None, :] < K), other=0.0).to(DT)
+                QK += _dot(qb, tl.trans(kb), F32, PREC)
+            E = dM * QK * gam
         dG += tl.sum(E, 1) - tl.sum(E, 0)
     dMg = dM * gam
 
@@ -166,7 +171,7 @@ def bwd_dqk_kernel(
             hb = tl.load(ph + ck[:, None] * V + cv[None, :], mask=mkv, other=0.0)
             dhb = tl.load(pdh + ck[:, None] * V + cv[None, :], mask=mkv, other=0.0)
             if HAS_G:
-                dGC += tl.sum(tl.sum(hb.to(tl.float32) * dhb.to(tl.float32), 1), 0)
+                hdh += hb.to(tl.float32) * dhb.to(tl.float32)
             dob = tl.load(pdo + tok[:, None] * (H * V) + cv[None, :], mask=qrow[:, None] & (cv[None, :] < V), other=0.0).to(DT)
             vnb = tl.load(pvn + offv, mask=mv, other=0.0).to(DT)
             dvnb = tl.load(pdvn + offv, mask=mv, other=0.0).to(DT)
@@ -189,7 +194,7 @@ def bwd_dqk_kernel(
             dG += tl.sum(dQ0 * qb.to(tl.float32), 1) - dKdKd
             dG += tl.where(is_end, tl.sum(dKdKd, 0), 0.0)
     if HAS_G:
-        dG += tl.where(is_end, dGC * tl.exp(glast), 0.0)
+        dG += tl.where(is_end, tl.sum(tl.sum(hdh, 1), 0) * tl.exp(glast), 0.0)
         tl.store(dgp + start * H + i_h + r * H, dG, mask=valid)
 
 
@@ -290,10 +295,10 @@ def bwd_wy_kernel(
 
 @triton.jit
 def bwd_fused_kernel(
-    q, k, v, beta, g, xs, h, dh, vn, dvn, do, dq, dkp, dk, dv, dbeta, dg, chunks, T_steps, NT, scale,
+    q, k, v, beta, g, xs, h, dh, vn, dvn, do, aqk, dq, dkp, dk, dv, dbeta, dg, chunks, T_steps, NT, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BKP: tl.constexpr, BV: tl.constexpr,
     BC: tl.constexpr, NH: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr,
-    DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr,
+    DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr, AQK: tl.constexpr,
 ):
     """Per (chunk, head), ``bwd_dqk_kernel`` and ``bwd_wy_kernel`` in one program: dq, dk, dv, dbeta, dg.
 
@@ -351,15 +356,20 @@ def bwd_fused_kernel(
         tl.store(pdv + offv, _dot(At, dvnb, F32, PREC).to(dv.dtype.element_ty), mask=mv)
     dM = tl.where(causal, dM * scale, 0.0)
     dG = tl.zeros((BC,), dtype=tl.float32)
-    dGC = tl.sum(tl.zeros((BC,), dtype=tl.float32), 0)  # a float32 scalar (tensor) for the unrolled loops
+    # S o dS' summed elementwise over the blocks, reduced across warps once at the end
+    hdh = tl.zeros((BKP, BV), dtype=tl.float32)
     if HAS_G:
-        QK = tl.zeros((BC, BC), dtype=tl.float32)
-        for k0 in tl.static_range(0, K, BKP):
-            ck = k0 + tl.arange(0, BKP)
-            kb = tl.load(pk + r[:, None] * (H * K) + ck[None, :], mask=valid[:, None] & (ck[None, :] < K), other=0.0).to(DT)
-            qb = tl.load(pq + tok[:, None] * (H * K) + ck[None, :], mask=qrow[:, None] & (ck[None, :] < K), other=0.0).to(DT)
-            QK += _dot(qb, tl.trans(kb), F32, PREC)
-        E = dM * QK * gam
+        if AQK:
+            # the forward's masked scores M = tril(Q K^T) o Gamma, in the inputs' precision
+            E = dM * tl.load(aqk + (i_c * H + i_h) * BC * BC + r[:, None] * BC + r[None, :]).to(tl.float32)
+        else:
+            QK = tl.zeros((BC, BC), dtype=tl.float32)
+            for k0 in tl.static_range(0, K, BKP):
+                ck = k0 + tl.arange(0, BKP)
+                kb = tl.load(pk + r[:, None] * (H * K) + ck[None, :], mask=valid[:, None] & (ck[None, :] < K), other=0.0).to(DT)
+                qb = tl.load(pq + tok[:, None] * (H * K) + ck[None, :], mask=qrow[:, None] & (ck[None, :] < K), other=0.0).to(DT)
+                QK += _dot(qb, tl.trans(kb), F32, PREC)
+            E = dM * QK * gam
         dG += tl.sum(E, 1) - tl.sum(E, 0)
     dMg = dM * gam
 
@@ -379,7 +389,7 @@ def bwd_fused_kernel(
             hb = tl.load(ph + ck[:, None] * V + cv[None, :], mask=mkv, other=0.0)
             dhb = tl.load(pdh + ck[:, None] * V + cv[None, :], mask=mkv, other=0.0)
             if HAS_G:
-                dGC += tl.sum(tl.sum(hb.to(tl.float32) * dhb.to(tl.float32), 1), 0)
+                hdh += hb.to(tl.float32) * dhb.to(tl.float32)
             dob = tl.load(pdo + tok[:, None] * (H * V) + cv[None, :], mask=qrow[:, None] & (cv[None, :] < V), other=0.0).to(DT)
             vnb = tl.load(pvn + offv, mask=mv, other=0.0).to(DT)
             dvnb = tl.load(pdvn + offv, mask=mv, other=0.0).to(DT)
@@ -410,7 +420,7 @@ def bwd_fused_kernel(
     db = tl.sum(Xg * dA, 0)
     dXg = dA * b[None, :]
     if HAS_G:
-        dG += tl.where(is_end, dGC * tl.exp(glast), 0.0)
+        dG += tl.where(is_end, tl.sum(tl.sum(hdh, 1), 0) * tl.exp(glast), 0.0)
         E = dXg * Xg
         dG += tl.sum(E, 1) - tl.sum(E, 0)
         dgs = tl.sum(dG, 0) - tl.cumsum(dG, 0) + dG
@@ -467,10 +477,11 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None):
     )
     # each buffer is dropped after its last reader and each output made just before its
     # writer, so the caching allocator reuses the memory and the peak stays low
-    del w, u, aqk, gcs
+    del w, u, gcs
     grid = (plan.NT_total, H)
-    meta = dict(BKP=plan.BKP, BV=plan.BVB, HAS_G=g is not None, **plan.common())
-    if tdelta.CONFIG["fuse_bwd"] and plan.NT_total:
+    # the gate's gradient through the scores' decays reads the forward's scores, or forms Q K^T again
+    meta = dict(BKP=plan.BKP, BV=plan.BVB, HAS_G=g is not None, AQK=bool(tdelta.CONFIG["dg_from_aqk"]), **plan.common())
+    if tdelta.fused_backward(g) and plan.NT_total:
         dq = torch.empty_like(q)
         dkp = torch.empty(k.shape, dtype=torch.float32, device=dev)
         dk = torch.empty_like(k)
@@ -478,7 +489,7 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None):
         dbeta = torch.empty(beta.shape, dtype=torch.float32, device=dev)
         dg = torch.empty(g.shape, dtype=torch.float32, device=dev) if g is not None else None
         tdelta.launch("bwd_fused", bwd_fused_kernel, grid,
-            q, k, v, beta, g if g is not None else dummy, xs, hs, dhs, vn, dvn, do, dq, dkp, dk, dv, dbeta,
+            q, k, v, beta, g if g is not None else dummy, xs, hs, dhs, vn, dvn, do, aqk, dq, dkp, dk, dv, dbeta,
             dg if g is not None else dummy, plan.chunks, plan.T_steps, plan.NT, scale,
             **meta,
         )
@@ -489,11 +500,11 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None):
     dgp = torch.empty(beta.shape, dtype=torch.float32, device=dev) if g is not None else None
     if plan.NT_total:
         tdelta.launch("bwd_dqk", bwd_dqk_kernel, grid,
-            q, k, g if g is not None else dummy, hs, dhs, vn, dvn, do, dq, dkp, dw,
+            q, k, g if g is not None else dummy, hs, dhs, vn, dvn, do, aqk, dq, dkp, dw,
             dgp if g is not None else dummy, plan.chunks, plan.T_steps, plan.NT, scale,
             **meta,
         )
-    del hs, dhs, vn
+    del hs, dhs, vn, aqk
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     dbeta = torch.empty(beta.shape, dtype=torch.float32, device=dev)

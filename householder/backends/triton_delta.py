@@ -36,7 +36,7 @@ CONFIG = {
     "bwd_state": (4, 2),
     "bwd_dqk": (8, 1),
     "bwd_wy": (8, 1),
-    "bwd_fused": (8, 1),
+    "bwd_fused": (4, 1),
     "bwd_chunk": None,  # chunk size of the backward pass (None: the forward's)
     # How the sequential passes get the running log-decays G of a chunk: 0 sum them from g there,
     # 1 load them from the prep kernel's output (last row by a scalar load), 2 load them (last row
@@ -56,11 +56,15 @@ CONFIG = {
     "save_states": False,
     # One per-chunk backward kernel (bwd_fused_kernel) instead of two (bwd_dqk, then bwd_wy): dW
     # and the second kernel's reloads of dVn, k and the partial dk no longer go through memory.
-    "fuse_bwd": False,
+    # 0: never, 1: without a gate, 2: always.
+    "fuse_bwd": 1,
+    # The gate's gradient through the scores' decays from the forward's masked scores Aqk (held
+    # in the inputs' precision) rather than from Q K^T formed again in the backward.
+    "dg_from_aqk": False,
     # Quadrant splits (0, 1, 2) of the chunk factor's triangular inverse in the prep kernel: 0
     # inverts the whole chunk by doubling, which at chunk 64 is 4.3x (1 split) or 15x (2) the
     # multiply-adds of the split forms.
-    "inverse_splits": 0,
+    "inverse_splits": 2,
 }
 CHUNK_SIZES = (16, 32, 64)
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -154,6 +158,12 @@ def launch(name: str, kernel, grid, *args, max_stages=None, **meta) -> None:
 def gate_mode(gcs) -> int:
     """The sequential kernels' GMODE: 0 (sum the gates there) when prep wrote no running log-decays."""
     return 0 if gcs is None else (CONFIG["gates"] or 1)
+
+
+def fused_backward(g) -> bool:
+    """Whether the backward runs its per-chunk gradients in one kernel (CONFIG["fuse_bwd"])."""
+    mode = int(CONFIG["fuse_bwd"])
+    return mode == 2 or (mode == 1 and g is None)
 
 
 def _g_arg(g, like):
