@@ -480,7 +480,8 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None):
     del w, u, gcs
     grid = (plan.NT_total, H)
     # the gate's gradient through the scores' decays reads the forward's scores, or forms Q K^T again
-    meta = dict(BKP=plan.BKP, BV=plan.BVB, HAS_G=g is not None, AQK=bool(tdelta.CONFIG["dg_from_aqk"]), **plan.common())
+    meta = dict(BKP=plan.BKP, BV=plan.BVB, HAS_G=g is not None, **plan.common())
+    aqk_meta = dict(AQK=bool(tdelta.CONFIG["dg_from_aqk"]), **meta)
     if tdelta.fused_backward(g) and plan.NT_total:
         dq = torch.empty_like(q)
         dkp = torch.empty(k.shape, dtype=torch.float32, device=dev)
@@ -491,7 +492,7 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None):
         tdelta.launch("bwd_fused", bwd_fused_kernel, grid,
             q, k, v, beta, g if g is not None else dummy, xs, hs, dhs, vn, dvn, do, aqk, dq, dkp, dk, dv, dbeta,
             dg if g is not None else dummy, plan.chunks, plan.T_steps, plan.NT, scale,
-            **meta,
+            **aqk_meta,
         )
         return _grads_out(dq, dk, dv, dbeta, dg, ds0, beta, g, S0)
     dq = torch.empty_like(q)  # every token row is written once: at its last step
@@ -502,7 +503,7 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None):
         tdelta.launch("bwd_dqk", bwd_dqk_kernel, grid,
             q, k, g if g is not None else dummy, hs, dhs, vn, dvn, do, aqk, dq, dkp, dw,
             dgp if g is not None else dummy, plan.chunks, plan.T_steps, plan.NT, scale,
-            **meta,
+            **aqk_meta,
         )
     del hs, dhs, vn, aqk
     dk = torch.empty_like(k)

@@ -149,6 +149,11 @@ def _varlen_tables(offsets: tuple, NH: int, BC: int, device: str):
 
 def launch(name: str, kernel, grid, *args, max_stages=None, **meta) -> None:
     """Launch ``kernel`` with the (num_warps, num_stages) of CONFIG[name], stages capped at ``max_stages``."""
+    # a GPU launch refuses keywords the kernel lacks, the interpreter ignores them: check here,
+    # so that the tests on the CPU catch it too
+    unknown = set(meta) - set(kernel.arg_names)
+    if unknown:
+        raise TypeError(f"kernel {kernel.__name__} takes no argument(s) {sorted(unknown)}")
     warps, stages = CONFIG[name]
     if max_stages is not None:
         stages = min(stages, max_stages)
