@@ -22,6 +22,10 @@ from tests.test_delta_torch import make_inputs as float64_inputs  # noqa: E402
 pytestmark = pytest.mark.interpret
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Two launch variants of the same float32 computation agree to this: exactly-rounded products in
+# the interpreter; 3xTF32 tensor-core products, summed in other orders, on a GPU (1.06e-6 was seen
+# on an H200 between the gate modes)
+SAME = 1e-6 if DEVICE == "cpu" else 1e-5
 
 
 def make_inputs(rng, B, T, H, K, V, *, n=1, gated=True, state=None, dtype=torch.float32):
@@ -194,7 +198,7 @@ def test_backward_keeps_or_recomputes_the_chunk_quantities_alike(rng, monkeypatc
         runs.append(_grads(inp, "triton", n, cu_t, do, dS, 32))
     want = _grads({k: x.double() for k, x in inp.items()}, "torch", n, cu_t, do.double(), dS.double(), 64)
     for name, a, b, c, d in zip(["o", "S"] + [f"d{m}" for m in inp], *runs, want):
-        assert rel_err(a, b) < 1e-6 and rel_err(a, c) < 1e-6, name
+        assert rel_err(a, b) < SAME and rel_err(a, c) < SAME, name
         assert rel_err(a, d) < 2e-4, name
 
 
@@ -217,7 +221,7 @@ def test_sequential_passes_take_the_gates_from_any_source_alike(rng, monkeypatch
         runs.append(_grads(inp, "triton", n, cu_t, do, dS, 32))
     want = _grads({k: x.double() for k, x in inp.items()}, "torch", n, cu_t, do.double(), dS.double(), 64)
     for name, a, b, c, d in zip(["o", "S"] + [f"d{m}" for m in inp], *runs, want):
-        assert rel_err(a, b) < 1e-6 and rel_err(a, c) < 1e-6, name
+        assert rel_err(a, b) < SAME and rel_err(a, c) < SAME, name
         assert rel_err(b, d) < 2e-4, name
 
 
@@ -308,7 +312,7 @@ def test_fused_backward_matches_the_two_kernel_one(rng, monkeypatch, B, T, H, K,
     want = _grads({k: x.double() for k, x in inp.items()}, "torch", n, cu_t, do.double(), dS.double(), 64)
     for name, a, *others, c in zip(["o", "S"] + [f"d{m}" for m in inp], *runs, want):
         for b in others:
-            assert rel_err(b, a) < 1e-5, name
+            assert rel_err(b, a) < SAME, name
         assert rel_err(a, c) < 2e-4, name
     if gated:  # mode 1, the last one above: the plain op fused, the gated one not
         assert td.fused_backward(None) and not td.fused_backward(inp["g"])

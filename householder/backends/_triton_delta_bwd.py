@@ -23,7 +23,9 @@ Kernels: ``bwd_state_kernel`` (one program per value block, sequence and head,
 sequential over chunks, writes dS' per chunk, dVn and dS_0), then two with one
 program per chunk and head: ``bwd_dqk_kernel`` (everything that reads the states:
 dq, partial dk and dG, dW) and ``bwd_wy_kernel`` (through the chunk factor: dk,
-dv, dbeta, dg). Two kernels rather than one keep each under the register file.
+dv, dbeta, dg). ``bwd_fused_kernel`` does both in one program (the default
+without a gate, CONFIG["fuse_bwd"]): dW then never leaves it; with a gate the
+two kernels timed faster, the fused one's extra tiles outgrowing the registers.
 """
 
 from __future__ import annotations
