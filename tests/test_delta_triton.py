@@ -256,12 +256,19 @@ def test_kept_chunk_quantities_are_released_by_the_backward(rng, monkeypatch, st
 
 @pytest.mark.parametrize("K", [64, 128, 256])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_chunk64_backward_at_model_head_sizes(rng, K, dtype):
-    # The shapes of the benchmarks (chunk 64, K = V in {64, 128, 256}, gated, a short last
-    # chunk) in bf16 too: the kernels' tile sizes there differ from the tiny shapes above.
-    # Half inputs are compared with a bf16-sized tolerance against the float64 torch path.
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
+@pytest.mark.parametrize("fuse", [0, 2], ids=["two-kernels", "fused"])
+def test_chunk64_backward_at_model_head_sizes(rng, monkeypatch, K, dtype, gated, fuse):
+    # The shapes of the benchmarks (chunk 64, K = V in {64, 128, 256}, a short last chunk) in
+    # bf16 too, through either per-chunk backward (CONFIG["fuse_bwd"]): the kernels' tile sizes
+    # there differ from the tiny shapes above, and a former single backward kernel misread shared
+    # memory at these shapes on a GPU. Half inputs are compared with a bf16-sized tolerance
+    # against the float64 torch path.
+    from householder.backends import triton_delta as td
+
+    monkeypatch.setitem(td.CONFIG, "fuse_bwd", fuse)
     B, T, H = 1, 100, 2
-    inp = make_inputs(rng, B, T, H, K, K, gated=True, state=B, dtype=dtype)
+    inp = make_inputs(rng, B, T, H, K, K, gated=gated, state=B, dtype=dtype)
     inp["k"] = torch.nn.functional.normalize(inp["k"].float(), dim=-1).to(dtype)
     do = torch.tensor(rng.standard_normal((B, T, H, K)), dtype=torch.float32, device=DEVICE)
     dS = torch.tensor(rng.standard_normal((B, H, K, K)), dtype=torch.float32, device=DEVICE)
@@ -289,6 +296,7 @@ def test_second_backward_with_retain_graph_recomputes_what_the_first_released(rn
     [
         (2, 37, 2, 8, 24, 1, 16, True, None),  # short last chunk, K != V, K below the 16-wide tiles
         (1, 40, 1, 16, 16, 1, 32, False, None),
+        (1, 70, 2, 16, 16, 1, 64, True, None),  # chunk 64 with 16-wide key and value blocks
         (1, 50, 2, 80, 40, 2, 16, True, [0, 23, 23, 50]),  # two key blocks, DeltaProduct, varlen with an empty sequence
     ],
 )

@@ -484,6 +484,9 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None):
     # the gate's gradient through the scores' decays reads the forward's scores, or forms Q K^T again
     meta = dict(BKP=plan.BKP, BV=plan.BVB, HAS_G=g is not None, **plan.common())
     aqk_meta = dict(AQK=bool(tdelta.CONFIG["dg_from_aqk"]), **meta)
+    # Triton 3.6 on an H200: bwd_dqk and bwd_wy at 8 warps hit an illegal memory access with key or
+    # value blocks under 64 wide at chunk 64 (float32, K = V = 16 and 32 seen); 4 warps run right
+    small = dict(max_warps=4) if min(plan.BKP, plan.BVB) < 64 else {}
     if tdelta.fused_backward(g) and plan.NT_total:
         dq = torch.empty_like(q)
         dkp = torch.empty(k.shape, dtype=torch.float32, device=dev)
@@ -505,7 +508,7 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None):
         tdelta.launch("bwd_dqk", bwd_dqk_kernel, grid,
             q, k, g if g is not None else dummy, hs, dhs, vn, dvn, do, aqk, dq, dkp, dw,
             dgp if g is not None else dummy, plan.chunks, plan.T_steps, plan.NT, scale,
-            **aqk_meta,
+            **aqk_meta, **small,
         )
     del hs, dhs, vn, aqk
     dk = torch.empty_like(k)
@@ -516,7 +519,7 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None):
         tdelta.launch("bwd_wy", bwd_wy_kernel, grid,
             k, v, beta, g if g is not None else dummy, xs, dw, dvn, dkp, dgp if g is not None else dummy,
             dk, dv, dbeta, dg if g is not None else dummy, plan.chunks, plan.T_steps, plan.NT,
-            **meta,
+            **meta, **small,
         )
     else:
         dk.zero_(), dv.zero_(), dbeta.zero_()

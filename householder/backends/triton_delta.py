@@ -57,10 +57,13 @@ CONFIG = {
     # One per-chunk backward kernel (bwd_fused_kernel) instead of two (bwd_dqk, then bwd_wy): dW
     # and the second kernel's reloads of dVn, k and the partial dk no longer go through memory.
     # 0: never, 1: without a gate, 2: always. On an H200 at 4 warps the plain forward+backward
-    # went 3.60 -> 3.23 ms (16 x 2048) and 3.75 -> 3.39 (2 x 16384), for +130 MiB of peak (the float32
+    # went 3.56 -> 3.28 ms (16 x 2048) and 3.72 -> 3.44 (2 x 16384), for +130 MiB of peak (the float32
     # partial dk is held beside the states); the gated one went 4.33 -> 5.44 ms (8 warps were
-    # slower for both), so the gated backward stays in two kernels.
-    "fuse_bwd": 1,
+    # slower for both), so 1 is the mode to use. The default stays 0 until the fused kernel's
+    # gradients are checked on a GPU at chunk 64 and K >= 64 (tests/test_delta_triton.py's
+    # model-head test): there it was only timed, and a former single backward kernel read shared
+    # memory out of bounds at those shapes (docs/delta_rule.md).
+    "fuse_bwd": 0,
     # The gate's gradient through the scores' decays from the forward's masked scores Aqk (held
     # in the inputs' precision) rather than from Q K^T formed again in the backward: 1.5% off the
     # gated forward+backward on an H200.
@@ -151,8 +154,8 @@ def _varlen_tables(offsets: tuple, NH: int, BC: int, device: str):
     return seq_t, chunk_t, len(chunks)
 
 
-def launch(name: str, kernel, grid, *args, max_stages=None, **meta) -> None:
-    """Launch ``kernel`` with the (num_warps, num_stages) of CONFIG[name], stages capped at ``max_stages``."""
+def launch(name: str, kernel, grid, *args, max_stages=None, max_warps=None, **meta) -> None:
+    """Launch ``kernel`` with the (num_warps, num_stages) of CONFIG[name], capped at ``max_warps`` and ``max_stages``."""
     # a GPU launch refuses keywords the kernel lacks, the interpreter ignores them: check here,
     # so that the tests on the CPU catch it too
     unknown = set(meta) - set(kernel.arg_names)
@@ -161,6 +164,8 @@ def launch(name: str, kernel, grid, *args, max_stages=None, **meta) -> None:
     warps, stages = CONFIG[name]
     if max_stages is not None:
         stages = min(stages, max_stages)
+    if max_warps is not None:
+        warps = min(warps, max_warps)
     kernel[grid](*args, **meta, num_warps=warps, num_stages=stages)
 
 
