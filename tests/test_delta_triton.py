@@ -297,7 +297,7 @@ def test_second_backward_with_retain_graph_recomputes_what_the_first_released(rn
         (2, 37, 2, 8, 24, 1, 16, True, None),  # short last chunk, K != V, K below the 16-wide tiles
         (1, 40, 1, 16, 16, 1, 32, False, None),
         (1, 70, 2, 16, 16, 1, 64, True, None),  # chunk 64 with 16-wide key and value blocks
-        (1, 50, 2, 80, 40, 2, 16, True, [0, 23, 23, 50]),  # two key blocks, DeltaProduct, varlen with an empty sequence
+        (1, 50, 2, 80, 72, 2, 16, True, [0, 23, 23, 50]),  # two key and value blocks (partial), DeltaProduct, varlen with an empty sequence
     ],
 )
 def test_fused_backward_matches_the_two_kernel_one(rng, monkeypatch, B, T, H, K, V, n, chunk, gated, cu):
@@ -311,11 +311,13 @@ def test_fused_backward_matches_the_two_kernel_one(rng, monkeypatch, B, T, H, K,
     do = torch.tensor(rng.standard_normal((B, T, H, V)), dtype=torch.float32, device=DEVICE)
     dS = torch.tensor(rng.standard_normal((N, H, K, V)), dtype=torch.float32, device=DEVICE)
     runs = []
-    # (fuse_bwd, dg_from_aqk): mode 1 fuses only without a gate, 2 always; the gate's score term
-    # from the forward's Aqk or from Q K^T formed again, in either kernel
-    for fused, aqk in ((0, False), (2, False), (2, True), (0, True), (1, False)):
+    # (fuse_bwd, dg_from_aqk, bwd_unroll): mode 1 fuses only without a gate, 2 always; the gate's
+    # score term from the forward's Aqk or from Q K^T formed again; the block loops rolled or
+    # unrolled by 2 -- in either kernel. Mode 1 comes last (see the end).
+    for fused, aqk, unroll in ((0, False, 2), (2, False, 2), (2, True, 1), (0, True, 1), (0, False, 1), (2, False, 1), (1, False, 2)):
         monkeypatch.setitem(td.CONFIG, "fuse_bwd", fused)
         monkeypatch.setitem(td.CONFIG, "dg_from_aqk", aqk)
+        monkeypatch.setitem(td.CONFIG, "bwd_unroll", unroll)
         runs.append(_grads(inp, "triton", n, cu_t, do, dS, chunk))
     want = _grads({k: x.double() for k, x in inp.items()}, "torch", n, cu_t, do.double(), dS.double(), 64)
     for name, a, *others, c in zip(["o", "S"] + [f"d{m}" for m in inp], *runs, want):

@@ -91,7 +91,7 @@ def bwd_dqk_kernel(
     q, k, g, h, dh, vn, dvn, do, aqk, dq, dk, dw, dgp, chunks, T_steps, NT, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BKP: tl.constexpr, BV: tl.constexpr,
     BC: tl.constexpr, NH: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr,
-    DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr, AQK: tl.constexpr,
+    DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr, AQK: tl.constexpr, UNROLL: tl.constexpr,
 ):
     """Per (chunk, head), the gradients through the states: dq (final), dk and dG (partial), dW.
 
@@ -130,7 +130,7 @@ def bwd_dqk_kernel(
     gam = chunk_gamma(Gc, BC, HAS_G)
 
     dM = tl.zeros((BC, BC), dtype=tl.float32)
-    for v0 in tl.static_range(0, V, BV):
+    for v0 in tl.range(0, V, BV, loop_unroll_factor=UNROLL):
         cv = v0 + tl.arange(0, BV)
         mv = valid[:, None] & (cv[None, :] < V)
         dob = tl.load(pdo + tok[:, None] * (H * V) + cv[None, :], mask=qrow[:, None] & (cv[None, :] < V), other=0.0).to(DT)
@@ -148,7 +148,7 @@ def bwd_dqk_kernel(
             E = dM * tl.load(aqk + (i_c * H + i_h) * BC * BC + r[:, None] * BC + r[None, :]).to(tl.float32)
         else:
             QK = tl.zeros((BC, BC), dtype=tl.float32)
-            for k0 in tl.static_range(0, K, BKP):
+            for k0 in tl.range(0, K, BKP, loop_unroll_factor=UNROLL):
                 ck = k0 + tl.arange(0, BKP)
                 kb = tl.load(pk + r[:, None] * (H * K) + ck[None, :], mask=valid[:, None] & (ck[None, :] < K), other=0.0).to(DT)
                 qb = tl.load(pq + tok[:, None] * (H * K) + ck[None, :], mask=qrow[:, None] & (ck[None, :] < K), other=0.0).to(DT)
@@ -157,7 +157,7 @@ def bwd_dqk_kernel(
         dG += tl.sum(E, 1) - tl.sum(E, 0)
     dMg = dM * gam
 
-    for k0 in tl.static_range(0, K, BKP):
+    for k0 in tl.range(0, K, BKP, loop_unroll_factor=UNROLL):
         ck = k0 + tl.arange(0, BKP)
         mk = valid[:, None] & (ck[None, :] < K)
         mq = qrow[:, None] & (ck[None, :] < K)
@@ -165,7 +165,7 @@ def bwd_dqk_kernel(
         dQ0 = tl.zeros((BC, BKP), dtype=tl.float32)
         dKd = tl.zeros((BC, BKP), dtype=tl.float32)
         dW = tl.zeros((BC, BKP), dtype=tl.float32)
-        for v0 in tl.static_range(0, V, BV):
+        for v0 in tl.range(0, V, BV, loop_unroll_factor=UNROLL):
             cv = v0 + tl.arange(0, BV)
             mv = valid[:, None] & (cv[None, :] < V)
             mkv = (ck[:, None] < K) & (cv[None, :] < V)
@@ -205,7 +205,7 @@ def bwd_wy_kernel(
     k, v, beta, g, xs, dw, dvn, dkp, dgp, dk, dv, dbeta, dg, chunks, T_steps, NT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BKP: tl.constexpr, BV: tl.constexpr,
     BC: tl.constexpr, NH: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr,
-    DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr,
+    DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr, UNROLL: tl.constexpr,
 ):
     """Per (chunk, head), the gradients through W = A diag(e^G) K and U = A V: dk, dv, dbeta, dg (final).
 
@@ -239,7 +239,7 @@ def bwd_wy_kernel(
 
     # dA = dU V^T + dW (diag(e^G) K)^T with dU = dVn; dV = A^T dU on the way
     dA = tl.zeros((BC, BC), dtype=tl.float32)
-    for v0 in tl.static_range(0, V, BV):
+    for v0 in tl.range(0, V, BV, loop_unroll_factor=UNROLL):
         cv = v0 + tl.arange(0, BV)
         mv = valid[:, None] & (cv[None, :] < V)
         offv = r[:, None] * (H * V) + cv[None, :]
@@ -248,7 +248,7 @@ def bwd_wy_kernel(
         dA += _dot(dvnb, tl.trans(vb), F32, PREC)
         tl.store(pdv + offv, _dot(At, dvnb, F32, PREC).to(dv.dtype.element_ty), mask=mv)
     dG = tl.zeros((BC,), dtype=tl.float32)
-    for k0 in tl.static_range(0, K, BKP):
+    for k0 in tl.range(0, K, BKP, loop_unroll_factor=UNROLL):
         ck = k0 + tl.arange(0, BKP)
         mk = valid[:, None] & (ck[None, :] < K)
         offk = r[:, None] * (H * K) + ck[None, :]
@@ -280,7 +280,7 @@ def bwd_wy_kernel(
 
     # dk = partial + (A^T dW) o e^G + (diag(beta) dL + dL^T diag(beta)) K, and
     # dbeta += rowsum(dL o K K^T) = rowsum((dL K) o K) on the way
-    for k0 in tl.static_range(0, K, BKP):
+    for k0 in tl.range(0, K, BKP, loop_unroll_factor=UNROLL):
         ck = k0 + tl.arange(0, BKP)
         mk = valid[:, None] & (ck[None, :] < K)
         offk = r[:, None] * (H * K) + ck[None, :]
@@ -300,7 +300,7 @@ def bwd_fused_kernel(
     q, k, v, beta, g, xs, h, dh, vn, dvn, do, aqk, dq, dkp, dk, dv, dbeta, dg, chunks, T_steps, NT, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BKP: tl.constexpr, BV: tl.constexpr,
     BC: tl.constexpr, NH: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr,
-    DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr, AQK: tl.constexpr,
+    DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr, AQK: tl.constexpr, UNROLL: tl.constexpr,
 ):
     """Per (chunk, head), ``bwd_dqk_kernel`` and ``bwd_wy_kernel`` in one program: dq, dk, dv, dbeta, dg.
 
@@ -345,7 +345,7 @@ def bwd_fused_kernel(
     # dM = scale tril(dO Vn^T), dA = dVn V^T (+ the key blocks' dW terms below), dV = A^T dVn
     dM = tl.zeros((BC, BC), dtype=tl.float32)
     dA = tl.zeros((BC, BC), dtype=tl.float32)
-    for v0 in tl.static_range(0, V, BV):
+    for v0 in tl.range(0, V, BV, loop_unroll_factor=UNROLL):
         cv = v0 + tl.arange(0, BV)
         mv = valid[:, None] & (cv[None, :] < V)
         offv = r[:, None] * (H * V) + cv[None, :]
@@ -366,7 +366,7 @@ def bwd_fused_kernel(
             E = dM * tl.load(aqk + (i_c * H + i_h) * BC * BC + r[:, None] * BC + r[None, :]).to(tl.float32)
         else:
             QK = tl.zeros((BC, BC), dtype=tl.float32)
-            for k0 in tl.static_range(0, K, BKP):
+            for k0 in tl.range(0, K, BKP, loop_unroll_factor=UNROLL):
                 ck = k0 + tl.arange(0, BKP)
                 kb = tl.load(pk + r[:, None] * (H * K) + ck[None, :], mask=valid[:, None] & (ck[None, :] < K), other=0.0).to(DT)
                 qb = tl.load(pq + tok[:, None] * (H * K) + ck[None, :], mask=qrow[:, None] & (ck[None, :] < K), other=0.0).to(DT)
@@ -375,7 +375,7 @@ def bwd_fused_kernel(
         dG += tl.sum(E, 1) - tl.sum(E, 0)
     dMg = dM * gam
 
-    for k0 in tl.static_range(0, K, BKP):
+    for k0 in tl.range(0, K, BKP, loop_unroll_factor=UNROLL):
         ck = k0 + tl.arange(0, BKP)
         mk = valid[:, None] & (ck[None, :] < K)
         mq = qrow[:, None] & (ck[None, :] < K)
@@ -383,7 +383,7 @@ def bwd_fused_kernel(
         dQ0 = tl.zeros((BC, BKP), dtype=tl.float32)
         dKd = tl.zeros((BC, BKP), dtype=tl.float32)
         dW = tl.zeros((BC, BKP), dtype=tl.float32)
-        for v0 in tl.static_range(0, V, BV):
+        for v0 in tl.range(0, V, BV, loop_unroll_factor=UNROLL):
             cv = v0 + tl.arange(0, BV)
             mv = valid[:, None] & (cv[None, :] < V)
             mkv = (ck[:, None] < K) & (cv[None, :] < V)
@@ -434,7 +434,7 @@ def bwd_fused_kernel(
     dLtd = tl.trans(dLd)
     # the partial dk rows were stored by other threads of this program
     tl.debug_barrier()
-    for k0 in tl.static_range(0, K, BKP):
+    for k0 in tl.range(0, K, BKP, loop_unroll_factor=UNROLL):
         ck = k0 + tl.arange(0, BKP)
         mk = valid[:, None] & (ck[None, :] < K)
         offk = r[:, None] * (H * K) + ck[None, :]
@@ -482,7 +482,7 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None):
     del w, u, gcs
     grid = (plan.NT_total, H)
     # the gate's gradient through the scores' decays reads the forward's scores, or forms Q K^T again
-    meta = dict(BKP=plan.BKP, BV=plan.BVB, HAS_G=g is not None, **plan.common())
+    meta = dict(BKP=plan.BKP, BV=plan.BVB, HAS_G=g is not None, UNROLL=int(tdelta.CONFIG["bwd_unroll"]), **plan.common())
     aqk_meta = dict(AQK=bool(tdelta.CONFIG["dg_from_aqk"]), **meta)
     # Triton 3.6 on an H200: bwd_dqk and bwd_wy at 8 warps hit an illegal memory access with key or
     # value blocks under 64 wide at chunk 64 (float32, K = V = 16 and 32 seen); 4 warps run right

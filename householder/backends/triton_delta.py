@@ -72,6 +72,11 @@ CONFIG = {
     # inverts the whole chunk by doubling, which at chunk 64 is 4.3x (1 split) or 15x (2) the
     # multiply-adds of the split forms. H200, forward at 16 x 2048: 0.984 / 1.022 / 0.948 ms.
     "inverse_splits": 2,
+    # Unrolling of the per-chunk backward kernels' loops over key and value blocks (Triton's
+    # loop_unroll_factor; 1: none). Unrolled in full (tl.static_range, as before), they spilled
+    # 0.9-2.4 KB of registers per thread in sm_90 builds at K = V = 128 and 5.8 KB fused; rolled,
+    # 24-256 B (benchmarks/kernel_resources.py). 2 (what was timed) until 1 is timed on a GPU.
+    "bwd_unroll": 2,
 }
 CHUNK_SIZES = (16, 32, 64)
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
