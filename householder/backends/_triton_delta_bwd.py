@@ -485,7 +485,8 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None):
     meta = dict(BKP=plan.BKP, BV=plan.BVB, HAS_G=g is not None, UNROLL=int(tdelta.CONFIG["bwd_unroll"]), **plan.common())
     aqk_meta = dict(AQK=bool(tdelta.CONFIG["dg_from_aqk"]), **meta)
     # Triton 3.6 on an H200: bwd_dqk and bwd_wy at 8 warps hit an illegal memory access with key or
-    # value blocks under 64 wide at chunk 64 (float32, K = V = 16 and 32 seen); 4 warps run right
+    # value blocks under 64 wide at chunk 64 (float32, K = V = 16 and 32 seen); 4 warps run right.
+    # The fused kernel (4 warps by default) is held to the same cap.
     small = dict(max_warps=4) if min(plan.BKP, plan.BVB) < 64 else {}
     if tdelta.fused_backward(g) and plan.NT_total:
         dq = torch.empty_like(q)
@@ -497,7 +498,7 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None):
         tdelta.launch("bwd_fused", bwd_fused_kernel, grid,
             q, k, v, beta, g if g is not None else dummy, xs, hs, dhs, vn, dvn, do, aqk, dq, dkp, dk, dv, dbeta,
             dg if g is not None else dummy, plan.chunks, plan.T_steps, plan.NT, scale,
-            **aqk_meta,
+            **aqk_meta, **small,
         )
         return _grads_out(dq, dk, dv, dbeta, dg, ds0, beta, g, S0)
     dq = torch.empty_like(q)  # every token row is written once: at its last step
