@@ -87,6 +87,67 @@ def bwd_state_kernel(
 
 
 @triton.jit
+def _chunk_decays(g, t0, i_h, r, tok, valid, first, H: tl.constexpr, BC: tl.constexpr, HAS_G: tl.constexpr):
+    """G at the chunk's last row, e^G, e^{G_C - G} (BC,) and Gamma (BC, BC) of one chunk (ones without a gate)."""
+    if HAS_G:
+        Gc = chunk_gates(g + t0 * H + i_h, tok, valid, first, H)
+    else:
+        Gc = tl.zeros((BC,), dtype=tl.float32)
+    glast = tl.sum(tl.where(r == BC - 1, Gc, 0.0), 0)
+    return glast, tl.exp(Gc), tl.exp(glast - Gc), chunk_gamma(Gc, BC, HAS_G)
+
+
+@triton.jit
+def _scores_decay_term(dM, gam, paqk, pk, pq, r, tok, valid, qrow,
+                       H: tl.constexpr, K: tl.constexpr, BC: tl.constexpr, BKP: tl.constexpr,
+                       DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr, AQK: tl.constexpr, UNROLL: tl.constexpr):
+    """The log-decays' gradient through the scores: rowsum(E) - colsum(E), E = dM o M, M = tril(Q K^T) o Gamma.
+
+    M is the forward's Aqk at ``paqk`` (AQK, in the inputs' precision) or Q K^T formed again."""
+    if AQK:
+        E = dM * tl.load(paqk + r[:, None] * BC + r[None, :]).to(tl.float32)
+    else:
+        QK = tl.zeros((BC, BC), dtype=tl.float32)
+        for k0 in tl.range(0, K, BKP, loop_unroll_factor=UNROLL):
+            ck = k0 + tl.arange(0, BKP)
+            kb = tl.load(pk + r[:, None] * (H * K) + ck[None, :], mask=valid[:, None] & (ck[None, :] < K), other=0.0).to(DT)
+            qb = tl.load(pq + tok[:, None] * (H * K) + ck[None, :], mask=qrow[:, None] & (ck[None, :] < K), other=0.0).to(DT)
+            QK += _dot(qb, tl.trans(kb), F32, PREC)
+        E = dM * QK * gam
+    return tl.sum(E, 1) - tl.sum(E, 0)
+
+
+@triton.jit
+def _state_grads(ph, pdh, pdo, pvn, pdvn, ck, r, tok, valid, qrow, hdh,
+                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BC: tl.constexpr, BKP: tl.constexpr,
+                 BV: tl.constexpr, HAS_G: tl.constexpr, DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr,
+                 UNROLL: tl.constexpr):
+    """For the key columns ``ck`` of a chunk, over all value blocks: dO S^T, Vn dS'^T, -dVn S^T
+    (BC, BKP) float32 each, and ``hdh`` += S o dS' (with a gate; summed elementwise, so that the
+    reduction across warps happens once)."""
+    dQ0 = tl.zeros((BC, BKP), dtype=tl.float32)
+    dKd = tl.zeros((BC, BKP), dtype=tl.float32)
+    dW = tl.zeros((BC, BKP), dtype=tl.float32)
+    for v0 in tl.range(0, V, BV, loop_unroll_factor=UNROLL):
+        cv = v0 + tl.arange(0, BV)
+        mv = valid[:, None] & (cv[None, :] < V)
+        mkv = (ck[:, None] < K) & (cv[None, :] < V)
+        offv = r[:, None] * (H * V) + cv[None, :]
+        hb = tl.load(ph + ck[:, None] * V + cv[None, :], mask=mkv, other=0.0)
+        dhb = tl.load(pdh + ck[:, None] * V + cv[None, :], mask=mkv, other=0.0)
+        if HAS_G:
+            hdh += hb.to(tl.float32) * dhb.to(tl.float32)
+        dob = tl.load(pdo + tok[:, None] * (H * V) + cv[None, :], mask=qrow[:, None] & (cv[None, :] < V), other=0.0).to(DT)
+        vnb = tl.load(pvn + offv, mask=mv, other=0.0).to(DT)
+        dvnb = tl.load(pdvn + offv, mask=mv, other=0.0).to(DT)
+        hT = tl.trans(hb.to(DT))
+        dQ0 += _dot(dob, hT, F32, PREC)
+        dW -= _dot(dvnb, hT, F32, PREC)
+        dKd += _dot(vnb, tl.trans(dhb.to(DT)), F32, PREC)
+    return dQ0, dKd, dW, hdh
+
+
+@triton.jit
 def bwd_dqk_kernel(
     q, k, g, h, dh, vn, dvn, do, aqk, dq, dk, dw, dgp, chunks, T_steps, NT, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BKP: tl.constexpr, BV: tl.constexpr,
@@ -120,14 +181,7 @@ def bwd_dqk_kernel(
     pdo = do + (t0 * H + i_h) * V
     ph = h + (i_c * H + i_h) * K * V
     pdh = dh + (i_c * H + i_h) * K * V
-    if HAS_G:
-        Gc = chunk_gates(g + t0 * H + i_h, tok, valid, first, H)
-    else:
-        Gc = tl.zeros((BC,), dtype=tl.float32)
-    glast = tl.sum(tl.where(r == BC - 1, Gc, 0.0), 0)
-    eG = tl.exp(Gc)
-    ed = tl.exp(glast - Gc)
-    gam = chunk_gamma(Gc, BC, HAS_G)
+    glast, eG, ed, gam = _chunk_decays(g, t0, i_h, r, tok, valid, first, H, BC, HAS_G)
 
     dM = tl.zeros((BC, BC), dtype=tl.float32)
     for v0 in tl.range(0, V, BV, loop_unroll_factor=UNROLL):
@@ -138,23 +192,11 @@ def bwd_dqk_kernel(
         dM += _dot(dob, tl.trans(vnb), F32, PREC)
     dM = tl.where(causal, dM * scale, 0.0)
     dG = tl.zeros((BC,), dtype=tl.float32)
-    # S o dS' summed elementwise over the blocks, reduced across warps once at the end
-    hdh = tl.zeros((BKP, BV), dtype=tl.float32)
+    hdh = tl.zeros((BKP, BV), dtype=tl.float32)  # S o dS', reduced at the end
     if HAS_G:
-        # through the scores' decays: E = dM o M with M = tril(Q K^T) o Gamma; done before the
-        # key loop (which reloads q and k) so that dM and Q K^T are dead during it
-        if AQK:
-            # the forward's masked scores M = tril(Q K^T) o Gamma, in the inputs' precision
-            E = dM * tl.load(aqk + (i_c * H + i_h) * BC * BC + r[:, None] * BC + r[None, :]).to(tl.float32)
-        else:
-            QK = tl.zeros((BC, BC), dtype=tl.float32)
-            for k0 in tl.range(0, K, BKP, loop_unroll_factor=UNROLL):
-                ck = k0 + tl.arange(0, BKP)
-                kb = tl.load(pk + r[:, None] * (H * K) + ck[None, :], mask=valid[:, None] & (ck[None, :] < K), other=0.0).to(DT)
-                qb = tl.load(pq + tok[:, None] * (H * K) + ck[None, :], mask=qrow[:, None] & (ck[None, :] < K), other=0.0).to(DT)
-                QK += _dot(qb, tl.trans(kb), F32, PREC)
-            E = dM * QK * gam
-        dG += tl.sum(E, 1) - tl.sum(E, 0)
+        # before the key loop (which reloads q and k), so that dM's other uses are all that is live
+        dG += _scores_decay_term(dM, gam, aqk + (i_c * H + i_h) * BC * BC, pk, pq, r, tok, valid, qrow,
+                                 H, K, BC, BKP, DT, F32, PREC, AQK, UNROLL)
     dMg = dM * gam
 
     for k0 in tl.range(0, K, BKP, loop_unroll_factor=UNROLL):
@@ -162,25 +204,8 @@ def bwd_dqk_kernel(
         mk = valid[:, None] & (ck[None, :] < K)
         mq = qrow[:, None] & (ck[None, :] < K)
         offk = r[:, None] * (H * K) + ck[None, :]
-        dQ0 = tl.zeros((BC, BKP), dtype=tl.float32)
-        dKd = tl.zeros((BC, BKP), dtype=tl.float32)
-        dW = tl.zeros((BC, BKP), dtype=tl.float32)
-        for v0 in tl.range(0, V, BV, loop_unroll_factor=UNROLL):
-            cv = v0 + tl.arange(0, BV)
-            mv = valid[:, None] & (cv[None, :] < V)
-            mkv = (ck[:, None] < K) & (cv[None, :] < V)
-            offv = r[:, None] * (H * V) + cv[None, :]
-            hb = tl.load(ph + ck[:, None] * V + cv[None, :], mask=mkv, other=0.0)
-            dhb = tl.load(pdh + ck[:, None] * V + cv[None, :], mask=mkv, other=0.0)
-            if HAS_G:
-                hdh += hb.to(tl.float32) * dhb.to(tl.float32)
-            dob = tl.load(pdo + tok[:, None] * (H * V) + cv[None, :], mask=qrow[:, None] & (cv[None, :] < V), other=0.0).to(DT)
-            vnb = tl.load(pvn + offv, mask=mv, other=0.0).to(DT)
-            dvnb = tl.load(pdvn + offv, mask=mv, other=0.0).to(DT)
-            hT = tl.trans(hb.to(DT))
-            dQ0 += _dot(dob, hT, F32, PREC)
-            dW -= _dot(dvnb, hT, F32, PREC)
-            dKd += _dot(vnb, tl.trans(dhb.to(DT)), F32, PREC)
+        dQ0, dKd, dW, hdh = _state_grads(ph, pdh, pdo, pvn, pdvn, ck, r, tok, valid, qrow, hdh,
+                                         H, K, V, BC, BKP, BV, HAS_G, DT, F32, PREC, UNROLL)
         tl.store(pdw + offk, dW.to(dw.dtype.element_ty), mask=mk)
         kb = tl.load(pk + offk, mask=mk, other=0.0)
         qb = tl.load(pq + tok[:, None] * (H * K) + ck[None, :], mask=mq, other=0.0)
@@ -227,13 +252,8 @@ def bwd_wy_kernel(
     pdv = dv + (start * H + i_h) * V
     pdvn = dvn + (start * H + i_h) * V
     b = tl.load(beta + start * H + i_h + r * H, mask=valid, other=0.0).to(tl.float32)
-    if HAS_G:
-        Gc = chunk_gates(g + t0 * H + i_h, tok, valid, first, H)
-    else:
-        Gc = tl.zeros((BC,), dtype=tl.float32)
-    eG = tl.exp(Gc)
+    _, eG, _, gam = _chunk_decays(g, t0, i_h, r, tok, valid, first, H, BC, HAS_G)
     X = tl.load(xs + (i_c * H + i_h) * BC * BC + r[:, None] * BC + r[None, :])
-    gam = chunk_gamma(Gc, BC, HAS_G)
     Xg = X * gam
     At = tl.trans((Xg * b[None, :]).to(DT))
 
@@ -332,14 +352,7 @@ def bwd_fused_kernel(
     pdh = dh + (i_c * H + i_h) * K * V
     px = xs + (i_c * H + i_h) * BC * BC + r[:, None] * BC + r[None, :]
     b = tl.load(beta + start * H + i_h + r * H, mask=valid, other=0.0).to(tl.float32)
-    if HAS_G:
-        Gc = chunk_gates(g + t0 * H + i_h, tok, valid, first, H)
-    else:
-        Gc = tl.zeros((BC,), dtype=tl.float32)
-    glast = tl.sum(tl.where(r == BC - 1, Gc, 0.0), 0)
-    eG = tl.exp(Gc)
-    ed = tl.exp(glast - Gc)
-    gam = chunk_gamma(Gc, BC, HAS_G)
+    glast, eG, ed, gam = _chunk_decays(g, t0, i_h, r, tok, valid, first, H, BC, HAS_G)
     At = tl.trans((tl.load(px) * gam * b[None, :]).to(DT))
 
     # dM = scale tril(dO Vn^T), dA = dVn V^T (+ the key blocks' dW terms below), dV = A^T dVn
@@ -358,21 +371,11 @@ def bwd_fused_kernel(
         tl.store(pdv + offv, _dot(At, dvnb, F32, PREC).to(dv.dtype.element_ty), mask=mv)
     dM = tl.where(causal, dM * scale, 0.0)
     dG = tl.zeros((BC,), dtype=tl.float32)
-    # S o dS' summed elementwise over the blocks, reduced across warps once at the end
-    hdh = tl.zeros((BKP, BV), dtype=tl.float32)
+    hdh = tl.zeros((BKP, BV), dtype=tl.float32)  # S o dS', reduced at the end
     if HAS_G:
-        if AQK:
-            # the forward's masked scores M = tril(Q K^T) o Gamma, in the inputs' precision
-            E = dM * tl.load(aqk + (i_c * H + i_h) * BC * BC + r[:, None] * BC + r[None, :]).to(tl.float32)
-        else:
-            QK = tl.zeros((BC, BC), dtype=tl.float32)
-            for k0 in tl.range(0, K, BKP, loop_unroll_factor=UNROLL):
-                ck = k0 + tl.arange(0, BKP)
-                kb = tl.load(pk + r[:, None] * (H * K) + ck[None, :], mask=valid[:, None] & (ck[None, :] < K), other=0.0).to(DT)
-                qb = tl.load(pq + tok[:, None] * (H * K) + ck[None, :], mask=qrow[:, None] & (ck[None, :] < K), other=0.0).to(DT)
-                QK += _dot(qb, tl.trans(kb), F32, PREC)
-            E = dM * QK * gam
-        dG += tl.sum(E, 1) - tl.sum(E, 0)
+        # before the key loop (which reloads q and k), so that dM's other uses are all that is live
+        dG += _scores_decay_term(dM, gam, aqk + (i_c * H + i_h) * BC * BC, pk, pq, r, tok, valid, qrow,
+                                 H, K, BC, BKP, DT, F32, PREC, AQK, UNROLL)
     dMg = dM * gam
 
     for k0 in tl.range(0, K, BKP, loop_unroll_factor=UNROLL):
@@ -380,25 +383,8 @@ def bwd_fused_kernel(
         mk = valid[:, None] & (ck[None, :] < K)
         mq = qrow[:, None] & (ck[None, :] < K)
         offk = r[:, None] * (H * K) + ck[None, :]
-        dQ0 = tl.zeros((BC, BKP), dtype=tl.float32)
-        dKd = tl.zeros((BC, BKP), dtype=tl.float32)
-        dW = tl.zeros((BC, BKP), dtype=tl.float32)
-        for v0 in tl.range(0, V, BV, loop_unroll_factor=UNROLL):
-            cv = v0 + tl.arange(0, BV)
-            mv = valid[:, None] & (cv[None, :] < V)
-            mkv = (ck[:, None] < K) & (cv[None, :] < V)
-            offv = r[:, None] * (H * V) + cv[None, :]
-            hb = tl.load(ph + ck[:, None] * V + cv[None, :], mask=mkv, other=0.0)
-            dhb = tl.load(pdh + ck[:, None] * V + cv[None, :], mask=mkv, other=0.0)
-            if HAS_G:
-                hdh += hb.to(tl.float32) * dhb.to(tl.float32)
-            dob = tl.load(pdo + tok[:, None] * (H * V) + cv[None, :], mask=qrow[:, None] & (cv[None, :] < V), other=0.0).to(DT)
-            vnb = tl.load(pvn + offv, mask=mv, other=0.0).to(DT)
-            dvnb = tl.load(pdvn + offv, mask=mv, other=0.0).to(DT)
-            hT = tl.trans(hb.to(DT))
-            dQ0 += _dot(dob, hT, F32, PREC)
-            dW -= _dot(dvnb, hT, F32, PREC)
-            dKd += _dot(vnb, tl.trans(dhb.to(DT)), F32, PREC)
+        dQ0, dKd, dW, hdh = _state_grads(ph, pdh, pdo, pvn, pdvn, ck, r, tok, valid, qrow, hdh,
+                                         H, K, V, BC, BKP, BV, HAS_G, DT, F32, PREC, UNROLL)
         kb = tl.load(pk + offk, mask=mk, other=0.0)
         qb = tl.load(pq + tok[:, None] * (H * K) + ck[None, :], mask=mq, other=0.0)
         # dW in the inputs' precision, as the two-kernel path stores it
