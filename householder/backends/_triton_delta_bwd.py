@@ -148,6 +148,62 @@ def _state_grads(ph, pdh, pdo, pvn, pdvn, ck, r, tok, valid, qrow, hdh,
 
 
 @triton.jit
+def _factor_terms(dA, X, gam, b, dG, HAS_G: tl.constexpr):
+    """From dA: dbeta's direct term (BC,), dXg = dA diag(beta) (BC, BC) and dG with the factor's decay terms."""
+    Xg = X * gam
+    db = tl.sum(Xg * dA, 0)
+    dXg = dA * b[None, :]
+    if HAS_G:
+        E = dXg * Xg
+        dG += tl.sum(E, 1) - tl.sum(E, 0)
+    return db, dXg, dG
+
+
+@triton.jit
+def _factor_dL(dXg, X, gam, r, DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr):
+    """dL = -X^T (dXg o Gamma) X^T, strictly lower, in the inputs' precision.
+
+    Every product is in the inputs' precision (bf16/fp16 operands, float32 accumulation): TF32
+    products beside bf16 ones in one kernel miscompiled on Triton 3.6 / Hopper."""
+    Xt = tl.trans(X.to(DT))
+    dL = -_dot(_dot(Xt, (dXg * gam).to(DT), F32, PREC).to(DT), Xt, F32, PREC)
+    return tl.where(r[:, None] > r[None, :], dL, 0.0).to(DT)
+
+
+@triton.jit
+def _store_dg(dG, dg, t0, i_h, tok, valid, first, H: tl.constexpr):
+    """dg of the chunk's tokens: the reverse running sum of the per-step dG (a token decays at its first step)."""
+    dgs = tl.sum(dG, 0) - tl.cumsum(dG, 0) + dG
+    tl.store(dg + t0 * H + i_h + tok * H, dgs.to(dg.dtype.element_ty), mask=valid & first)
+
+
+@triton.jit
+def _finish_dk(pk, pdkp, pdk, pdw, At, eG, dLd, b, db, r, valid,
+               H: tl.constexpr, K: tl.constexpr, BKP: tl.constexpr, WITH_DW: tl.constexpr,
+               DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr, UNROLL: tl.constexpr):
+    """dk = partial (at ``pdkp``, float32) + (diag(beta) dL + dL^T diag(beta)) K [+ (A^T dW) o e^G when
+    WITH_DW, dW at ``pdw``], stored at ``pdk``; returns dbeta + rowsum(dL o K K^T)."""
+    dLtd = tl.trans(dLd)
+    for k0 in tl.range(0, K, BKP, loop_unroll_factor=UNROLL):
+        ck = k0 + tl.arange(0, BKP)
+        mk = valid[:, None] & (ck[None, :] < K)
+        offk = r[:, None] * (H * K) + ck[None, :]
+        kb = tl.load(pk + offk, mask=mk, other=0.0).to(tl.float32)
+        if WITH_DW:
+            dWb = tl.load(pdw + offk, mask=mk, other=0.0).to(DT)
+        dkb = tl.load(pdkp + offk, mask=mk, other=0.0)
+        dLK = _dot(dLd, kb.to(DT), F32, PREC)
+        db += tl.sum(dLK * kb, 1)
+        if WITH_DW:
+            dkb += _dot(At, dWb, F32, PREC) * eG[:, None] + dLK * b[:, None]
+        else:
+            dkb += dLK * b[:, None]
+        dkb += _dot(dLtd, (kb * b[:, None]).to(DT), F32, PREC)
+        tl.store(pdk + offk, dkb.to(pdk.dtype.element_ty), mask=mk)
+    return db
+
+
+@triton.jit
 def bwd_dqk_kernel(
     q, k, g, h, dh, vn, dvn, do, aqk, dq, dk, dw, dgp, chunks, T_steps, NT, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BKP: tl.constexpr, BV: tl.constexpr,
@@ -281,37 +337,13 @@ def bwd_wy_kernel(
             # cost a (BC, K) float32 tile of registers for the whole factor step
             dG += tl.sum(_dot(At, dWb, F32, PREC) * Kg, 1)
 
-    # through the factor: dX = (dA diag(beta)) o Gamma, dL = -X^T dX X^T (strictly lower).
-    # Every product here is in the inputs' precision (bf16/fp16 operands, float32 accumulation):
-    # TF32 products beside bf16 ones in one kernel miscompiled on Triton 3.6 / Hopper.
-    db = tl.sum(Xg * dA, 0)
-    dXg = dA * b[None, :]
+    # through the factor: dX = (dA diag(beta)) o Gamma, dL = -X^T dX X^T (strictly lower)
+    db, dXg, dG = _factor_terms(dA, X, gam, b, dG, HAS_G)
     if HAS_G:
-        E = dXg * Xg
-        dG += tl.sum(E, 1) - tl.sum(E, 0)
-        dG += tl.load(dgp + start * H + i_h + r * H, mask=valid, other=0.0)
-        dgs = tl.sum(dG, 0) - tl.cumsum(dG, 0) + dG  # reverse running sum inside the chunk
-        tl.store(dg + t0 * H + i_h + tok * H, dgs.to(dg.dtype.element_ty), mask=valid & first)
-    Xt = tl.trans(X.to(DT))
-    dL = -_dot(_dot(Xt, (dXg * gam).to(DT), F32, PREC).to(DT), Xt, F32, PREC)
-    dL = tl.where(r[:, None] > r[None, :], dL, 0.0)
-    dLd = dL.to(DT)
-    dLtd = tl.trans(dLd)
-
-    # dk = partial + (A^T dW) o e^G + (diag(beta) dL + dL^T diag(beta)) K, and
-    # dbeta += rowsum(dL o K K^T) = rowsum((dL K) o K) on the way
-    for k0 in tl.range(0, K, BKP, loop_unroll_factor=UNROLL):
-        ck = k0 + tl.arange(0, BKP)
-        mk = valid[:, None] & (ck[None, :] < K)
-        offk = r[:, None] * (H * K) + ck[None, :]
-        kb = tl.load(pk + offk, mask=mk, other=0.0).to(tl.float32)
-        dWb = tl.load(pdw + offk, mask=mk, other=0.0).to(DT)
-        dkb = tl.load(pdkp + offk, mask=mk, other=0.0)
-        dLK = _dot(dLd, kb.to(DT), F32, PREC)
-        db += tl.sum(dLK * kb, 1)
-        dkb += _dot(At, dWb, F32, PREC) * eG[:, None] + dLK * b[:, None]
-        dkb += _dot(dLtd, (kb * b[:, None]).to(DT), F32, PREC)
-        tl.store(pdk + offk, dkb.to(dk.dtype.element_ty), mask=mk)
+        dG += tl.load(dgp + start * H + i_h + r * H, mask=valid, other=0.0)  # the first kernel's terms
+        _store_dg(dG, dg, t0, i_h, tok, valid, first, H)
+    dLd = _factor_dL(dXg, X, gam, r, DT, F32, PREC)
+    db = _finish_dk(pk, pdkp, pdk, pdw, At, eG, dLd, b, db, r, valid, H, K, BKP, True, DT, F32, PREC, UNROLL)
     tl.store(dbeta + start * H + i_h + r * H, db.to(dbeta.dtype.element_ty), mask=valid)
 
 
@@ -403,33 +435,15 @@ def bwd_fused_kernel(
             dG += tl.sum(dQ0 * qb.to(tl.float32), 1) - dKdKd + tl.sum(AtdW * Kg, 1)
             dG += tl.where(is_end, tl.sum(dKdKd, 0), 0.0)
 
-    # through the factor, as in bwd_wy_kernel
-    Xg = tl.load(px) * gam
-    db = tl.sum(Xg * dA, 0)
-    dXg = dA * b[None, :]
     if HAS_G:
         dG += tl.where(is_end, tl.sum(tl.sum(hdh, 1), 0) * tl.exp(glast), 0.0)
-        E = dXg * Xg
-        dG += tl.sum(E, 1) - tl.sum(E, 0)
-        dgs = tl.sum(dG, 0) - tl.cumsum(dG, 0) + dG
-        tl.store(dg + t0 * H + i_h + tok * H, dgs.to(dg.dtype.element_ty), mask=valid & first)
-    Xt = tl.trans(tl.load(px).to(DT))
-    dL = -_dot(_dot(Xt, (dXg * gam).to(DT), F32, PREC).to(DT), Xt, F32, PREC)
-    dL = tl.where(r[:, None] > r[None, :], dL, 0.0)
-    dLd = dL.to(DT)
-    dLtd = tl.trans(dLd)
+    db, dXg, dG = _factor_terms(dA, tl.load(px), gam, b, dG, HAS_G)
+    if HAS_G:
+        _store_dg(dG, dg, t0, i_h, tok, valid, first, H)
+    dLd = _factor_dL(dXg, tl.load(px), gam, r, DT, F32, PREC)
     # the partial dk rows were stored by other threads of this program
     tl.debug_barrier()
-    for k0 in tl.range(0, K, BKP, loop_unroll_factor=UNROLL):
-        ck = k0 + tl.arange(0, BKP)
-        mk = valid[:, None] & (ck[None, :] < K)
-        offk = r[:, None] * (H * K) + ck[None, :]
-        kb = tl.load(pk + offk, mask=mk, other=0.0).to(tl.float32)
-        dkb = tl.load(pdkp + offk, mask=mk, other=0.0)
-        dLK = _dot(dLd, kb.to(DT), F32, PREC)
-        db += tl.sum(dLK * kb, 1)
-        dkb += dLK * b[:, None] + _dot(dLtd, (kb * b[:, None]).to(DT), F32, PREC)
-        tl.store(pdk + offk, dkb.to(dk.dtype.element_ty), mask=mk)
+    db = _finish_dk(pk, pdkp, pdk, pdkp, At, eG, dLd, b, db, r, valid, H, K, BKP, False, DT, F32, PREC, UNROLL)
     tl.store(dbeta + start * H + i_h + r * H, db.to(dbeta.dtype.element_ty), mask=valid)
 
 
