@@ -23,9 +23,9 @@ Kernels: ``bwd_state_kernel`` (one program per value block, sequence and head,
 sequential over chunks, writes dS' per chunk, dVn and dS_0), then two with one
 program per chunk and head: ``bwd_dqk_kernel`` (everything that reads the states:
 dq, partial dk and dG, dW) and ``bwd_wy_kernel`` (through the chunk factor: dk,
-dv, dbeta, dg). ``bwd_fused_kernel`` does both in one program (the default
-without a gate, CONFIG["fuse_bwd"]): dW then never leaves it; with a gate the
-two kernels timed faster, the fused one's extra tiles outgrowing the registers.
+dv, dbeta, dg). ``bwd_fused_kernel`` does both in one program (CONFIG["fuse_bwd"],
+off by default until checked on a GPU at chunk 64): dW then never leaves it;
+with a gate the two kernels timed faster.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from householder.backends._triton_delta_fwd import _dot, chunk_bounds, chunk_gamma, chunk_gates, chunk_rows, load_gates, seq_bounds
+from householder.backends._triton_delta_fwd import _dot, chunk_gamma, chunk_gates, chunk_program, chunk_rows, load_gates, seq_bounds
 
 
 @triton.jit
@@ -216,16 +216,10 @@ def bwd_dqk_kernel(
     dk = (dM o Gamma)^T Q + diag(e^{G_C - G}) Vn dS'^T, dW = -dVn S^T, and every
     log-decay term but those of the factor (the second kernel adds those).
     """
-    i_c = tl.program_id(0).to(tl.int64)
-    i_h = tl.program_id(1)
-    start, end = chunk_bounds(i_c, chunks, T_steps, NT, BC, VARLEN)
-    r, tok, first, last = chunk_rows(start, NH, BC)
-    valid = r < end - start
-    qrow = valid & last
+    i_c, i_h, start, end, r, tok, first, last, valid, qrow, t0 = chunk_program(chunks, T_steps, NT, BC, NH, VARLEN)
     causal = r[:, None] >= r[None, :]
     # the terms of G_C go to the chunk's last valid row (stored rows only are summed later)
     is_end = r == tl.minimum(end - start, BC) - 1
-    t0 = start // NH
     # int64 only in these scalar bases; tile offsets are int32
     pk = k + (start * H + i_h) * K
     pdk = dk + (start * H + i_h) * K
@@ -294,12 +288,7 @@ def bwd_wy_kernel(
     read (saved by the recomputing prep kernel). dkp and dgp hold the first kernel's
     partial dk (float32) and per-step dG.
     """
-    i_c = tl.program_id(0).to(tl.int64)
-    i_h = tl.program_id(1)
-    start, end = chunk_bounds(i_c, chunks, T_steps, NT, BC, VARLEN)
-    r, tok, first, last = chunk_rows(start, NH, BC)
-    valid = r < end - start
-    t0 = start // NH
+    i_c, i_h, start, end, r, tok, first, last, valid, qrow, t0 = chunk_program(chunks, T_steps, NT, BC, NH, VARLEN)
     pk = k + (start * H + i_h) * K
     pdk = dk + (start * H + i_h) * K
     pdkp = dkp + (start * H + i_h) * K
@@ -361,15 +350,9 @@ def bwd_fused_kernel(
     goes through memory (``dkp``, float32, read back by the same program, so mostly from L2):
     the factor's term of dk needs dA over every key block first.
     """
-    i_c = tl.program_id(0).to(tl.int64)
-    i_h = tl.program_id(1)
-    start, end = chunk_bounds(i_c, chunks, T_steps, NT, BC, VARLEN)
-    r, tok, first, last = chunk_rows(start, NH, BC)
-    valid = r < end - start
-    qrow = valid & last
+    i_c, i_h, start, end, r, tok, first, last, valid, qrow, t0 = chunk_program(chunks, T_steps, NT, BC, NH, VARLEN)
     causal = r[:, None] >= r[None, :]
     is_end = r == tl.minimum(end - start, BC) - 1
-    t0 = start // NH
     pk = k + (start * H + i_h) * K
     pdk = dk + (start * H + i_h) * K
     pdkp = dkp + (start * H + i_h) * K

@@ -80,6 +80,18 @@ def chunk_rows(start, NH: tl.constexpr, BC: tl.constexpr):
 
 
 @triton.jit
+def chunk_program(chunks, T_steps, NT, BC: tl.constexpr, NH: tl.constexpr, VARLEN: tl.constexpr):
+    """Where a per-(chunk, head) program works: i_c, i_h, the chunk's first row and its sequence's
+    end row, the rows of ``chunk_rows``, the valid rows, the query rows, and the first token t0."""
+    i_c = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1)
+    start, end = chunk_bounds(i_c, chunks, T_steps, NT, BC, VARLEN)
+    r, tok, first, last = chunk_rows(start, NH, BC)
+    valid = r < end - start
+    return i_c, i_h, start, end, r, tok, first, last, valid, valid & last, start // NH
+
+
+@triton.jit
 def chunk_gates(gp, tok, valid, first, H: tl.constexpr):
     """Running sum G of the log-decays inside a chunk (BC,), float32; a token decays at its first step.
 
@@ -143,14 +155,8 @@ def prep_kernel(
     SPLITS: tl.constexpr,
 ):
     """Per (chunk, head): W = A diag(e^G) K, U = A V and Aqk = tril(Q K^T) o Gamma (and X and G, float32)."""
-    i_c = tl.program_id(0).to(tl.int64)
-    i_h = tl.program_id(1)
-    start, end = chunk_bounds(i_c, chunks, T_steps, NT, BC, VARLEN)
-    r, tok, first, last = chunk_rows(start, NH, BC)
-    valid = r < end - start
-    qrow = valid & last
+    i_c, i_h, start, end, r, tok, first, last, valid, qrow, t0 = chunk_program(chunks, T_steps, NT, BC, NH, VARLEN)
     # int64 only in these scalar bases; tile offsets below are int32
-    t0 = start // NH
     pk = k + (start * H + i_h) * K
     pq = q + (t0 * H + i_h) * K
     pv = v + (start * H + i_h) * V
