@@ -269,8 +269,8 @@ def main() -> int:
                     help="also time our forward+backward with the forward's chunk quantities recomputed, kept (save_prep) "
                          "and kept with the per-chunk states (save_states)")
     ap.add_argument("--ab", action="append", default=[], metavar="KEY=V1,V2,...",
-                    help="also time our ops under each value of a triton_delta.CONFIG entry, e.g. gates=0,1,2 "
-                         "or 'bwd_fused=8,1;4,1' (values of (num_warps, num_stages) entries separated by ';')")
+                    help="also time our ops at each of --shapes under each value of a triton_delta.CONFIG entry, e.g. "
+                         "gates=0,1,2 or 'bwd_fused=8,1;4,1' (values of (num_warps, num_stages) entries separated by ';')")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override an entry of triton_delta.CONFIG, e.g. BV=64 or bwd_dqk=4,1 (num_warps,num_stages)")
     args = ap.parse_args()
@@ -402,7 +402,7 @@ def main() -> int:
         key, _, vals = item.partition("=")
         # values of tuple entries (num_warps,num_stages) are separated by ';'
         values = vals.split(";") if ";" in vals else vals.split(",")
-        lines += [f"## Our ops under each value of CONFIG[{key!r}]", ""] + ab(H, D, sorted({shapes[0], shapes[-1]}), key, values) + [""]
+        lines += [f"## Our ops under each value of CONFIG[{key!r}]", ""] + ab(H, D, shapes, key, values) + [""]
         _write(args.out, lines)
     if args.sweep:
         lines += ["## Launch-setting sweep (ours, gated delta rule)", ""] + sweep(H, D, shapes) + [""]

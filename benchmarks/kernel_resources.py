@@ -73,6 +73,18 @@ def resources(fn, constexprs: dict, warps: int, stages: int, capability: int = 9
     return {"registers": int(fields["REG"]), "stack": int(fields["STACK"]), "shared": int(kernel.metadata.shared)}
 
 
+def seq_columns(key: str, gated: bool) -> int:
+    """Value columns of a sequential pass: CONFIG[key], or what _Plan.seq_block picks at the benchmark's
+    shapes when None (64 plain, 32 gated; the gated state pass's rerun in the backward also takes 64)."""
+    return td.CONFIG[key] or (32 if gated else 64)
+
+
+def seq_launch(plan, name):
+    """(warps, stages) of a sequential pass, with the launcher's single-stage cap for wide rows."""
+    warps, stages = td.CONFIG[name]
+    return warps, min(stages, plan.seq_stages or stages)
+
+
 def kernels(K: int, chunk: int):
     """(name, variant, kernel, constexprs, (warps, stages)) of one forward+backward as the launchers set them."""
     plan = td._Plan(1, 4 * chunk, 16, K, K, 1, chunk, None, torch.bfloat16, torch.device("cpu"))
@@ -82,13 +94,15 @@ def kernels(K: int, chunk: int):
         variant = "gated" if gated else "plain"
         yield ("prep", variant, fwd.prep_kernel, dict(common, BKP=plan.BKP, BV=plan.BVP, HAS_G=gated, SAVE_X=True,
                SAVE_G=False, FPREC=plan.FPREC, SPLITS=td.CONFIG["inverse_splits"]), td.CONFIG["prep"])
-        seq = dict(common, BK=plan.BK, BV=plan.BV, HAS_G=gated, GMODE=0)
-        yield ("state", variant, fwd.state_kernel, dict(seq, HAS_S0=False, STORE_ST=True, WRITE_O=True, SAVE_H=False), td.CONFIG["state"])
-        yield ("bwd_state", variant, bwd.bwd_state_kernel, dict(seq, HAS_DST=False), td.CONFIG["bwd_state"])
+        seq = dict(common, BK=plan.BK, HAS_G=gated, GMODE=0)
+        yield ("state", variant, fwd.state_kernel, dict(seq, BV=seq_columns('BV', gated), HAS_S0=False, STORE_ST=True, WRITE_O=True, SAVE_H=False),
+               seq_launch(plan, "state"))
+        yield ("bwd_state", variant, bwd.bwd_state_kernel, dict(seq, BV=seq_columns('bwd_state_BV', gated), HAS_DST=False), seq_launch(plan, "bwd_state"))
         per_chunk = dict(common, BKP=plan.BKP, BV=plan.BVB, HAS_G=gated, UNROLL=int(td.CONFIG["bwd_unroll"]))
         aqk = dict(per_chunk, AQK=bool(td.CONFIG["dg_from_aqk"]))
+        fused = dict(aqk, UNROLL=int(td.CONFIG["fused_unroll"]))
         for name, fn, meta in (("bwd_dqk", bwd.bwd_dqk_kernel, aqk), ("bwd_wy", bwd.bwd_wy_kernel, per_chunk),
-                               ("bwd_fused", bwd.bwd_fused_kernel, aqk)):
+                               ("bwd_fused", bwd.bwd_fused_kernel, fused)):
             warps, stages = td.CONFIG[name]
             yield (name, variant, fn, meta, (min(warps, 4) if small else warps, stages))
 

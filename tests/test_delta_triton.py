@@ -311,13 +311,14 @@ def test_fused_backward_matches_the_two_kernel_one(rng, monkeypatch, B, T, H, K,
     do = torch.tensor(rng.standard_normal((B, T, H, V)), dtype=torch.float32, device=DEVICE)
     dS = torch.tensor(rng.standard_normal((N, H, K, V)), dtype=torch.float32, device=DEVICE)
     runs = []
-    # (fuse_bwd, dg_from_aqk, bwd_unroll): mode 1 fuses only without a gate, 2 always; the gate's
+    # (fuse_bwd, dg_from_aqk, bwd_unroll and fused_unroll): mode 1 fuses only without a gate, 2 always; the gate's
     # score term from the forward's Aqk or from Q K^T formed again; the block loops rolled or
     # unrolled by 2 -- in either kernel. Mode 1 comes last (see the end).
     for fused, aqk, unroll in ((0, False, 2), (2, False, 2), (2, True, 1), (0, True, 1), (0, False, 1), (2, False, 1), (1, False, 2)):
         monkeypatch.setitem(td.CONFIG, "fuse_bwd", fused)
         monkeypatch.setitem(td.CONFIG, "dg_from_aqk", aqk)
         monkeypatch.setitem(td.CONFIG, "bwd_unroll", unroll)
+        monkeypatch.setitem(td.CONFIG, "fused_unroll", unroll)
         runs.append(_grads(inp, "triton", n, cu_t, do, dS, chunk))
     want = _grads({k: x.double() for k, x in inp.items()}, "torch", n, cu_t, do.double(), dS.double(), 64)
     for name, a, *others, c in zip(["o", "S"] + [f"d{m}" for m in inp], *runs, want):
@@ -349,3 +350,25 @@ def test_chunk_factor_inverse_split_into_quadrants(rng, monkeypatch, splits, chu
     want = _grads({k: x.double() for k, x in inp.items()}, "torch", 1, None, torch.ones_like(o).double(), torch.ones_like(S).double(), 64)
     for name, a, b in zip(["o", "S"] + [f"d{m}" for m in inp], got, want):
         assert rel_err(a, b) < 2e-4, name
+
+
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
+def test_sequential_passes_split_the_values_into_blocks_alike(rng, monkeypatch, gated):
+    # CONFIG["BV"] / ["bwd_state_BV"]: the value columns of each program of the state pass and of
+    # the reverse pass (None: chosen per call; all of them in the interpreter). V = 80 leaves a
+    # partial last block at 32 and 64 columns.
+    from householder.backends import triton_delta as td
+
+    inp = make_inputs(rng, 2, 70, 2, 32, 80, gated=gated, state=2)
+    do = torch.tensor(rng.standard_normal((2, 70, 2, 80)), dtype=torch.float32, device=DEVICE)
+    dS = torch.tensor(rng.standard_normal((2, 2, 32, 80)), dtype=torch.float32, device=DEVICE)
+    runs = []
+    for bv in (None, 32, 64, 16):
+        monkeypatch.setitem(td.CONFIG, "BV", bv)
+        monkeypatch.setitem(td.CONFIG, "bwd_state_BV", 64 if bv == 16 else bv)  # one run with the two apart
+        runs.append(_grads(inp, "triton", 1, None, do, dS, 64))
+    want = _grads({k: x.double() for k, x in inp.items()}, "torch", 1, None, do.double(), dS.double(), 64)
+    for name, a, *others, c in zip(["o", "S"] + [f"d{m}" for m in inp], *runs, want):
+        for b in others:
+            assert rel_err(b, a) < SAME, name
+        assert rel_err(a, c) < 2e-4, name

@@ -23,9 +23,9 @@ Kernels: ``bwd_state_kernel`` (one program per value block, sequence and head,
 sequential over chunks, writes dS' per chunk, dVn and dS_0), then two with one
 program per chunk and head: ``bwd_dqk_kernel`` (everything that reads the states:
 dq, partial dk and dG, dW) and ``bwd_wy_kernel`` (through the chunk factor: dk,
-dv, dbeta, dg). ``bwd_fused_kernel`` does both in one program (CONFIG["fuse_bwd"],
-off by default until checked on a GPU at chunk 64): dW then never leaves it;
-with a gate the two kernels timed faster.
+dv, dbeta, dg). ``bwd_fused_kernel`` does both in one program (CONFIG["fuse_bwd"];
+by default without a gate only): dW then never leaves it; with a gate the two
+kernels timed faster.
 """
 
 from __future__ import annotations
@@ -454,10 +454,11 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None):
     dvn = torch.empty_like(vn)
     ds0 = torch.empty((plan.N, H, K, V), dtype=torch.float32, device=dev)
     dummy = do  # stands for absent optional tensors; never read
-    tdelta.launch("bwd_state", bwd_state_kernel, (triton.cdiv(V, plan.BV), plan.N * H),
+    BV = plan.seq_block(tdelta.CONFIG["bwd_state_BV"], wide=g is None)
+    tdelta.launch("bwd_state", bwd_state_kernel, (triton.cdiv(V, BV), plan.N * H),
         q, k, w, aqk, g if g is not None else dummy, gcs if gcs is not None else dummy, do,
         dsT.contiguous() if dsT is not None else dummy, dhs, dvn, ds0, plan.seqs, plan.T_steps, plan.NT, scale,
-        BK=plan.BK, BV=plan.BV, HAS_G=g is not None, HAS_DST=dsT is not None, GMODE=tdelta.gate_mode(gcs),
+        BK=plan.BK, BV=BV, HAS_G=g is not None, HAS_DST=dsT is not None, GMODE=tdelta.gate_mode(gcs),
         max_stages=plan.seq_stages, **plan.common(),
     )
     # each buffer is dropped after its last reader and each output made just before its
@@ -466,7 +467,7 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None):
     grid = (plan.NT_total, H)
     # the gate's gradient through the scores' decays reads the forward's scores, or forms Q K^T again
     meta = dict(BKP=plan.BKP, BV=plan.BVB, HAS_G=g is not None, UNROLL=int(tdelta.CONFIG["bwd_unroll"]), **plan.common())
-    aqk_meta = dict(AQK=bool(tdelta.CONFIG["dg_from_aqk"]), **meta)
+    aqk_meta = dict(meta, AQK=bool(tdelta.CONFIG["dg_from_aqk"]))
     # Triton 3.6 on an H200: bwd_dqk and bwd_wy at 8 warps hit an illegal memory access with key or
     # value blocks under 64 wide at chunk 64 (float32, K = V = 16 and 32 seen); 4 warps run right.
     # The fused kernel (4 warps by default) is held to the same cap.
@@ -481,7 +482,7 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None):
         tdelta.launch("bwd_fused", bwd_fused_kernel, grid,
             q, k, v, beta, g if g is not None else dummy, xs, hs, dhs, vn, dvn, do, aqk, dq, dkp, dk, dv, dbeta,
             dg if g is not None else dummy, plan.chunks, plan.T_steps, plan.NT, scale,
-            **aqk_meta, **small,
+            **dict(aqk_meta, UNROLL=int(tdelta.CONFIG["fused_unroll"])), **small,
         )
         return _grads_out(dq, dk, dv, dbeta, dg, ds0, beta, g, S0)
     dq = torch.empty_like(q)  # every token row is written once: at its last step

@@ -24,17 +24,22 @@ MAX_K = 256
 # Launch settings (num_warps, num_stages) per kernel on GPUs; the interpreter ignores them.
 # Chosen by an H100 sweep (compare_delta.py --sweep): the per-chunk forward kernel is fastest
 # at 4 warps, the per-chunk backward kernels at 8 (swept before bwd_wy moved to the inputs'
-# precision), 64 value columns per backward step. BV: value columns per program of
-# the sequential passes (more programs when small); bwd_BV: value columns per step of the
-# per-chunk backward kernels. (Triton's autotuner over several settings ended in an illegal
+# precision), 64 value columns per backward step (bwd_BV). bwd_dqk at 2 stages: 2% off the gated
+# forward+backward on an H200 with its loops rolled (bwd_wy and the fused kernel were not faster). (Triton's autotuner over several settings ended in an illegal
 # memory access on an H100 with Triton 3.6, so the settings are fixed.)
 CONFIG = {
-    "BV": 32,
+    # BV, bwd_state_BV: value columns per program of the state pass (forward, and its rerun in the
+    # backward) and of the backward's reverse pass; None: chosen per call (_Plan.seq_block), 64
+    # where that still fills the GPU, except where the gated op timed slower with 64 (the forward
+    # pass that writes the output, and the reverse pass: the gates' exponentials cost registers
+    # the wider state tile needs). The interpreter takes all columns in one program under None.
+    "BV": None,
+    "bwd_state_BV": None,
     "bwd_BV": 64,
     "prep": (4, 1),
     "state": (4, 2),
     "bwd_state": (4, 2),
-    "bwd_dqk": (8, 1),
+    "bwd_dqk": (8, 2),
     "bwd_wy": (8, 1),
     "bwd_fused": (4, 1),
     "bwd_chunk": None,  # chunk size of the backward pass (None: the forward's)
@@ -59,11 +64,9 @@ CONFIG = {
     # 0: never, 1: without a gate, 2: always. On an H200 at 4 warps the plain forward+backward
     # went 3.56 -> 3.28 ms (16 x 2048) and 3.72 -> 3.44 (2 x 16384), for +130 MiB of peak (the float32
     # partial dk is held beside the states); the gated one went 4.33 -> 5.44 ms (8 warps were
-    # slower for both), so 1 is the mode to use. The default stays 0 until the fused kernel's
-    # gradients are checked on a GPU at chunk 64 and K >= 64 (tests/test_delta_triton.py's
-    # model-head test): there it was only timed, and a former single backward kernel read shared
-    # memory out of bounds at those shapes (docs/delta_rule.md).
-    "fuse_bwd": 0,
+    # slower for both), so 1 is the mode to use. Its gradients matched the float64 path on an H200
+    # at chunk 64 and K = V = 64, 128, 256 (tests/test_delta_triton.py's model-head test).
+    "fuse_bwd": 1,
     # The gate's gradient through the scores' decays from the forward's masked scores Aqk (held
     # in the inputs' precision) rather than from Q K^T formed again in the backward: 1.5% off the
     # gated forward+backward on an H200.
@@ -75,8 +78,11 @@ CONFIG = {
     # Unrolling of the per-chunk backward kernels' loops over key and value blocks (Triton's
     # loop_unroll_factor; 1: none). Unrolled in full (tl.static_range, as before), they spilled
     # 0.9-2.4 KB of registers per thread in sm_90 builds at K = V = 128 and 5.8 KB fused; rolled,
-    # 24-256 B (benchmarks/kernel_resources.py). 2 (what was timed) until 1 is timed on a GPU.
-    "bwd_unroll": 2,
+    # 24-256 B (benchmarks/kernel_resources.py). On an H200, rolled (1) took the gated forward+
+    # backward (bwd_dqk + bwd_wy) from 4.25 to 4.06 ms at 16 x 2048 and from 4.93 to 4.75 at 2 x 16384,
+    # but the fused kernel (fused_unroll) from 3.23 to 3.33 and 3.40 to 3.49.
+    "bwd_unroll": 1,
+    "fused_unroll": 2,
 }
 CHUNK_SIZES = (16, 32, 64)
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -126,23 +132,37 @@ class _Plan:
         self.PREC = "ieee" if interp else "tf32x3"
         self.FPREC = "ieee" if interp else ("tf32x3" if dtype == torch.float32 else "tf32")
         self.BK = max(16, triton.next_power_of_2(K))
-        # float32 tiles of the sequential passes at K >= 128 outgrow shared memory when their loads
-        # are double-buffered (238 KB against the H100's 227 KB in the reverse pass): single stage
-        self.seq_stages = 1 if (dtype == torch.float32 and self.BK >= 128) else None
+        # the sequential passes' (BC, BK) tiles outgrow shared memory when their loads are double-
+        # buffered from 512 bytes per row on (238 KB for float32 at K = 128 in the reverse pass,
+        # 232 KB for bfloat16 at K = 256 in the forward, against 227 KB on an H100 or H200)
+        self.seq_stages = 1 if dtype.itemsize * self.BK >= 512 else None
         self.BKP = min(64, self.BK)
         self.BVP = min(64, max(16, triton.next_power_of_2(V)))
         self.BVB = min(CONFIG["bwd_BV"], max(16, triton.next_power_of_2(V)))
-        if interp:
-            self.BV = max(16, triton.next_power_of_2(V))  # few programs: the interpreter pays per program
-        else:
-            self.BV = CONFIG["BV"]
-            if self.BV is None:
-                sms = torch.cuda.get_device_properties(device).multi_processor_count
-                self.BV = 64 if self.N * H * triton.cdiv(V, 64) >= 2 * sms else 32
-            self.BV = min(self.BV, max(16, triton.next_power_of_2(V)))
+        self.device = device
+
+    def seq_block(self, setting: Optional[int], wide: bool) -> int:
+        """Value columns per program of a sequential pass: ``setting`` (CONFIG["BV"] or
+        CONFIG["bwd_state_BV"]), or when None, 64 if ``wide`` and that still gives most SMs a
+        program, else 32."""
+        full = max(16, triton.next_power_of_2(self.V))
+        if setting is None:
+            if interpreting():
+                return full  # few programs: the interpreter pays per program
+            # 64 columns read the chunk's keys and W half as often as 32, but leave SMs idle when
+            # N * H is small: on an H200 (132 SMs), plain, K = V = 128, 64 columns took the forward
+            # from 0.96 to 0.76 ms with 128 programs (4 x 8192) and from 0.96 to 1.03 with 64 (2 x 16384)
+            wide = wide and self.N * self.H * triton.cdiv(self.V, 64) >= 3 * _sm_count(self.device) // 4
+            setting = 64 if wide else 32
+        return min(setting, full)
 
     def common(self):
         return dict(H=self.H, K=self.K, V=self.V, BC=self.BC, NH=self.NH, VARLEN=self.varlen, DT=self.DT, F32=self.F32, PREC=self.PREC)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @functools.lru_cache(maxsize=64)
@@ -223,11 +243,12 @@ def state_pass(q, k, w, u, aqk, g, gcs, scale, S0, plan: _Plan, *, want_o=True, 
     h = torch.empty((plan.NT_total, H, K, V), dtype=q.dtype, device=dev) if save_h else None
     vn = torch.empty_like(u) if save_h else None
     dummy = u
-    launch("state", _fwd.state_kernel, (triton.cdiv(V, plan.BV), plan.N * H),
+    BV = plan.seq_block(CONFIG["BV"], wide=g is None or not want_o)
+    launch("state", _fwd.state_kernel, (triton.cdiv(V, BV), plan.N * H),
         q, k, w, u, aqk, _g_arg(g, dummy), _g_arg(gcs, dummy), o if want_o else dummy, S0 if S0 is not None else dummy,
         sT if want_final else dummy, h if save_h else dummy, vn if save_h else dummy,
         plan.seqs, plan.T_steps, plan.NT, scale,
-        BK=plan.BK, BV=plan.BV, HAS_G=g is not None, HAS_S0=S0 is not None, STORE_ST=want_final,
+        BK=plan.BK, BV=BV, HAS_G=g is not None, HAS_S0=S0 is not None, STORE_ST=want_final,
         WRITE_O=want_o, SAVE_H=save_h, GMODE=gate_mode(gcs), max_stages=plan.seq_stages, **plan.common(),
     )
     return o, sT, h, vn
