@@ -79,10 +79,10 @@ def seq_columns(key: str, gated: bool) -> int:
     return td.CONFIG[key] or (32 if gated else 64)
 
 
-def seq_launch(plan, name):
-    """(warps, stages) of a sequential pass, with the launcher's single-stage cap for wide rows."""
+def seq_launch(plan, name, cap):
+    """(warps, stages) of a sequential pass, with the launcher's stage cap for wide rows."""
     warps, stages = td.CONFIG[name]
-    return warps, min(stages, plan.seq_stages or stages)
+    return warps, min(stages, cap or stages)
 
 
 def kernels(K: int, chunk: int):
@@ -96,8 +96,8 @@ def kernels(K: int, chunk: int):
                SAVE_G=False, FPREC=plan.FPREC, SPLITS=td.CONFIG["inverse_splits"]), td.CONFIG["prep"])
         seq = dict(common, BK=plan.BK, HAS_G=gated, GMODE=0)
         yield ("state", variant, fwd.state_kernel, dict(seq, BV=seq_columns('BV', gated), HAS_S0=False, STORE_ST=True, WRITE_O=True, SAVE_H=False),
-               seq_launch(plan, "state"))
-        yield ("bwd_state", variant, bwd.bwd_state_kernel, dict(seq, BV=seq_columns('bwd_state_BV', gated), HAS_DST=False), seq_launch(plan, "bwd_state"))
+               seq_launch(plan, "state", plan.out_stages))
+        yield ("bwd_state", variant, bwd.bwd_state_kernel, dict(seq, BV=seq_columns('bwd_state_BV', gated), HAS_DST=False), seq_launch(plan, "bwd_state", plan.seq_stages))
         per_chunk = dict(common, BKP=plan.BKP, BV=plan.BVB, HAS_G=gated, UNROLL=int(td.CONFIG["bwd_unroll"]))
         aqk = dict(per_chunk, AQK=bool(td.CONFIG["dg_from_aqk"]))
         fused = dict(aqk, UNROLL=int(td.CONFIG["fused_unroll"]))

@@ -132,10 +132,13 @@ class _Plan:
         self.PREC = "ieee" if interp else "tf32x3"
         self.FPREC = "ieee" if interp else ("tf32x3" if dtype == torch.float32 else "tf32")
         self.BK = max(16, triton.next_power_of_2(K))
-        # the sequential passes' (BC, BK) tiles outgrow shared memory when their loads are double-
-        # buffered from 512 bytes per row on (238 KB for float32 at K = 128 in the reverse pass,
-        # 232 KB for bfloat16 at K = 256 in the forward, against 227 KB on an H100 or H200)
-        self.seq_stages = 1 if dtype.itemsize * self.BK >= 512 else None
+        # Loads of the sequential passes are double-buffered unless their tiles outgrow shared memory
+        # (227 KB on an H100 or H200): float32 at K >= 128 (238 KB in the reverse pass), and the
+        # forward pass that writes the output in half precision at K = 256 (232 KB). Only there:
+        # bfloat16 K = 256 single-staged in the rerun without the output (32 value columns) hit an
+        # illegal memory access on an H200 with Triton 3.6, and ran right double-buffered.
+        self.seq_stages = 1 if (dtype == torch.float32 and self.BK >= 128) else None
+        self.out_stages = 1 if dtype.itemsize * self.BK >= 512 else None
         self.BKP = min(64, self.BK)
         self.BVP = min(64, max(16, triton.next_power_of_2(V)))
         self.BVB = min(CONFIG["bwd_BV"], max(16, triton.next_power_of_2(V)))
@@ -249,7 +252,8 @@ def state_pass(q, k, w, u, aqk, g, gcs, scale, S0, plan: _Plan, *, want_o=True, 
         sT if want_final else dummy, h if save_h else dummy, vn if save_h else dummy,
         plan.seqs, plan.T_steps, plan.NT, scale,
         BK=plan.BK, BV=BV, HAS_G=g is not None, HAS_S0=S0 is not None, STORE_ST=want_final,
-        WRITE_O=want_o, SAVE_H=save_h, GMODE=gate_mode(gcs), max_stages=plan.seq_stages, **plan.common(),
+        WRITE_O=want_o, SAVE_H=save_h, GMODE=gate_mode(gcs), max_stages=plan.out_stages if want_o else plan.seq_stages,
+        **plan.common(),
     )
     return o, sT, h, vn
 
