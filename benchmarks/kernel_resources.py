@@ -94,7 +94,7 @@ def kernels(K: int, chunk: int):
         variant = "gated" if gated else "plain"
         yield ("prep", variant, fwd.prep_kernel, dict(common, BKP=plan.BKP, BV=plan.BVP, HAS_G=gated, SAVE_X=True,
                SAVE_G=False, FPREC=plan.FPREC, SPLITS=td.CONFIG["inverse_splits"]), td.CONFIG["prep"])
-        seq = dict(common, BK=plan.BK, HAS_G=gated, GMODE=0)
+        seq = dict(common, BK=plan.BK, HAS_G=gated, GMODE=0, GATE_V=bool(td.CONFIG["gate_values"]))
         yield ("state", variant, fwd.state_kernel, dict(seq, BV=seq_columns('BV', gated), HAS_S0=False, STORE_ST=True, WRITE_O=True, SAVE_H=False),
                seq_launch(plan, "state", plan.out_stages))
         yield ("bwd_state", variant, bwd.bwd_state_kernel, dict(seq, BV=seq_columns('bwd_state_BV', gated), HAS_DST=False), seq_launch(plan, "bwd_state", plan.seq_stages))

@@ -206,7 +206,8 @@ def test_backward_keeps_or_recomputes_the_chunk_quantities_alike(rng, monkeypatc
 @pytest.mark.parametrize("n, cu", [(1, None), (2, [0, 7, 7, 30, 50])], ids=["delta", "product-varlen"])
 def test_sequential_passes_take_the_gates_from_any_source_alike(rng, monkeypatch, gates, n, cu):
     # CONFIG["gates"]: the running log-decays summed in the sequential kernels (0) or written by
-    # the prep kernel and loaded there (1, 2); a short last chunk and an empty sequence included
+    # the prep kernel and loaded there (1, 2); CONFIG["gate_values"]: the decays applied to the
+    # keys and queries or to the value-side tiles; a short last chunk and an empty sequence included
     from householder.backends import triton_delta as td
 
     N = 1 if cu is None else len(cu) - 1
@@ -215,14 +216,16 @@ def test_sequential_passes_take_the_gates_from_any_source_alike(rng, monkeypatch
     do = torch.tensor(rng.standard_normal((1, 50, 2, 16)), dtype=torch.float32, device=DEVICE)
     dS = torch.tensor(rng.standard_normal((N, 2, 16, 16)), dtype=torch.float32, device=DEVICE)
     runs = []
-    for mode, states in ((0, False), (gates, False), (gates, True)):
+    for mode, states, on_values in ((0, False, False), (gates, False, False), (gates, True, True), (0, False, True)):
         monkeypatch.setitem(td.CONFIG, "gates", mode)
         monkeypatch.setitem(td.CONFIG, "save_states", states)
+        monkeypatch.setitem(td.CONFIG, "gate_values", on_values)
         runs.append(_grads(inp, "triton", n, cu_t, do, dS, 32))
     want = _grads({k: x.double() for k, x in inp.items()}, "torch", n, cu_t, do.double(), dS.double(), 64)
-    for name, a, b, c, d in zip(["o", "S"] + [f"d{m}" for m in inp], *runs, want):
-        assert rel_err(a, b) < SAME and rel_err(a, c) < SAME, name
-        assert rel_err(b, d) < 2e-4, name
+    for name, a, *others, d in zip(["o", "S"] + [f"d{m}" for m in inp], *runs, want):
+        for b in others:
+            assert rel_err(a, b) < SAME, name
+        assert rel_err(a, d) < 2e-4, name
 
 
 @pytest.mark.parametrize("states", [False, True])

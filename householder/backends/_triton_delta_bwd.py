@@ -42,9 +42,12 @@ def bwd_state_kernel(
     q, k, w, aqk, g, gcs, do, dsT, dh, dvn, ds0, seqs, T_steps, NT, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BC: tl.constexpr, NH: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr, HAS_DST: tl.constexpr,
-    DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr, GMODE: tl.constexpr,
+    DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr, GMODE: tl.constexpr, GATE_V: tl.constexpr,
 ):
-    """Reverse pass over chunks: dS' of each chunk (into dh), dVn, and dS_0."""
+    """Reverse pass over chunks: dS' of each chunk (into dh), dVn, and dS_0.
+
+    GATE_V: the decays scale the (BC, BV) tiles, diag(d) (K dS) and Q^T (diag(e^G) dO), rather
+    than the (BC, BK) keys and queries, which then stay in the inputs' precision."""
     i_v = tl.program_id(0)
     i_nh = tl.program_id(1).to(tl.int64)
     i_n = i_nh // H
@@ -69,20 +72,27 @@ def bwd_state_kernel(
         t0 = start // NH
         offk = r[:, None] * (H * K) + ck[None, :]
         tl.store(dh + ((c0 + j) * H + i_h) * K * V + soff, dS.to(dh.dtype.element_ty), mask=mkv)
-        kt = tl.load(k + (start * H + i_h) * K + offk, mask=mk, other=0.0).to(tl.float32)
-        qt = tl.load(q + (t0 * H + i_h) * K + tok[:, None] * (H * K) + ck[None, :], mask=qrow[:, None] & (ck[None, :] < K), other=0.0).to(tl.float32)
+        kt = tl.load(k + (start * H + i_h) * K + offk, mask=mk, other=0.0)
+        qt = tl.load(q + (t0 * H + i_h) * K + tok[:, None] * (H * K) + ck[None, :], mask=qrow[:, None] & (ck[None, :] < K), other=0.0)
         wt = tl.load(w + (start * H + i_h) * K + offk, mask=mk, other=0.0).to(DT)
         dot_ = tl.load(do + (t0 * H + i_h) * V + tok[:, None] * (H * V) + cv[None, :], mask=qrow[:, None] & (cv[None, :] < V), other=0.0).to(DT)
         at = tl.load(aqk + ((c0 + j) * H + i_h) * BC * BC + r[:, None] * BC + r[None, :]).to(DT)
+        dog = dot_
         if HAS_G:
             Gc, glast = load_gates(gcs + i_h, g + i_h, start, t0, r, tok, valid, first, eos, H, BC, GMODE)
-            kt = kt * tl.exp(glast - Gc)[:, None]
-            qt = qt * tl.exp(Gc)[:, None]
-        dvt = _dot(tl.trans(at), dot_, F32, PREC) * scale + _dot(kt.to(DT), dS.to(DT), F32, PREC)
+            if GATE_V:
+                dog = (dot_.to(tl.float32) * tl.exp(Gc)[:, None]).to(DT)
+            else:
+                kt = kt.to(tl.float32) * tl.exp(glast - Gc)[:, None]
+                qt = qt.to(tl.float32) * tl.exp(Gc)[:, None]
+        kdS = _dot(kt.to(DT), dS.to(DT), F32, PREC)
+        if HAS_G and GATE_V:
+            kdS = kdS * tl.exp(glast - Gc)[:, None]
+        dvt = _dot(tl.trans(at), dot_, F32, PREC) * scale + kdS
         tl.store(dvn + (start * H + i_h) * V + r[:, None] * (H * V) + cv[None, :], dvt.to(dvn.dtype.element_ty), mask=valid[:, None] & (cv[None, :] < V))
         if HAS_G:
             dS = dS * tl.exp(glast)
-        dS += _dot(tl.trans(qt.to(DT)), dot_, F32, PREC) * scale - _dot(tl.trans(wt), dvt.to(DT), F32, PREC)
+        dS += _dot(tl.trans(qt.to(DT)), dog, F32, PREC) * scale - _dot(tl.trans(wt), dvt.to(DT), F32, PREC)
     tl.store(ds0 + i_nh * K * V + soff, dS, mask=mkv)
 
 
@@ -464,6 +474,7 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None):
         q, k, w, aqk, g if g is not None else dummy, gcs if gcs is not None else dummy, do,
         dsT.contiguous() if dsT is not None else dummy, dhs, dvn, ds0, plan.seqs, plan.T_steps, plan.NT, scale,
         BK=plan.BK, BV=BV, HAS_G=g is not None, HAS_DST=dsT is not None, GMODE=tdelta.gate_mode(gcs),
+        GATE_V=bool(tdelta.CONFIG["gate_values"]),
         max_stages=plan.out_stages, **plan.common(),
     )
     # each buffer is dropped after its last reader and each output made just before its

@@ -206,9 +206,12 @@ def state_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BC: tl.constexpr, NH: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr,
     HAS_S0: tl.constexpr, STORE_ST: tl.constexpr, WRITE_O: tl.constexpr, SAVE_H: tl.constexpr,
-    DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr, GMODE: tl.constexpr,
+    DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr, GMODE: tl.constexpr, GATE_V: tl.constexpr,
 ):
-    """Per (value block, sequence, head): the sequential pass over chunks, with the output."""
+    """Per (value block, sequence, head): the sequential pass over chunks, with the output.
+
+    GATE_V: the state update's decays scale the (BC, BV) pseudo-values, K^T (diag(d) Vn), rather
+    than the (BC, BK) keys, (diag(d) K)^T Vn: the same product on a smaller tile."""
     i_v = tl.program_id(0)
     i_nh = tl.program_id(1).to(tl.int64)
     i_n = i_nh // H
@@ -253,8 +256,11 @@ def state_kernel(
             ot = (ot + _dot(at, vd, F32, PREC)) * scale
             tl.store(o + (t0 * H + i_h) * V + tok[:, None] * (H * V) + cv[None, :], ot.to(o.dtype.element_ty), mask=qrow[:, None] & (cv[None, :] < V))
         if HAS_G:
-            kt = kt.to(tl.float32) * tl.exp(glast - Gc)[:, None]
             S = S * tl.exp(glast)
+            if GATE_V:
+                vd = (vnew * tl.exp(glast - Gc)[:, None]).to(DT)
+            else:
+                kt = kt.to(tl.float32) * tl.exp(glast - Gc)[:, None]
         S += _dot(tl.trans(kt.to(DT)), vd, F32, PREC)
     if STORE_ST:
         tl.store(sT + i_nh * K * V + soff, S, mask=mkv)

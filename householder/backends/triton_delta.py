@@ -83,6 +83,13 @@ CONFIG = {
     # but the fused kernel (fused_unroll) from 3.23 to 3.33 and 3.40 to 3.49.
     "bwd_unroll": 1,
     "fused_unroll": 2,
+    # The gated sequential passes scale the (C, BV) value-side tiles by the chunk's decays instead
+    # of the (C, K) keys and queries (the same products: K^T diag(d) Vn = (diag(d) K)^T Vn): a
+    # quarter of the exponentials' multiplies and no float32 copies of K and Q at K = 128, BV = 32.
+    # Built for sm_90 (Triton 3.9) it spills no less (gated state / reverse pass at 32 columns: 80 / 280
+    # B per thread against 48 / 264; at 64: 832 / 832 against 416 / 656). Off until timed on a GPU;
+    # the tests check that both agree.
+    "gate_values": False,
 }
 CHUNK_SIZES = (16, 32, 64)
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -252,7 +259,7 @@ def state_pass(q, k, w, u, aqk, g, gcs, scale, S0, plan: _Plan, *, want_o=True, 
         sT if want_final else dummy, h if save_h else dummy, vn if save_h else dummy,
         plan.seqs, plan.T_steps, plan.NT, scale,
         BK=plan.BK, BV=BV, HAS_G=g is not None, HAS_S0=S0 is not None, STORE_ST=want_final,
-        WRITE_O=want_o, SAVE_H=save_h, GMODE=gate_mode(gcs), max_stages=plan.out_stages if want_o else plan.seq_stages,
+        WRITE_O=want_o, SAVE_H=save_h, GMODE=gate_mode(gcs), GATE_V=bool(CONFIG["gate_values"]), max_stages=plan.out_stages if want_o else plan.seq_stages,
         **plan.common(),
     )
     return o, sT, h, vn
