@@ -131,6 +131,8 @@ def main() -> int:
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"- bf16 inputs, K = V = {args.dim}, chunk {args.chunk}, H = 16; launch settings of triton_delta.CONFIG: "
         + ", ".join(f"{k}={v}" for k, v in td.CONFIG.items()),
+        "- value columns of the state pass (forward, with the output) and the reverse pass: CONFIG's BV and bwd_state_BV, "
+        "or under None what the launchers pick at the benchmark's shapes (B x H >= 64 at H = 16): 64 plain, 32 gated",
         "- stack: bytes of local memory per thread (register spills); shared: dynamic shared memory per program",
         "",
         "| kernel | variant | warps | stages | registers | stack B | shared KiB |",
