@@ -469,7 +469,7 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None):
         # half precision at K = 256: double-buffered, the plain reverse pass outgrew shared memory
         # (241664 B) on an H200; single-staged at 32 value columns it hit an illegal memory access
         # (Triton 3.6); single-staged at 64 it ran right, plain and gated
-        BV = max(BV, min(64, max(16, triton.next_power_of_2(V))))
+        BV = max(BV, plan.seq_block(64, wide=True))
     tdelta.launch("bwd_state", bwd_state_kernel, (triton.cdiv(V, BV), plan.N * H),
         q, k, w, aqk, g if g is not None else dummy, gcs if gcs is not None else dummy, do,
         dsT.contiguous() if dsT is not None else dummy, dhs, dvn, ds0, plan.seqs, plan.T_steps, plan.NT, scale,
