@@ -73,21 +73,20 @@ def resources(fn, constexprs: dict, warps: int, stages: int, capability: int = 9
     return {"registers": int(fields["REG"]), "stack": int(fields["STACK"]), "shared": int(kernel.metadata.shared)}
 
 
-def seq_columns(key: str, gated: bool) -> int:
-    """Value columns of a sequential pass: CONFIG[key], or what _Plan.seq_block picks at the benchmark's
-    shapes when None (64 plain, 32 gated; the gated state pass's rerun in the backward also takes 64)."""
-    return td.CONFIG[key] or (32 if gated else 64)
+SMS = 132
 
 
-def seq_launch(plan, name, cap):
-    """(warps, stages) of a sequential pass, with the launcher's stage cap for wide rows."""
+def seq_launch(plan, name, launch):
+    """(BV, (warps, stages)) of a sequential pass from the plan's (BV, stage cap)."""
+    BV, cap = launch
     warps, stages = td.CONFIG[name]
-    return warps, min(stages, cap or stages)
+    return BV, (warps, min(stages, cap or stages))
 
 
 def kernels(K: int, chunk: int):
     """(name, variant, kernel, constexprs, (warps, stages)) of one forward+backward as the launchers set them."""
-    plan = td._Plan(1, 4 * chunk, 16, K, K, 1, chunk, None, torch.bfloat16, torch.device("cpu"))
+    # B = 16 and 132 SMs (H100, H200): the value columns the launchers pick at compare_delta.py's 16 x 2048
+    plan = td._Plan(16, 4 * chunk, 16, K, K, 1, chunk, None, torch.bfloat16, torch.device("cpu"))
     common = plan.common()
     small = min(plan.BKP, plan.BVB) < 64  # the backward's 4-warp cap (see _triton_delta_bwd.backward)
     for gated in (False, True):
@@ -95,9 +94,10 @@ def kernels(K: int, chunk: int):
         yield ("prep", variant, fwd.prep_kernel, dict(common, BKP=plan.BKP, BV=plan.BVP, HAS_G=gated, SAVE_X=True,
                SAVE_G=False, FPREC=plan.FPREC, SPLITS=td.CONFIG["inverse_splits"]), td.CONFIG["prep"])
         seq = dict(common, BK=plan.BK, HAS_G=gated, GMODE=0, GATE_V=bool(td.CONFIG["gate_values"]))
-        yield ("state", variant, fwd.state_kernel, dict(seq, BV=seq_columns('BV', gated), HAS_S0=False, STORE_ST=True, WRITE_O=True, SAVE_H=False),
-               seq_launch(plan, "state", plan.out_stages))
-        yield ("bwd_state", variant, bwd.bwd_state_kernel, dict(seq, BV=seq_columns('bwd_state_BV', gated), HAS_DST=False), seq_launch(plan, "bwd_state", plan.seq_stages))
+        BV, launch = seq_launch(plan, "state", plan.state_launch(gated, want_o=True, sms=SMS))
+        yield ("state", variant, fwd.state_kernel, dict(seq, BV=BV, HAS_S0=False, STORE_ST=True, WRITE_O=True, SAVE_H=False), launch)
+        BV, launch = seq_launch(plan, "bwd_state", plan.reverse_launch(gated, sms=SMS))
+        yield ("bwd_state", variant, bwd.bwd_state_kernel, dict(seq, BV=BV, HAS_DST=False), launch)
         per_chunk = dict(common, BKP=plan.BKP, BV=plan.BVB, HAS_G=gated, UNROLL=int(td.CONFIG["bwd_unroll"]))
         aqk = dict(per_chunk, AQK=bool(td.CONFIG["dg_from_aqk"]))
         fused = dict(aqk, UNROLL=int(td.CONFIG["fused_unroll"]))
@@ -132,7 +132,7 @@ def main() -> int:
         f"- bf16 inputs, K = V = {args.dim}, chunk {args.chunk}, H = 16; launch settings of triton_delta.CONFIG: "
         + ", ".join(f"{k}={v}" for k, v in td.CONFIG.items()),
         "- value columns of the state pass (forward, with the output) and the reverse pass: CONFIG's BV and bwd_state_BV, "
-        "or under None what the launchers pick at the benchmark's shapes (B x H >= 64 at H = 16): 64 plain, 32 gated",
+        "or under None what the launchers pick at B = 16, H = 16 on 132 SMs (_Plan.state_launch, reverse_launch)",
         "- stack: bytes of local memory per thread (register spills); shared: dynamic shared memory per program",
         "",
         "| kernel | variant | warps | stages | registers | stack B | shared KiB |",

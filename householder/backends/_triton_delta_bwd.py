@@ -464,18 +464,13 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None):
     dvn = torch.empty_like(vn)
     ds0 = torch.empty((plan.N, H, K, V), dtype=torch.float32, device=dev)
     dummy = do  # stands for absent optional tensors; never read
-    BV = plan.seq_block(tdelta.CONFIG["bwd_state_BV"], wide=g is None)
-    if plan.out_stages == 1 and plan.seq_stages is None:
-        # half precision at K = 256: double-buffered, the plain reverse pass outgrew shared memory
-        # (241664 B) on an H200; single-staged at 32 value columns it hit an illegal memory access
-        # (Triton 3.6); single-staged at 64 it ran right, plain and gated
-        BV = max(BV, plan.seq_block(64, wide=True))
+    BV, stages = plan.reverse_launch(g is not None)
     tdelta.launch("bwd_state", bwd_state_kernel, (triton.cdiv(V, BV), plan.N * H),
         q, k, w, aqk, g if g is not None else dummy, gcs if gcs is not None else dummy, do,
         dsT.contiguous() if dsT is not None else dummy, dhs, dvn, ds0, plan.seqs, plan.T_steps, plan.NT, scale,
         BK=plan.BK, BV=BV, HAS_G=g is not None, HAS_DST=dsT is not None, GMODE=tdelta.gate_mode(gcs),
         GATE_V=bool(tdelta.CONFIG["gate_values"]),
-        max_stages=plan.out_stages, **plan.common(),
+        max_stages=stages, **plan.common(),
     )
     # each buffer is dropped after its last reader and each output made just before its
     # writer, so the caching allocator reuses the memory and the peak stays low

@@ -25,8 +25,9 @@ MAX_K = 256
 # Chosen by an H100 sweep (compare_delta.py --sweep): the per-chunk forward kernel is fastest
 # at 4 warps, the per-chunk backward kernels at 8 (swept before bwd_wy moved to the inputs'
 # precision), 64 value columns per backward step (bwd_BV). bwd_dqk at 2 stages: 2% off the gated
-# forward+backward on an H200 with its loops rolled (bwd_wy and the fused kernel were not faster). (Triton's autotuner over several settings ended in an illegal
-# memory access on an H100 with Triton 3.6, so the settings are fixed.)
+# forward+backward on an H200 with its loops rolled (bwd_wy and the fused kernel were not faster).
+# (Triton's autotuner over several settings ended in an illegal memory access on an H100 with
+# Triton 3.6, so the settings are fixed.)
 CONFIG = {
     # BV, bwd_state_BV: value columns per program of the state pass (forward, and its rerun in the
     # backward) and of the backward's reverse pass; None: chosen per call (_Plan.seq_block), 64
@@ -151,18 +152,34 @@ class _Plan:
         self.BVB = min(CONFIG["bwd_BV"], max(16, triton.next_power_of_2(V)))
         self.device = device
 
-    def seq_block(self, setting: Optional[int], wide: bool) -> int:
+    def state_launch(self, gated: bool, want_o: bool, sms: Optional[int] = None) -> tuple:
+        """(value columns, stage cap) of the state pass; ``sms`` stands in for the device's SM count."""
+        BV = self.seq_block(CONFIG["BV"], wide=not gated or not want_o, sms=sms)
+        return BV, self.out_stages if want_o else self.seq_stages
+
+    def reverse_launch(self, gated: bool, sms: Optional[int] = None) -> tuple:
+        """(value columns, stage cap) of the backward's reverse pass."""
+        BV = self.seq_block(CONFIG["bwd_state_BV"], wide=not gated, sms=sms)
+        if self.out_stages == 1 and self.seq_stages is None:
+            # half precision at K = 256: double-buffered, the plain reverse pass outgrew shared memory
+            # (241664 B) on an H200; single-staged at 32 value columns it hit an illegal memory access
+            # (Triton 3.6); single-staged at 64 it ran right, plain and gated
+            BV = max(BV, self.seq_block(64, wide=True))
+        return BV, self.out_stages
+
+    def seq_block(self, setting: Optional[int], wide: bool, sms: Optional[int] = None) -> int:
         """Value columns per program of a sequential pass: ``setting`` (CONFIG["BV"] or
         CONFIG["bwd_state_BV"]), or when None, 64 if ``wide`` and that still gives most SMs a
         program, else 32."""
         full = max(16, triton.next_power_of_2(self.V))
         if setting is None:
-            if interpreting():
+            if interpreting() and sms is None:
                 return full  # few programs: the interpreter pays per program
             # 64 columns read the chunk's keys and W half as often as 32, but leave SMs idle when
             # N * H is small: on an H200 (132 SMs), plain, K = V = 128, 64 columns took the forward
             # from 0.96 to 0.76 ms with 128 programs (4 x 8192) and from 0.96 to 1.03 with 64 (2 x 16384)
-            wide = wide and self.N * self.H * triton.cdiv(self.V, 64) >= 3 * _sm_count(self.device) // 4
+            sms = sms or _sm_count(self.device)
+            wide = wide and self.N * self.H * triton.cdiv(self.V, 64) >= 3 * sms // 4
             setting = 64 if wide else 32
         return min(setting, full)
 
@@ -253,13 +270,13 @@ def state_pass(q, k, w, u, aqk, g, gcs, scale, S0, plan: _Plan, *, want_o=True, 
     h = torch.empty((plan.NT_total, H, K, V), dtype=q.dtype, device=dev) if save_h else None
     vn = torch.empty_like(u) if save_h else None
     dummy = u
-    BV = plan.seq_block(CONFIG["BV"], wide=g is None or not want_o)
+    BV, stages = plan.state_launch(g is not None, want_o)
     launch("state", _fwd.state_kernel, (triton.cdiv(V, BV), plan.N * H),
         q, k, w, u, aqk, _g_arg(g, dummy), _g_arg(gcs, dummy), o if want_o else dummy, S0 if S0 is not None else dummy,
         sT if want_final else dummy, h if save_h else dummy, vn if save_h else dummy,
         plan.seqs, plan.T_steps, plan.NT, scale,
         BK=plan.BK, BV=BV, HAS_G=g is not None, HAS_S0=S0 is not None, STORE_ST=want_final,
-        WRITE_O=want_o, SAVE_H=save_h, GMODE=gate_mode(gcs), GATE_V=bool(CONFIG["gate_values"]), max_stages=plan.out_stages if want_o else plan.seq_stages,
+        WRITE_O=want_o, SAVE_H=save_h, GMODE=gate_mode(gcs), GATE_V=bool(CONFIG["gate_values"]), max_stages=stages,
         **plan.common(),
     )
     return o, sT, h, vn
