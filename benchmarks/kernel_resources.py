@@ -101,7 +101,9 @@ def kernels(K: int, chunk: int):
         per_chunk = dict(common, BKP=plan.BKP, BV=plan.BVB, HAS_G=gated, UNROLL=int(td.CONFIG["bwd_unroll"]))
         aqk = dict(per_chunk, AQK=bool(td.CONFIG["dg_from_aqk"]))
         fused = dict(aqk, UNROLL=int(td.CONFIG["fused_unroll"]))
-        for name, fn, meta in (("bwd_dqk", bwd.bwd_dqk_kernel, aqk), ("bwd_wy", bwd.bwd_wy_kernel, per_chunk),
+        splits, KPS = plan.key_splits(td.CONFIG["bwd_dqk_split"])
+        for name, fn, meta in (("bwd_dqk", bwd.bwd_dqk_kernel, dict(aqk, KSPLIT=splits, KPS=KPS)),
+                               ("bwd_wy", bwd.bwd_wy_kernel, dict(per_chunk, KSPLIT=splits)),
                                ("bwd_fused", bwd.bwd_fused_kernel, fused)):
             warps, stages = td.CONFIG[name]
             yield (name, variant, fn, meta, (min(warps, 4) if small else warps, stages))

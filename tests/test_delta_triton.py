@@ -260,8 +260,8 @@ def test_kept_chunk_quantities_are_released_by_the_backward(rng, monkeypatch, st
 @pytest.mark.parametrize("K", [64, 128, 256])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
-@pytest.mark.parametrize("fuse", [0, 2], ids=["two-kernels", "fused"])
-def test_chunk64_backward_at_model_head_sizes(rng, monkeypatch, K, dtype, gated, fuse):
+@pytest.mark.parametrize("fuse, split", [(0, 1), (0, 2), (2, 1)], ids=["two-kernels", "two-kernels-split", "fused"])
+def test_chunk64_backward_at_model_head_sizes(rng, monkeypatch, K, dtype, gated, fuse, split):
     # The shapes of the benchmarks (chunk 64, K = V in {64, 128, 256}, a short last chunk) in
     # bf16 too, through either per-chunk backward (CONFIG["fuse_bwd"]): the kernels' tile sizes
     # there differ from the tiny shapes above, and a former single backward kernel misread shared
@@ -270,6 +270,7 @@ def test_chunk64_backward_at_model_head_sizes(rng, monkeypatch, K, dtype, gated,
     from householder.backends import triton_delta as td
 
     monkeypatch.setitem(td.CONFIG, "fuse_bwd", fuse)
+    monkeypatch.setitem(td.CONFIG, "bwd_dqk_split", split)
     B, T, H = 1, 100, 2
     inp = make_inputs(rng, B, T, H, K, K, gated=gated, state=B, dtype=dtype)
     inp["k"] = torch.nn.functional.normalize(inp["k"].float(), dim=-1).to(dtype)
@@ -314,14 +315,18 @@ def test_fused_backward_matches_the_two_kernel_one(rng, monkeypatch, B, T, H, K,
     do = torch.tensor(rng.standard_normal((B, T, H, V)), dtype=torch.float32, device=DEVICE)
     dS = torch.tensor(rng.standard_normal((N, H, K, V)), dtype=torch.float32, device=DEVICE)
     runs = []
-    # (fuse_bwd, dg_from_aqk, bwd_unroll and fused_unroll): mode 1 fuses only without a gate, 2 always; the gate's
-    # score term from the forward's Aqk or from Q K^T formed again; the block loops rolled or
-    # unrolled by 2 -- in either kernel. Mode 1 comes last (see the end).
-    for fused, aqk, unroll in ((0, False, 2), (2, False, 2), (2, True, 1), (0, True, 1), (0, False, 1), (2, False, 1), (1, False, 2)):
+    # (fuse_bwd, dg_from_aqk, bwd_unroll and fused_unroll, bwd_dqk_split): mode 1 fuses only without a
+    # gate, 2 always; the gate's score term from the forward's Aqk or from Q K^T formed again; the
+    # block loops rolled or unrolled by 2 -- in either kernel; bwd_dqk's key columns in one program
+    # or split (two programs at K = 80: a full 64-wide block and a partial one). Mode 1 comes last.
+    settings = ((0, False, 2, 1), (2, False, 2, 1), (2, True, 1, 1), (0, True, 1, 2), (0, False, 1, 2), (0, True, 2, 4),
+                (2, False, 1, 1), (1, False, 2, 2))
+    for fused, aqk, unroll, split in settings:
         monkeypatch.setitem(td.CONFIG, "fuse_bwd", fused)
         monkeypatch.setitem(td.CONFIG, "dg_from_aqk", aqk)
         monkeypatch.setitem(td.CONFIG, "bwd_unroll", unroll)
         monkeypatch.setitem(td.CONFIG, "fused_unroll", unroll)
+        monkeypatch.setitem(td.CONFIG, "bwd_dqk_split", split)
         runs.append(_grads(inp, "triton", n, cu_t, do, dS, chunk))
     want = _grads({k: x.double() for k, x in inp.items()}, "torch", n, cu_t, do.double(), dS.double(), 64)
     for name, a, *others, c in zip(["o", "S"] + [f"d{m}" for m in inp], *runs, want):
@@ -375,3 +380,19 @@ def test_sequential_passes_split_the_values_into_blocks_alike(rng, monkeypatch, 
         for b in others:
             assert rel_err(b, a) < SAME, name
         assert rel_err(a, c) < 2e-4, name
+
+
+@pytest.mark.parametrize(
+    "K, setting, want",
+    [(128, 1, (1, 128)), (128, 2, (2, 64)), (128, 8, (2, 64)), (256, 2, (2, 128)), (192, 2, (2, 128)), (64, 4, (1, 64)), (16, 2, (1, 16))],
+)
+def test_key_splits_take_whole_blocks(K, setting, want):
+    # CONFIG["bwd_dqk_split"]: each split of bwd_dqk's grid takes whole 64-wide key blocks (the
+    # last possibly partial), never more splits than blocks
+    from householder.backends import triton_delta as td
+
+    plan = td._Plan(1, 64, 1, K, K, 1, 64, None, torch.float32, torch.device("cpu"))
+    assert plan.key_splits(setting) == want
+    for bad in (0, -1, 1.5, None):
+        with pytest.raises(ValueError, match="bwd_dqk_split"):
+            plan.key_splits(bad)

@@ -22,7 +22,8 @@ e^{G_C} terms, and dg = the reverse running sum of dG inside the chunk.
 Kernels: ``bwd_state_kernel`` (one program per value block, sequence and head,
 sequential over chunks, writes dS' per chunk, dVn and dS_0), then two with one
 program per chunk and head: ``bwd_dqk_kernel`` (everything that reads the states:
-dq, partial dk and dG, dW) and ``bwd_wy_kernel`` (through the chunk factor: dk,
+dq, partial dk and dG, dW; its grid also splits the key columns, CONFIG["bwd_dqk_split"])
+and ``bwd_wy_kernel`` (through the chunk factor: dk,
 dv, dbeta, dg). ``bwd_fused_kernel`` does both in one program (CONFIG["fuse_bwd"];
 by default without a gate only): dW then never leaves it; with a gate the two
 kernels timed faster.
@@ -219,14 +220,18 @@ def bwd_dqk_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BKP: tl.constexpr, BV: tl.constexpr,
     BC: tl.constexpr, NH: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr,
     DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr, AQK: tl.constexpr, UNROLL: tl.constexpr,
+    KSPLIT: tl.constexpr, KPS: tl.constexpr,
 ):
-    """Per (chunk, head), the gradients through the states: dq (final), dk and dG (partial), dW.
+    """Per (chunk, head, key split), the gradients through the states: dq (final), dk and dG (partial), dW.
 
     dM = scale tril(dO Vn^T), dq = scale e^G dO S^T + (dM o Gamma) K,
     dk = (dM o Gamma)^T Q + diag(e^{G_C - G}) Vn dS'^T, dW = -dVn S^T, and every
-    log-decay term but those of the factor (the second kernel adds those).
+    log-decay term but those of the factor (the second kernel adds those). Program axis 2
+    takes the key columns [i_s KPS, (i_s + 1) KPS) of KSPLIT splits: each forms dM again, and
+    writes its own dG terms to dgp[..., i_s] (bwd_wy sums the KSPLIT of them).
     """
     i_c, i_h, start, end, r, tok, first, last, valid, qrow, t0 = chunk_program(chunks, T_steps, NT, BC, NH, VARLEN)
+    i_s = tl.program_id(2)
     causal = r[:, None] >= r[None, :]
     # the terms of G_C go to the chunk's last valid row (stored rows only are summed later)
     is_end = r == tl.minimum(end - start, BC) - 1
@@ -254,12 +259,14 @@ def bwd_dqk_kernel(
     dG = tl.zeros((BC,), dtype=tl.float32)
     hdh = tl.zeros((BKP, BV), dtype=tl.float32)  # S o dS', reduced at the end
     if HAS_G:
-        # before the key loop (which reloads q and k), so that dM's other uses are all that is live
-        dG += _scores_decay_term(dM, gam, aqk + (i_c * H + i_h) * BC * BC, pk, pq, r, tok, valid, qrow,
-                                 H, K, BC, BKP, DT, F32, PREC, AQK, UNROLL)
+        # before the key loop (which reloads q and k), so that dM's other uses are all that is live;
+        # one split's term (it reads every key column)
+        if i_s == 0:
+            dG += _scores_decay_term(dM, gam, aqk + (i_c * H + i_h) * BC * BC, pk, pq, r, tok, valid, qrow,
+                                     H, K, BC, BKP, DT, F32, PREC, AQK, UNROLL)
     dMg = dM * gam
 
-    for k0 in tl.range(0, K, BKP, loop_unroll_factor=UNROLL):
+    for k0 in tl.range(i_s * KPS, tl.minimum((i_s + 1) * KPS, K), BKP, loop_unroll_factor=UNROLL):
         ck = k0 + tl.arange(0, BKP)
         mk = valid[:, None] & (ck[None, :] < K)
         mq = qrow[:, None] & (ck[None, :] < K)
@@ -282,7 +289,7 @@ def bwd_dqk_kernel(
             dG += tl.where(is_end, tl.sum(dKdKd, 0), 0.0)
     if HAS_G:
         dG += tl.where(is_end, tl.sum(tl.sum(hdh, 1), 0) * tl.exp(glast), 0.0)
-        tl.store(dgp + start * H + i_h + r * H, dG, mask=valid)
+        tl.store(dgp + (start * H + i_h + r * H) * KSPLIT + i_s, dG, mask=valid)
 
 
 @triton.jit
@@ -290,13 +297,13 @@ def bwd_wy_kernel(
     k, v, beta, g, xs, dw, dvn, dkp, dgp, dk, dv, dbeta, dg, chunks, T_steps, NT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BKP: tl.constexpr, BV: tl.constexpr,
     BC: tl.constexpr, NH: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr,
-    DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr, UNROLL: tl.constexpr,
+    DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr, UNROLL: tl.constexpr, KSPLIT: tl.constexpr,
 ):
     """Per (chunk, head), the gradients through W = A diag(e^G) K and U = A V: dk, dv, dbeta, dg (final).
 
     A = (X o Gamma) diag(beta), X = (I + L)^{-1}, L = tril(diag(beta) K K^T, -1); X is
     read (saved by the recomputing prep kernel). dkp and dgp hold the first kernel's
-    partial dk (float32) and per-step dG.
+    partial dk (float32) and per-step dG (KSPLIT partial sums per step, one per key split).
     """
     i_c, i_h, start, end, r, tok, first, last, valid, qrow, t0 = chunk_program(chunks, T_steps, NT, BC, NH, VARLEN)
     pk = k + (start * H + i_h) * K
@@ -339,7 +346,8 @@ def bwd_wy_kernel(
     # through the factor: dX = (dA diag(beta)) o Gamma, dL = -X^T dX X^T (strictly lower)
     db, dXg, dG = _factor_terms(dA, X, gam, b, dG, HAS_G)
     if HAS_G:
-        dG += tl.load(dgp + start * H + i_h + r * H, mask=valid, other=0.0)  # the first kernel's terms
+        for s in tl.static_range(KSPLIT):  # the first kernel's terms, from each key split
+            dG += tl.load(dgp + (start * H + i_h + r * H) * KSPLIT + s, mask=valid, other=0.0)
         _store_dg(dG, dg, t0, i_h, tok, valid, first, H)
     dLd = _factor_dL(dXg, X, gam, r, DT, F32, PREC)
     db = _finish_dk(pk, pdkp, pdk, pdw, At, eG, dLd, b, db, r, valid, H, K, BKP, True, DT, F32, PREC, UNROLL)
@@ -499,12 +507,13 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None):
     dq = torch.empty_like(q)  # every token row is written once: at its last step
     dkp = torch.empty(k.shape, dtype=torch.float32, device=dev)
     dw = torch.empty_like(k)  # only ever read as a matrix-product operand in k's dtype
-    dgp = torch.empty(beta.shape, dtype=torch.float32, device=dev) if g is not None else None
+    splits, KPS = plan.key_splits(tdelta.CONFIG["bwd_dqk_split"])
+    dgp = torch.empty((*beta.shape, splits), dtype=torch.float32, device=dev) if g is not None else None
     if plan.NT_total:
-        tdelta.launch("bwd_dqk", bwd_dqk_kernel, grid,
+        tdelta.launch("bwd_dqk", bwd_dqk_kernel, (*grid, splits),
             q, k, g if g is not None else dummy, hs, dhs, vn, dvn, do, aqk, dq, dkp, dw,
             dgp if g is not None else dummy, plan.chunks, plan.T_steps, plan.NT, scale,
-            **aqk_meta, **small,
+            **aqk_meta, KSPLIT=splits, KPS=KPS, **small,
         )
     del hs, dhs, vn, aqk
     dk = torch.empty_like(k)
@@ -515,7 +524,7 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None):
         tdelta.launch("bwd_wy", bwd_wy_kernel, grid,
             k, v, beta, g if g is not None else dummy, xs, dw, dvn, dkp, dgp if g is not None else dummy,
             dk, dv, dbeta, dg if g is not None else dummy, plan.chunks, plan.T_steps, plan.NT,
-            **meta, **small,
+            **meta, KSPLIT=splits, **small,
         )
     else:
         dk.zero_(), dv.zero_(), dbeta.zero_()

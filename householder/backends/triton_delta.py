@@ -84,6 +84,10 @@ CONFIG = {
     # but the fused kernel (fused_unroll) from 3.23 to 3.33 and 3.40 to 3.49.
     "bwd_unroll": 1,
     "fused_unroll": 2,
+    # bwd_dqk's programs per chunk and head, each over its own key columns (whole BKP-wide blocks,
+    # so at most K / 64 of them): more programs of half the registers' work each, for dM formed
+    # again per split (C x C x V multiply-adds) and dO, Vn read again.
+    "bwd_dqk_split": 1,
     # The gated sequential passes scale the (C, BV) value-side tiles by the chunk's decays instead
     # of the (C, K) keys and queries (the same products: K^T diag(d) Vn = (diag(d) K)^T Vn): a
     # quarter of the exponentials' multiplies and no float32 copies of K and Q at K = 128, BV = 32.
@@ -182,6 +186,15 @@ class _Plan:
             wide = wide and self.N * self.H * triton.cdiv(self.V, 64) >= 3 * sms // 4
             setting = 64 if wide else 32
         return min(setting, full)
+
+    def key_splits(self, setting: int) -> tuple:
+        """(splits, key columns per split) of bwd_dqk's grid: ``setting`` (CONFIG["bwd_dqk_split"])
+        programs per chunk and head, at most one per BKP-wide key block, each taking whole blocks."""
+        if not isinstance(setting, int) or setting < 1:
+            raise ValueError(f"CONFIG['bwd_dqk_split'] must be an int >= 1; got {setting!r}")
+        blocks = triton.cdiv(self.K, self.BKP)
+        per = triton.cdiv(blocks, min(setting, blocks))
+        return triton.cdiv(blocks, per), per * self.BKP
 
     def common(self):
         return dict(H=self.H, K=self.K, V=self.V, BC=self.BC, NH=self.NH, VARLEN=self.varlen, DT=self.DT, F32=self.F32, PREC=self.PREC)
