@@ -271,9 +271,13 @@ def main() -> int:
     ap.add_argument("--ab", action="append", default=[], metavar="KEY=V1,V2,...",
                     help="also time our ops at each of --shapes under each value of a triton_delta.CONFIG entry, e.g. "
                          "gates=0,1,2 or 'bwd_fused=8,1;4,1' (values of (num_warps, num_stages) entries separated by ';')")
+    ap.add_argument("--ab-ops", default="delta,gated", help="the ops --ab times (delta, gated or both)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override an entry of triton_delta.CONFIG, e.g. BV=64 or bwd_dqk=4,1 (num_warps,num_stages)")
     args = ap.parse_args()
+    ab_ops = [x for x in args.ab_ops.split(",") if x]
+    if not ab_ops or set(ab_ops) - {"delta", "gated"}:
+        raise SystemExit(f"--ab-ops: give delta, gated or both; got {args.ab_ops!r}")
 
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",") if s]
     pshapes = [tuple(int(x) for x in s.split("x")) for s in args.product_shapes.split(",") if s]
@@ -402,7 +406,7 @@ def main() -> int:
         key, _, vals = item.partition("=")
         # values of tuple entries (num_warps,num_stages) are separated by ';'
         values = vals.split(";") if ";" in vals else vals.split(",")
-        lines += [f"## Our ops under each value of CONFIG[{key!r}]", ""] + ab(H, D, shapes, key, values) + [""]
+        lines += [f"## Our ops under each value of CONFIG[{key!r}]", ""] + ab(H, D, shapes, key, values, ab_ops) + [""]
         _write(args.out, lines)
     if args.sweep:
         lines += ["## Launch-setting sweep (ours, gated delta rule)", ""] + sweep(H, D, shapes) + [""]
@@ -457,13 +461,13 @@ def sweep(H, D, shapes):
     return out
 
 
-def ab(H, D, shapes, key, values):
-    """Our delta and gated ops, forward and forward+backward, under each value of CONFIG[key]."""
+def ab(H, D, shapes, key, values, ops=("delta", "gated")):
+    """Our delta and/or gated ops (``ops``), forward and forward+backward, under each value of CONFIG[key]."""
     from householder.backends import triton_delta as td
 
     before = td.CONFIG[key]
     out = [f"| op | B x T | {key} | fwd ms | fwd+bwd ms | peak MiB |", "|---|---|---|---|---|---|"]
-    for op, gated in (("delta", False), ("gated", True)):
+    for op, gated in ((op, op == "gated") for op in ops):
         for B, T in shapes:
             x = make(B, T, H, D, D, gated=gated)
             for val in values:

@@ -22,8 +22,9 @@ from householder.backends import _triton_delta_fwd as _fwd
 
 MAX_K = 256
 # Launch settings (num_warps, num_stages) per kernel on GPUs; the interpreter ignores them.
-# Chosen by an H100 sweep (compare_delta.py --sweep): the per-chunk forward kernel is fastest
-# at 4 warps, the per-chunk backward kernels at 8 (swept before bwd_wy moved to the inputs'
+# Chosen by an H100 sweep (compare_delta.py --sweep): the per-chunk forward kernel was fastest
+# at 4 warps (on an H200 later, 2 warps took the forward from 0.753 to 0.736 ms plain and 0.919 to
+# 0.868 gated at 16 x 2048; 8 warps from 0.75 to 1.17), the per-chunk backward kernels at 8 (swept before bwd_wy moved to the inputs'
 # precision), 64 value columns per backward step (bwd_BV). bwd_dqk at 2 stages: 2% off the gated
 # forward+backward on an H200 with its loops rolled (bwd_wy and the fused kernel were not faster).
 # (Triton's autotuner over several settings ended in an illegal memory access on an H100 with
@@ -37,7 +38,7 @@ CONFIG = {
     "BV": None,
     "bwd_state_BV": None,
     "bwd_BV": 64,
-    "prep": (4, 1),
+    "prep": (2, 1),
     "state": (4, 2),
     "bwd_state": (4, 2),
     "bwd_dqk": (8, 2),
@@ -62,11 +63,12 @@ CONFIG = {
     "save_states": False,
     # One per-chunk backward kernel (bwd_fused_kernel) instead of two (bwd_dqk, then bwd_wy): dW
     # and the second kernel's reloads of dVn, k and the partial dk no longer go through memory.
-    # 0: never, 1: without a gate, 2: always. On an H200 at 4 warps the plain forward+backward
-    # went 3.56 -> 3.28 ms (16 x 2048) and 3.72 -> 3.44 (2 x 16384), for +130 MiB of peak (the float32
-    # partial dk is held beside the states); the gated one went 4.33 -> 5.44 ms (8 warps were
-    # slower for both), so 1 is the mode to use. Its gradients matched the float64 path on an H200
-    # at chunk 64 and K = V = 64, 128, 256 (tests/test_delta_triton.py's model-head test).
+    # 0: never, 1: without a gate, 2: always. On an H200 (rolled loops, 4 warps) the plain
+    # forward+backward takes 2.68 ms at 16 x 2048 and 3.28 at 2 x 16384 against the two kernels'
+    # 3.08 and 3.62. With a gate the two timed level (3.88 / 4.67 ms two kernels, 3.89 / 4.70 fused
+    # with CONFIG["bwd_fused"] = (8, 1); 4.10 / 4.90 at 4), so 1 is the mode to use; fused
+    # holds 125 MiB less there. Its gradients matched the float64 path on an H200 at chunk 64 and
+    # K = V = 64, 128, 256 (tests/test_delta_triton.py's model-head test).
     "fuse_bwd": 1,
     # The gate's gradient through the scores' decays from the forward's masked scores Aqk (held
     # in the inputs' precision) rather than from Q K^T formed again in the backward: 1.5% off the
@@ -80,20 +82,23 @@ CONFIG = {
     # loop_unroll_factor; 1: none). Unrolled in full (tl.static_range, as before), they spilled
     # 0.9-2.4 KB of registers per thread in sm_90 builds at K = V = 128 and 5.8 KB fused; rolled,
     # 24-256 B (benchmarks/kernel_resources.py). On an H200, rolled (1) took the gated forward+
-    # backward (bwd_dqk + bwd_wy) from 4.25 to 4.06 ms at 16 x 2048 and from 4.93 to 4.75 at 2 x 16384,
-    # but the fused kernel (fused_unroll) from 3.23 to 3.33 and 3.40 to 3.49.
+    # backward (bwd_dqk + bwd_wy) from 4.25 to 4.06 ms at 16 x 2048 and from 4.93 to 4.75 at 2 x 16384.
+    # The fused kernel (fused_unroll): rolled 2.68 ms at 16 x 2048, unrolled 2.97 (plain).
     "bwd_unroll": 1,
-    "fused_unroll": 2,
+    "fused_unroll": 1,
     # bwd_dqk's programs per chunk and head, each over its own key columns (whole BKP-wide blocks,
-    # so at most K / 64 of them): more programs of half the registers' work each, for dM formed
-    # again per split (C x C x V multiply-adds) and dO, Vn read again.
+    # so at most K / 64 of them): more programs of half the key loop each, for dM formed again
+    # per split (C x C x V multiply-adds) and dO, Vn read again. On an H200, 2 splits took the
+    # gated forward+backward from 3.86 to 4.14 ms at 16 x 2048 (4.64 to 4.92 at 2 x 16384) and the
+    # plain one on two kernels from 3.08 to 2.96 (3.62 to 3.48), still behind the fused kernel.
     "bwd_dqk_split": 1,
     # The gated sequential passes scale the (C, BV) value-side tiles by the chunk's decays instead
     # of the (C, K) keys and queries (the same products: K^T diag(d) Vn = (diag(d) K)^T Vn): a
     # quarter of the exponentials' multiplies and no float32 copies of K and Q at K = 128, BV = 32.
     # Built for sm_90 (Triton 3.9) it spills no less (gated state / reverse pass at 32 columns: 80 / 280
-    # B per thread against 48 / 264; at 64: 832 / 832 against 416 / 656). Off until timed on a GPU;
-    # the tests check that both agree.
+    # B per thread against 48 / 264; at 64: 832 / 832 against 416 / 656). On an H200 it took the
+    # gated forward from 0.918 to 1.143 ms at 16 x 2048 (from 1.178 to 1.141 at 2 x 16384): off.
+    # The tests check that both agree.
     "gate_values": False,
 }
 CHUNK_SIZES = (16, 32, 64)
