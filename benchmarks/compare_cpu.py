@@ -14,7 +14,7 @@ import argparse
 import datetime
 import os
 import platform
-import subprocess
+import sys
 import time
 
 import numpy as np
@@ -22,6 +22,10 @@ import scipy
 import scipy.linalg.lapack as lapack
 
 import householder as hh
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+
+from benchmarks._provenance import tree_commit  # noqa: E402
+
 
 
 def median_time(fn, repeat: int) -> float:
@@ -50,13 +54,6 @@ def orgqr_loop(qr_stack, tau_stack):
         q, _, info = lapack.dorgqr(a, t)
         out.append(q)
     return np.stack(out)
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:
@@ -108,7 +105,7 @@ def main() -> None:
         "# CPU: NumPy backend vs rank-one loop and LAPACK xORGQR",
         "",
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-        f"- commit: {git_commit()}",
+        f"- commit: {tree_commit()}",
         f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         f"- numpy {np.__version__}, scipy {scipy.__version__}, python {platform.python_version()}",
         f"- problem: float64, batch {batch}, n = {n}, d = {d}; apply to ({d}, {args.m}) blocks; medians of {args.repeat}",

@@ -29,13 +29,18 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import subprocess
+import os
+import sys
 import traceback
 
 import numpy as np
 
 import householder as hh
 from householder import reference
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+
+from benchmarks._provenance import tree_commit  # noqa: E402
+
 
 
 def median_ms(fn, lib: str, repeat: int = 50, warmup: int = 5) -> float:
@@ -109,15 +114,6 @@ def versions() -> dict:
         pass
     out["numpy"] = np.__version__
     return out
-
-
-def git_commit(given: str | None) -> str:
-    if given:
-        return given
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def copy_bandwidth() -> float:
@@ -231,7 +227,7 @@ def main() -> int:
         f"# CuPy backend vs peers: dense P, batch {B} x n {n} x d {d}\n\n"
         f"- device: {device}; measured copy bandwidth {bw:.0f} GB/s (read + write)\n"
         f"- versions: {ver}\n"
-        f"- commit: {git_commit(args.commit)}; date: {datetime.date.today().isoformat()}\n"
+        f"- commit: {tree_commit(args.commit)}; date: {datetime.date.today().isoformat()}\n"
         f"- script: `python benchmarks/compare_cupy.py --out ...`; medians of {args.repeat} CUDA-event timings "
         f"(3 for householder_product) after warm-up\n"
         f"- our cupy backend: {be.describe()}\n\n"

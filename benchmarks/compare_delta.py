@@ -22,7 +22,6 @@ import argparse
 import datetime
 import os
 import platform
-import subprocess
 import sys
 
 import torch
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import householder as hh  # noqa: E402
+from benchmarks._provenance import tree_commit  # noqa: E402
 
 SHAPES = [(16, 2048), (8, 4096), (4, 8192), (2, 16384)]
 
@@ -289,7 +289,7 @@ def main() -> int:
     os.environ.setdefault("FLA_FLASH_QLA", "0")
     fla = load_fla()
     qla = None if args.no_qla else load_qla()
-    commit = os.environ.get("HH_COMMIT") or _git_commit()
+    commit = tree_commit()
     props = torch.cuda.get_device_properties(0)
     import triton
 
@@ -598,13 +598,6 @@ def varlen_overhead(H, D, shapes):
         print(out[-1], flush=True)
         torch.cuda.empty_cache()
     return out
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
-    except Exception:
-        return "unknown"
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import subprocess
 import sys
 import traceback
 
@@ -31,6 +30,10 @@ from triton.testing import do_bench
 
 import householder as hh
 from householder import reference
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+
+from benchmarks._provenance import tree_commit  # noqa: E402
+
 
 U32 = 2.0**-24  # float32 unit roundoff
 
@@ -362,12 +365,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
-    commit = args.commit
-    if commit is None:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        except Exception:
-            commit = "unknown"
+    commit = tree_commit(args.commit, full=True)
     torch.backends.cuda.matmul.allow_tf32 = False  # plain torch peers in true float32
     be = hh.get_backend("triton")
     head = (

@@ -28,7 +28,7 @@ import datetime
 import importlib
 import platform
 import statistics
-import subprocess
+import os
 import sys
 import time
 import traceback
@@ -41,17 +41,14 @@ import householder
 import householder.layers.attention as attention_module
 from householder.layers import LanguageModel, LMConfig
 from householder.layers.modules import default_intermediate_size
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+
+from benchmarks._provenance import tree_commit  # noqa: E402
+
 
 
 class Skip(Exception):
     """A case that cannot run here (no CUDA, fla missing): reported as skipped, not failed."""
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def sync(device: torch.device) -> None:
@@ -302,7 +299,7 @@ def main() -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     say("# LM benchmark: DeltaNet LM vs SDPA Transformer vs fla's DeltaNet LM" + (" (quick smoke sizes)" if args.quick else ""))
     say()
-    say(f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; commit {args.commit or git_commit()}")
+    say(f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; commit {tree_commit(args.commit)}")
     say(f"- device: {name}; {versions(device)}")
     say(f"- householder {householder.__version__}; delta-rule backend for these tensors: "
         f"{householder._registry.infer_backend_name(torch.empty(0, device=device))}")

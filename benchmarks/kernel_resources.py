@@ -32,6 +32,7 @@ from householder.backends import _triton_delta_bwd as bwd  # noqa: E402
 from householder.backends import _triton_delta_fwd as fwd  # noqa: E402
 from householder.backends import triton_delta as td  # noqa: E402
 
+from benchmarks._provenance import tree_commit  # noqa: E402
 from benchmarks.compare_delta import apply_settings  # noqa: E402
 
 # pointer arguments that are float32 or int64 whatever the inputs' dtype (see the launchers)
@@ -122,10 +123,7 @@ def main() -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: the kernels are compiled for a GPU here, not interpreted")
     only = {x for x in args.only.split(",") if x}
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = os.environ.get("HH_COMMIT", "unknown")
+    commit = tree_commit()
     lines = [
         "# Delta-rule Triton kernels compiled for sm_90: registers, spills, shared memory",
         "",
