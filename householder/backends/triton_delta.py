@@ -23,10 +23,11 @@ from householder.backends import _triton_delta_fwd as _fwd
 MAX_K = 256
 # Launch settings (num_warps, num_stages) per kernel on GPUs; the interpreter ignores them.
 # Chosen by an H100 sweep (compare_delta.py --sweep): the per-chunk forward kernel was fastest
-# at 4 warps (on an H200 later, 2 warps took the forward from 0.753 to 0.736 ms plain and 0.919 to
-# 0.868 gated at 16 x 2048; 8 warps from 0.75 to 1.17), the per-chunk backward kernels at 8 (swept before bwd_wy moved to the inputs'
-# precision), 64 value columns per backward step (bwd_BV). bwd_dqk at 2 stages: 2% off the gated
-# forward+backward on an H200 with its loops rolled (bwd_wy and the fused kernel were not faster).
+# at 4 warps (on an H200 later, 2 warps took the forward from 0.753 to 0.736 ms plain and from
+# 0.919 to 0.868 gated at 16 x 2048; 8 warps to 1.17 plain), the per-chunk backward kernels at 8
+# (swept before bwd_wy moved to the inputs' precision), 64 value columns per backward step
+# (bwd_BV). bwd_dqk at 2 stages: 2% off the gated forward+backward on an H200 with its loops
+# rolled (bwd_wy and the fused kernel were not faster).
 # (Triton's autotuner over several settings ended in an illegal memory access on an H100 with
 # Triton 3.6, so the settings are fixed.)
 CONFIG = {
