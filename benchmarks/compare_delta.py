@@ -265,6 +265,8 @@ def main() -> int:
     ap.add_argument("--varlen", action="store_true", help="also time packed sequences (cu_seqlens) against the batched layout")
     ap.add_argument("--no-sdpa", action="store_true")
     ap.add_argument("--no-qla", action="store_true", help="leave FlashQLA out even where it is installed")
+    ap.add_argument("--no-fla", action="store_true",
+                    help="leave fla out even where it is installed (ours alone, e.g. a quick --profile or --ab)")
     ap.add_argument("--keep-ab", action="store_true",
                     help="also time our forward+backward with the forward's chunk quantities recomputed, kept (save_prep) "
                          "and kept with the per-chunk states (save_states)")
@@ -287,7 +289,7 @@ def main() -> int:
     # fla >= 0.6 hands its gated op to FlashQLA when that is installed: keep fla's own Triton path
     # in the fla columns (FlashQLA has columns of its own)
     os.environ.setdefault("FLA_FLASH_QLA", "0")
-    fla = load_fla()
+    fla = None if args.no_fla else load_fla()
     qla = None if args.no_qla else load_qla()
     commit = tree_commit()
     props = torch.cuda.get_device_properties(0)

@@ -90,17 +90,18 @@ def kernels(K: int, chunk: int):
     plan = td._Plan(16, 4 * chunk, 16, K, K, 1, chunk, None, torch.bfloat16, torch.device("cpu"))
     common = plan.common()
     small = min(plan.BKP, plan.BVB) < 64  # the backward's 4-warp cap (see _triton_delta_bwd.backward)
+    a_form = bool(td.CONFIG["a_form"])
     for gated in (False, True):
         variant = "gated" if gated else "plain"
         yield ("prep", variant, fwd.prep_kernel, dict(common, BKP=plan.BKP, BV=plan.BVP, HAS_G=gated, SAVE_X=True,
-               SAVE_G=False, FPREC=plan.FPREC, SPLITS=td.CONFIG["inverse_splits"]), td.CONFIG["prep"])
-        seq = dict(common, BK=plan.BK, HAS_G=gated, GMODE=0, GATE_V=bool(td.CONFIG["gate_values"]))
+               SAVE_G=False, FPREC=plan.FPREC, SPLITS=td.CONFIG["inverse_splits"], AFORM=a_form), td.CONFIG["prep"])
+        seq = dict(common, BK=plan.BK, HAS_G=gated, GMODE=0, GATE_V=bool(td.CONFIG["gate_values"]), AFORM=a_form)
         BV, launch = seq_launch(plan, "state", plan.state_launch(gated, want_o=True, sms=SMS))
         yield ("state", variant, fwd.state_kernel, dict(seq, BV=BV, HAS_S0=False, STORE_ST=True, WRITE_O=True, SAVE_H=False), launch)
         BV, launch = seq_launch(plan, "bwd_state", plan.reverse_launch(gated, sms=SMS))
         yield ("bwd_state", variant, bwd.bwd_state_kernel, dict(seq, BV=BV, HAS_DST=False), launch)
         per_chunk = dict(common, BKP=plan.BKP, BV=plan.BVB, HAS_G=gated, UNROLL=int(td.CONFIG["bwd_unroll"]))
-        aqk = dict(per_chunk, AQK=bool(td.CONFIG["dg_from_aqk"]))
+        aqk = dict(per_chunk, AQK=bool(td.CONFIG["dg_from_aqk"]), HDH_ROWS=bool(td.CONFIG["hdh_rows"]))
         fused = dict(aqk, UNROLL=int(td.CONFIG["fused_unroll"]))
         splits, KPS = plan.key_splits(td.CONFIG["bwd_dqk_split"])
         for name, fn, meta in (("bwd_dqk", bwd.bwd_dqk_kernel, dict(aqk, KSPLIT=splits, KPS=KPS)),

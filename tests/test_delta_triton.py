@@ -228,24 +228,65 @@ def test_sequential_passes_take_the_gates_from_any_source_alike(rng, monkeypatch
         assert rel_err(a, d) < 2e-4, name
 
 
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
+@pytest.mark.parametrize("n, cu", [(1, None), (2, [0, 7, 7, 30, 50])], ids=["delta", "product-varlen"])
+def test_sequential_passes_take_the_factor_or_w_and_u_alike(rng, monkeypatch, gated, n, cu):
+    # CONFIG["a_form"]: the sequential passes form Vn = A (V - diag(e^G) K S) from the chunk factor,
+    # or Vn = U - W S from the prep kernel's W and U; kept, recomputed, with the states kept, and
+    # with the gates loaded and applied to the value-side tiles; a short last chunk and an empty
+    # sequence included. The products are associated differently, so they agree to float32 rounding.
+    from householder.backends import triton_delta as td
+
+    N = 1 if cu is None else len(cu) - 1
+    inp = make_inputs(rng, 1, 50, 2, 16, 16, n=n, gated=gated, state=N)
+    cu_t = None if cu is None else torch.tensor(cu, device=DEVICE)
+    do = torch.tensor(rng.standard_normal((1, 50, 2, 16)), dtype=torch.float32, device=DEVICE)
+    dS = torch.tensor(rng.standard_normal((N, 2, 16, 16)), dtype=torch.float32, device=DEVICE)
+    runs = []
+    settings = [
+        dict(a_form=False),
+        dict(a_form=True),
+        dict(a_form=True, save_prep=False),
+        dict(a_form=True, save_states=True, gates=1, gate_values=True),
+    ]
+    for setting in settings:
+        for key, value in {**dict(save_prep=True, save_states=False, gates=0, gate_values=False), **setting}.items():
+            monkeypatch.setitem(td.CONFIG, key, value)
+        runs.append(_grads(inp, "triton", n, cu_t, do, dS, 32))
+    want = _grads({k: x.double() for k, x in inp.items()}, "torch", n, cu_t, do.double(), dS.double(), 64)
+    for name, a, *others, d in zip(["o", "S"] + [f"d{m}" for m in inp], *runs, want):
+        for b in others:
+            assert rel_err(a, b) < 10 * SAME, name
+        assert rel_err(a, d) < 2e-4, name
+        assert rel_err(others[0], d) < 2e-4, name
+
+
+@pytest.mark.parametrize("a_form", [False, True], ids=["w-u", "a-form"])
 @pytest.mark.parametrize("states", [False, True])
-def test_kept_chunk_quantities_are_released_by_the_backward(rng, monkeypatch, states):
+def test_kept_chunk_quantities_are_released_by_the_backward(rng, monkeypatch, states, a_form):
     from householder.backends import triton_delta as td
 
     monkeypatch.setitem(td.CONFIG, "save_prep", True)
     monkeypatch.setitem(td.CONFIG, "save_states", states)
+    monkeypatch.setitem(td.CONFIG, "a_form", a_form)
+    monkeypatch.setitem(td.CONFIG, "fuse_bwd", 1)  # gated: the two per-chunk kernels
     monkeypatch.setitem(td.CONFIG, "gates", 1)  # so that prep writes the running log-decays G too
     inp = {k: x.requires_grad_() for k, x in make_inputs(rng, 1, 40, 1, 16, 16, gated=True, state=1).items()}
     o, _ = hh.delta_rule(**inp, chunk_size=16, backend="triton")
     node = o.grad_fn
     assert isinstance(node.prepped, td.Kept)
-    assert node.prepped.gcs is not None and (node.prepped.h is not None) == states
-    kept = {"W": weakref.ref(node.prepped.w), "G": weakref.ref(node.prepped.gcs)}
+    pp = node.prepped.prepped
+    assert pp.gcs is not None and (node.prepped.h is not None) == states
+    assert (pp.a is not None, pp.w is None, pp.u is None) == (a_form,) * 3
+    kept = {"W or A": weakref.ref(pp.a if a_form else pp.w), "G": weakref.ref(pp.gcs)}
+    if not a_form:
+        kept["U"] = weakref.ref(pp.u)
     if states:
         kept["h"] = weakref.ref(node.prepped.h)
+    del pp
     alive = {}
 
-    def spy(name, *args, **meta):  # the last readers of W, G and h run before bwd_wy
+    def spy(name, *args, **meta):  # the last readers of W (or A), U, G and h run before bwd_wy
         if name == "bwd_wy":
             alive.update({key: ref() is not None for key, ref in kept.items()})
         return launch(name, *args, **meta)
@@ -260,8 +301,12 @@ def test_kept_chunk_quantities_are_released_by_the_backward(rng, monkeypatch, st
 @pytest.mark.parametrize("K", [64, 128, 256])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
-@pytest.mark.parametrize("fuse, split", [(0, 1), (0, 2), (2, 1)], ids=["two-kernels", "two-kernels-split", "fused"])
-def test_chunk64_backward_at_model_head_sizes(rng, monkeypatch, K, dtype, gated, fuse, split):
+@pytest.mark.parametrize(
+    "fuse, split, a_form",
+    [(0, 1, False), (0, 2, False), (2, 1, False), (0, 1, True), (2, 1, True)],
+    ids=["two-kernels", "two-kernels-split", "fused", "two-kernels-a-form", "fused-a-form"],
+)
+def test_chunk64_backward_at_model_head_sizes(rng, monkeypatch, K, dtype, gated, fuse, split, a_form):
     # The shapes of the benchmarks (chunk 64, K = V in {64, 128, 256}, a short last chunk) in
     # bf16 too, through either per-chunk backward (CONFIG["fuse_bwd"]): the kernels' tile sizes
     # there differ from the tiny shapes above, and a former single backward kernel misread shared
@@ -271,6 +316,7 @@ def test_chunk64_backward_at_model_head_sizes(rng, monkeypatch, K, dtype, gated,
 
     monkeypatch.setitem(td.CONFIG, "fuse_bwd", fuse)
     monkeypatch.setitem(td.CONFIG, "bwd_dqk_split", split)
+    monkeypatch.setitem(td.CONFIG, "a_form", a_form)
     B, T, H = 1, 100, 2
     inp = make_inputs(rng, B, T, H, K, K, gated=gated, state=B, dtype=dtype)
     inp["k"] = torch.nn.functional.normalize(inp["k"].float(), dim=-1).to(dtype)
@@ -315,13 +361,15 @@ def test_fused_backward_matches_the_two_kernel_one(rng, monkeypatch, B, T, H, K,
     do = torch.tensor(rng.standard_normal((B, T, H, V)), dtype=torch.float32, device=DEVICE)
     dS = torch.tensor(rng.standard_normal((N, H, K, V)), dtype=torch.float32, device=DEVICE)
     runs = []
-    # (fuse_bwd, dg_from_aqk, bwd_unroll and fused_unroll, bwd_dqk_split): mode 1 fuses only without a
-    # gate, 2 always; the gate's score term from the forward's Aqk or from Q K^T formed again; the
-    # block loops rolled or unrolled by 2 -- in either kernel; bwd_dqk's key columns in one program
-    # or split (two programs at K = 80: a full 64-wide block and a partial one). Mode 1 comes last.
-    settings = ((0, False, 2, 1), (2, False, 2, 1), (2, True, 1, 1), (0, True, 1, 2), (0, False, 1, 2), (0, True, 2, 4),
-                (2, False, 1, 1), (1, False, 2, 2))
-    for fused, aqk, unroll, split in settings:
+    # (fuse_bwd, dg_from_aqk, bwd_unroll and fused_unroll, bwd_dqk_split, hdh_rows): mode 1 fuses only
+    # without a gate, 2 always; the gate's score term from the forward's Aqk or from Q K^T formed again;
+    # the block loops rolled or unrolled by 2 -- in either kernel; bwd_dqk's key columns in one program
+    # or split (two programs at K = 80: a full 64-wide block and a partial one); sum(S o dS') by rows
+    # or elementwise. Mode 1 comes last.
+    settings = ((0, False, 2, 1, False), (2, False, 2, 1, True), (2, True, 1, 1, False), (0, True, 1, 2, True),
+                (0, False, 1, 2, False), (0, True, 2, 4, False), (2, False, 1, 1, False), (1, False, 2, 2, True))
+    for fused, aqk, unroll, split, rows in settings:
+        monkeypatch.setitem(td.CONFIG, "hdh_rows", rows)
         monkeypatch.setitem(td.CONFIG, "fuse_bwd", fused)
         monkeypatch.setitem(td.CONFIG, "dg_from_aqk", aqk)
         monkeypatch.setitem(td.CONFIG, "bwd_unroll", unroll)

@@ -44,11 +44,14 @@ def bwd_state_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BC: tl.constexpr, NH: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr, HAS_DST: tl.constexpr,
     DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr, GMODE: tl.constexpr, GATE_V: tl.constexpr,
+    AFORM: tl.constexpr,
 ):
     """Reverse pass over chunks: dS' of each chunk (into dh), dVn, and dS_0.
 
     GATE_V: the decays scale the (BC, BV) tiles, diag(d) (K dS) and Q^T (diag(e^G) dO), rather
-    than the (BC, BK) keys and queries, which then stay in the inputs' precision."""
+    than the (BC, BK) keys and queries, which then stay in the inputs' precision.
+    AFORM: ``w`` holds the chunk factors A (NT_total, H, BC, BC), and W^T dVn is taken as
+    K^T diag(e^G) (A^T dVn)."""
     i_v = tl.program_id(0)
     i_nh = tl.program_id(1).to(tl.int64)
     i_n = i_nh // H
@@ -75,7 +78,11 @@ def bwd_state_kernel(
         tl.store(dh + ((c0 + j) * H + i_h) * K * V + soff, dS.to(dh.dtype.element_ty), mask=mkv)
         kt = tl.load(k + (start * H + i_h) * K + offk, mask=mk, other=0.0)
         qt = tl.load(q + (t0 * H + i_h) * K + tok[:, None] * (H * K) + ck[None, :], mask=qrow[:, None] & (ck[None, :] < K), other=0.0)
-        wt = tl.load(w + (start * H + i_h) * K + offk, mask=mk, other=0.0).to(DT)
+        if AFORM:
+            kraw = kt.to(DT)
+            wt = tl.load(w + ((c0 + j) * H + i_h) * BC * BC + r[:, None] * BC + r[None, :]).to(DT)
+        else:
+            wt = tl.load(w + (start * H + i_h) * K + offk, mask=mk, other=0.0).to(DT)
         dot_ = tl.load(do + (t0 * H + i_h) * V + tok[:, None] * (H * V) + cv[None, :], mask=qrow[:, None] & (cv[None, :] < V), other=0.0).to(DT)
         at = tl.load(aqk + ((c0 + j) * H + i_h) * BC * BC + r[:, None] * BC + r[None, :]).to(DT)
         dog = dot_
@@ -93,7 +100,13 @@ def bwd_state_kernel(
         tl.store(dvn + (start * H + i_h) * V + r[:, None] * (H * V) + cv[None, :], dvt.to(dvn.dtype.element_ty), mask=valid[:, None] & (cv[None, :] < V))
         if HAS_G:
             dS = dS * tl.exp(glast)
-        dS += _dot(tl.trans(qt.to(DT)), dog, F32, PREC) * scale - _dot(tl.trans(wt), dvt.to(DT), F32, PREC)
+        if AFORM:
+            z = _dot(tl.trans(wt), dvt.to(DT), F32, PREC)
+            if HAS_G:
+                z = z * tl.exp(Gc)[:, None]
+            dS += _dot(tl.trans(qt.to(DT)), dog, F32, PREC) * scale - _dot(tl.trans(kraw), z.to(DT), F32, PREC)
+        else:
+            dS += _dot(tl.trans(qt.to(DT)), dog, F32, PREC) * scale - _dot(tl.trans(wt), dvt.to(DT), F32, PREC)
     tl.store(ds0 + i_nh * K * V + soff, dS, mask=mkv)
 
 
@@ -132,10 +145,11 @@ def _scores_decay_term(dM, gam, paqk, pk, pq, r, tok, valid, qrow,
 def _state_grads(ph, pdh, pdo, pvn, pdvn, ck, r, tok, valid, qrow, hdh,
                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BC: tl.constexpr, BKP: tl.constexpr,
                  BV: tl.constexpr, HAS_G: tl.constexpr, DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr,
-                 UNROLL: tl.constexpr):
+                 UNROLL: tl.constexpr, HDH_ROWS: tl.constexpr):
     """For the key columns ``ck`` of a chunk, over all value blocks: dO S^T, Vn dS'^T, -dVn S^T
-    (BC, BKP) float32 each, and ``hdh`` += S o dS' (with a gate; summed elementwise, so that the
-    reduction across warps happens once)."""
+    (BC, BKP) float32 each, and ``hdh`` += S o dS' (with a gate): HDH_ROWS, summed over each value
+    block into a (BKP,) vector; else elementwise into a (BKP, BV) tile, reduced once at the end
+    (one cross-warp reduction, for BKP x BV float32 accumulators held across the key loop)."""
     dQ0 = tl.zeros((BC, BKP), dtype=tl.float32)
     dKd = tl.zeros((BC, BKP), dtype=tl.float32)
     dW = tl.zeros((BC, BKP), dtype=tl.float32)
@@ -147,7 +161,10 @@ def _state_grads(ph, pdh, pdo, pvn, pdvn, ck, r, tok, valid, qrow, hdh,
         hb = tl.load(ph + ck[:, None] * V + cv[None, :], mask=mkv, other=0.0)
         dhb = tl.load(pdh + ck[:, None] * V + cv[None, :], mask=mkv, other=0.0)
         if HAS_G:
-            hdh += hb.to(tl.float32) * dhb.to(tl.float32)
+            if HDH_ROWS:
+                hdh += tl.sum(hb.to(tl.float32) * dhb.to(tl.float32), 1)
+            else:
+                hdh += hb.to(tl.float32) * dhb.to(tl.float32)
         dob = tl.load(pdo + tok[:, None] * (H * V) + cv[None, :], mask=qrow[:, None] & (cv[None, :] < V), other=0.0).to(DT)
         vnb = tl.load(pvn + offv, mask=mv, other=0.0).to(DT)
         dvnb = tl.load(pdvn + offv, mask=mv, other=0.0).to(DT)
@@ -156,6 +173,15 @@ def _state_grads(ph, pdh, pdo, pvn, pdvn, ck, r, tok, valid, qrow, hdh,
         dW -= _dot(dvnb, hT, F32, PREC)
         dKd += _dot(vnb, tl.trans(dhb.to(DT)), F32, PREC)
     return dQ0, dKd, dW, hdh
+
+
+@triton.jit
+def _total(x, ROWS: tl.constexpr):
+    """The sum of all entries of a (n,) vector (ROWS) or of a 2-D tile."""
+    if ROWS:
+        return tl.sum(x, 0)
+    else:
+        return tl.sum(tl.sum(x, 1), 0)
 
 
 @triton.jit
@@ -216,7 +242,7 @@ def bwd_dqk_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BKP: tl.constexpr, BV: tl.constexpr,
     BC: tl.constexpr, NH: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr,
     DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr, AQK: tl.constexpr, UNROLL: tl.constexpr,
-    KSPLIT: tl.constexpr, KPS: tl.constexpr,
+    KSPLIT: tl.constexpr, KPS: tl.constexpr, HDH_ROWS: tl.constexpr,
 ):
     """Per (chunk, head, key split), the gradients through the states: dq (final), dk and dG (partial), dW.
 
@@ -253,7 +279,10 @@ def bwd_dqk_kernel(
         dM += _dot(dob, tl.trans(vnb), F32, PREC)
     dM = tl.where(causal, dM * scale, 0.0)
     dG = tl.zeros((BC,), dtype=tl.float32)
-    hdh = tl.zeros((BKP, BV), dtype=tl.float32)  # S o dS', reduced at the end
+    if HDH_ROWS:  # S o dS', summed
+        hdh = tl.zeros((BKP,), dtype=tl.float32)
+    else:
+        hdh = tl.zeros((BKP, BV), dtype=tl.float32)
     if HAS_G:
         # before the key loop (which reloads q and k), so that dM's other uses are all that is live;
         # one split's term (it reads every key column)
@@ -268,7 +297,7 @@ def bwd_dqk_kernel(
         mq = qrow[:, None] & (ck[None, :] < K)
         offk = r[:, None] * (H * K) + ck[None, :]
         dQ0, dKd, dW, hdh = _state_grads(ph, pdh, pdo, pvn, pdvn, ck, r, tok, valid, qrow, hdh,
-                                         H, K, V, BC, BKP, BV, HAS_G, DT, F32, PREC, UNROLL)
+                                         H, K, V, BC, BKP, BV, HAS_G, DT, F32, PREC, UNROLL, HDH_ROWS)
         tl.store(pdw + offk, dW.to(dw.dtype.element_ty), mask=mk)
         kb = tl.load(pk + offk, mask=mk, other=0.0)
         qb = tl.load(pq + tok[:, None] * (H * K) + ck[None, :], mask=mq, other=0.0)
@@ -284,7 +313,7 @@ def bwd_dqk_kernel(
             dG += tl.sum(dQ0 * qb.to(tl.float32), 1) - dKdKd
             dG += tl.where(is_end, tl.sum(dKdKd, 0), 0.0)
     if HAS_G:
-        dG += tl.where(is_end, tl.sum(tl.sum(hdh, 1), 0) * tl.exp(glast), 0.0)
+        dG += tl.where(is_end, _total(hdh, HDH_ROWS) * tl.exp(glast), 0.0)
         tl.store(dgp + (start * H + i_h + r * H) * KSPLIT + i_s, dG, mask=valid)
 
 
@@ -356,6 +385,7 @@ def bwd_fused_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BKP: tl.constexpr, BV: tl.constexpr,
     BC: tl.constexpr, NH: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr,
     DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr, AQK: tl.constexpr, UNROLL: tl.constexpr,
+    HDH_ROWS: tl.constexpr,
 ):
     """Per (chunk, head), ``bwd_dqk_kernel`` and ``bwd_wy_kernel`` in one program: dq, dk, dv, dbeta, dg.
 
@@ -410,7 +440,10 @@ def bwd_fused_kernel(
         dA -= _dot(dvnb, tl.trans(KS.to(DT)), F32, PREC)
     dM = tl.where(causal, dM * scale, 0.0)
     dG = tl.zeros((BC,), dtype=tl.float32)
-    hdh = tl.zeros((BKP, BV), dtype=tl.float32)  # S o dS', reduced at the end
+    if HDH_ROWS:  # S o dS', summed
+        hdh = tl.zeros((BKP,), dtype=tl.float32)
+    else:
+        hdh = tl.zeros((BKP, BV), dtype=tl.float32)
     if HAS_G:
         dG += _scores_decay_term(dM, gam, aqk + (i_c * H + i_h) * BC * BC, pk, pq, r, tok, valid, qrow,
                                  H, K, BC, BKP, DT, F32, PREC, AQK, UNROLL)
@@ -426,7 +459,7 @@ def bwd_fused_kernel(
         mq = qrow[:, None] & (ck[None, :] < K)
         offk = r[:, None] * (H * K) + ck[None, :]
         dQ0, dKd, dW, hdh = _state_grads(ph, pdh, pdo, pvn, pdvn, ck, r, tok, valid, qrow, hdh,
-                                         H, K, V, BC, BKP, BV, HAS_G, DT, F32, PREC, UNROLL)
+                                         H, K, V, BC, BKP, BV, HAS_G, DT, F32, PREC, UNROLL, HDH_ROWS)
         kb = tl.load(pk + offk, mask=mk, other=0.0)
         qb = tl.load(pq + tok[:, None] * (H * K) + ck[None, :], mask=mq, other=0.0)
         kf = kb.to(tl.float32)
@@ -445,7 +478,7 @@ def bwd_fused_kernel(
             dG += tl.sum(dQ0 * qb.to(tl.float32), 1) - dKdKd + tl.sum(AtdW * (kf * eG[:, None]), 1)
             dG += tl.where(is_end, tl.sum(dKdKd, 0), 0.0)
     if HAS_G:
-        dG += tl.where(is_end, tl.sum(tl.sum(hdh, 1), 0) * tl.exp(glast), 0.0)
+        dG += tl.where(is_end, _total(hdh, HDH_ROWS) * tl.exp(glast), 0.0)
         _store_dg(dG, dg, t0, i_h, tok, valid, first, H)
     tl.store(dbeta + start * H + i_h + r * H, db.to(dbeta.dtype.element_ty), mask=valid)
 
@@ -463,13 +496,16 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None):
     do = do.contiguous() if do is not None else torch.zeros((plan.B, plan.T, H, V), dtype=q.dtype, device=dev)
     # the forward's chunk quantities and per-chunk states: kept by the forward, or recomputed
     if prepped is not None:
-        w, u, aqk, xs, gcs, hs, vn = prepped
+        pp, hs, vn = prepped
         del prepped  # so that the dels below free each buffer after its last reader
     else:
-        w, u, aqk, xs, gcs = tdelta.prep(q, k, v, beta, g, plan, save_x=True)
+        pp = tdelta.prep(q, k, v, beta, g, plan, save_x=True)
         hs = vn = None
     if hs is None:
-        _, _, hs, vn = tdelta.state_pass(q, k, w, u, aqk, g, gcs, scale, S0, plan, want_o=False, want_final=False, save_h=True)
+        _, _, hs, vn = tdelta.state_pass(q, k, v, pp, g, scale, S0, plan, want_o=False, want_final=False, save_h=True)
+    a_form = pp.a is not None
+    w, aqk, xs, gcs = (pp.a if a_form else pp.w), pp.aqk, pp.xs, pp.gcs
+    del pp  # U (and the rest, below) freed after its last reader
     dhs = torch.empty_like(hs)
     dvn = torch.empty_like(vn)
     ds0 = torch.empty((plan.N, H, K, V), dtype=torch.float32, device=dev)
@@ -479,16 +515,16 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None):
         q, k, w, aqk, g if g is not None else dummy, gcs if gcs is not None else dummy, do,
         dsT.contiguous() if dsT is not None else dummy, dhs, dvn, ds0, plan.seqs, plan.T_steps, plan.NT, scale,
         BK=plan.BK, BV=BV, HAS_G=g is not None, HAS_DST=dsT is not None, GMODE=tdelta.gate_mode(gcs),
-        GATE_V=bool(tdelta.CONFIG["gate_values"]),
+        GATE_V=bool(tdelta.CONFIG["gate_values"]), AFORM=a_form,
         max_stages=stages, **plan.common(),
     )
     # each buffer is dropped after its last reader and each output made just before its
     # writer, so the caching allocator reuses the memory and the peak stays low
-    del w, u, gcs
+    del w, gcs
     grid = (plan.NT_total, H)
     # the gate's gradient through the scores' decays reads the forward's scores, or forms Q K^T again
     meta = dict(BKP=plan.BKP, BV=plan.BVB, HAS_G=g is not None, UNROLL=int(tdelta.CONFIG["bwd_unroll"]), **plan.common())
-    aqk_meta = dict(meta, AQK=bool(tdelta.CONFIG["dg_from_aqk"]))
+    aqk_meta = dict(meta, AQK=bool(tdelta.CONFIG["dg_from_aqk"]), HDH_ROWS=bool(tdelta.CONFIG["hdh_rows"]))
     # Triton 3.6 on an H200: bwd_dqk and bwd_wy at 8 warps hit an illegal memory access with key or
     # value blocks under 64 wide at chunk 64 (float32, K = V = 16 and 32 seen); 4 warps run right.
     # The fused kernel (4 warps by default) is held to the same cap.

@@ -5,13 +5,15 @@ Two kernels (the algorithm is the one written out in torch_delta.py):
 1. ``prep``, one program per (chunk, head), all chunks in parallel: the chunk's
    WY factor A = T^T o Gamma (the core's factor from ``_triton_factor``, gated by
    Gamma_ts = exp(G_t - G_s)), then W = A diag(e^G) K, U = A V and the masked
-   scores Aqk = tril(Q K^T) o Gamma, written to memory.
+   scores Aqk = tril(Q K^T) o Gamma, written to memory; or (AFORM) A itself in
+   place of W and U, a (C, C) tile per chunk instead of (C, K + V).
    With a gate it also writes G, the running log-decay inside each chunk, per step
    (float32), so that the sequential passes load it rather than recompute it: a
    cumulative sum is a cross-warp step on their critical path, which is what made
    the gated op slower than the plain one when few (B x H) programs run.
 2. ``state``, one program per (value block, sequence, head), sequential over
-   the sequence's chunks: the pseudo-values Vn = U - W S, the output
+   the sequence's chunks: the pseudo-values Vn = U - W S (AFORM: A (V - diag(e^G) K S),
+   the same product with W and U never in memory), the output
    O = scale (diag(e^G) Q S + Aqk Vn) and the state pass
    S <- e^{G_C} S + (diag(e^{G_C - G}) K)^T Vn, with S in float32 registers.
    The backward pass runs it again to save the per-chunk states and Vn.
@@ -148,13 +150,14 @@ def chunk_factor(Gm, b, Gc, BC: tl.constexpr, HAS_G: tl.constexpr, FPREC: tl.con
 
 @triton.jit
 def prep_kernel(
-    q, k, v, beta, g, w, u, aqk, xs, gcs, chunks, T_steps, NT,
+    q, k, v, beta, g, w, u, af, aqk, xs, gcs, chunks, T_steps, NT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BKP: tl.constexpr, BV: tl.constexpr,
     BC: tl.constexpr, NH: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr, SAVE_X: tl.constexpr,
     SAVE_G: tl.constexpr, DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr, FPREC: tl.constexpr,
-    SPLITS: tl.constexpr,
+    SPLITS: tl.constexpr, AFORM: tl.constexpr,
 ):
-    """Per (chunk, head): W = A diag(e^G) K, U = A V and Aqk = tril(Q K^T) o Gamma (and X and G, float32)."""
+    """Per (chunk, head): W = A diag(e^G) K, U = A V (AFORM: A, in the inputs' precision, at ``af``)
+    and Aqk = tril(Q K^T) o Gamma (and X and G, float32)."""
     i_c, i_h, start, end, r, tok, first, last, valid, qrow, t0 = chunk_program(chunks, T_steps, NT, BC, NH, VARLEN)
     # int64 only in these scalar bases; tile offsets below are int32
     pk = k + (start * H + i_h) * K
@@ -184,20 +187,23 @@ def prep_kernel(
     if SAVE_X:
         tl.store(xs + (i_c * H + i_h) * BC * BC + r[:, None] * BC + r[None, :], X)
     Ad = A.to(DT)
-    for k0 in tl.static_range(0, K, BKP):
-        ck = k0 + tl.arange(0, BKP)
-        m = valid[:, None] & (ck[None, :] < K)
-        kb = tl.load(pk + r[:, None] * (H * K) + ck[None, :], mask=m, other=0.0)
-        if HAS_G:
-            kb = kb.to(tl.float32) * tl.exp(Gc)[:, None]
-        wb = _dot(Ad, kb.to(DT), F32, PREC)
-        tl.store(pw + r[:, None] * (H * K) + ck[None, :], wb.to(w.dtype.element_ty), mask=m)
-    for v0 in tl.static_range(0, V, BV):
-        cv = v0 + tl.arange(0, BV)
-        m = valid[:, None] & (cv[None, :] < V)
-        vb = tl.load(pv + r[:, None] * (H * V) + cv[None, :], mask=m, other=0.0).to(DT)
-        ub = _dot(Ad, vb, F32, PREC)
-        tl.store(pu + r[:, None] * (H * V) + cv[None, :], ub.to(u.dtype.element_ty), mask=m)
+    if AFORM:
+        tl.store(af + (i_c * H + i_h) * BC * BC + r[:, None] * BC + r[None, :], Ad)
+    else:
+        for k0 in tl.static_range(0, K, BKP):
+            ck = k0 + tl.arange(0, BKP)
+            m = valid[:, None] & (ck[None, :] < K)
+            kb = tl.load(pk + r[:, None] * (H * K) + ck[None, :], mask=m, other=0.0)
+            if HAS_G:
+                kb = kb.to(tl.float32) * tl.exp(Gc)[:, None]
+            wb = _dot(Ad, kb.to(DT), F32, PREC)
+            tl.store(pw + r[:, None] * (H * K) + ck[None, :], wb.to(w.dtype.element_ty), mask=m)
+        for v0 in tl.static_range(0, V, BV):
+            cv = v0 + tl.arange(0, BV)
+            m = valid[:, None] & (cv[None, :] < V)
+            vb = tl.load(pv + r[:, None] * (H * V) + cv[None, :], mask=m, other=0.0).to(DT)
+            ub = _dot(Ad, vb, F32, PREC)
+            tl.store(pu + r[:, None] * (H * V) + cv[None, :], ub.to(u.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -207,11 +213,15 @@ def state_kernel(
     BC: tl.constexpr, NH: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr,
     HAS_S0: tl.constexpr, STORE_ST: tl.constexpr, WRITE_O: tl.constexpr, SAVE_H: tl.constexpr,
     DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr, GMODE: tl.constexpr, GATE_V: tl.constexpr,
+    AFORM: tl.constexpr,
 ):
     """Per (value block, sequence, head): the sequential pass over chunks, with the output.
 
     GATE_V: the state update's decays scale the (BC, BV) pseudo-values, K^T (diag(d) Vn), rather
-    than the (BC, BK) keys, (diag(d) K)^T Vn: the same product on a smaller tile."""
+    than the (BC, BK) keys, (diag(d) K)^T Vn: the same product on a smaller tile.
+    AFORM: ``w`` holds the chunk factors A (NT_total, H, BC, BC) and ``u`` the values V, and
+    Vn = A (V - diag(e^G) K S): one (BC, BC) x (BC, BV) product more per chunk, on the sequential
+    path, for no W and U in memory."""
     i_v = tl.program_id(0)
     i_nh = tl.program_id(1).to(tl.int64)
     i_n = i_nh // H
@@ -235,17 +245,24 @@ def state_kernel(
         offk = r[:, None] * (H * K) + ck[None, :]
         offv = r[:, None] * (H * V) + cv[None, :]
         kt = tl.load(k + (start * H + i_h) * K + offk, mask=mk, other=0.0)
-        wt = tl.load(w + (start * H + i_h) * K + offk, mask=mk, other=0.0).to(DT)
         ut = tl.load(u + (start * H + i_h) * V + offv, mask=mv, other=0.0).to(tl.float32)
         Sd = S.to(DT)
         if SAVE_H:
             tl.store(h + ((c0 + j) * H + i_h) * K * V + soff, S.to(h.dtype.element_ty), mask=mkv)
-        vnew = ut - _dot(wt, Sd, F32, PREC)
+        if HAS_G:
+            Gc, glast = load_gates(gcs + i_h, g + i_h, start, t0, r, tok, valid, first, eos, H, BC, GMODE)
+        if AFORM:
+            at_ = tl.load(w + ((c0 + j) * H + i_h) * BC * BC + r[:, None] * BC + r[None, :]).to(DT)
+            ks = _dot(kt.to(DT), Sd, F32, PREC)
+            if HAS_G:
+                ks = ks * tl.exp(Gc)[:, None]
+            vnew = _dot(at_, (ut - ks).to(DT), F32, PREC)
+        else:
+            wt = tl.load(w + (start * H + i_h) * K + offk, mask=mk, other=0.0).to(DT)
+            vnew = ut - _dot(wt, Sd, F32, PREC)
         if SAVE_H:
             tl.store(vn + (start * H + i_h) * V + offv, vnew.to(vn.dtype.element_ty), mask=mv)
         vd = vnew.to(DT)
-        if HAS_G:
-            Gc, glast = load_gates(gcs + i_h, g + i_h, start, t0, r, tok, valid, first, eos, H, BC, GMODE)
         if WRITE_O:
             qrow = valid & last
             qt = tl.load(q + (t0 * H + i_h) * K + tok[:, None] * (H * K) + ck[None, :], mask=qrow[:, None] & (ck[None, :] < K), other=0.0).to(DT)

@@ -101,6 +101,16 @@ CONFIG = {
     # gated forward from 0.918 to 1.143 ms at 16 x 2048 (from 1.178 to 1.141 at 2 x 16384): off.
     # The tests check that both agree.
     "gate_values": False,
+    # The sequential passes take the chunk factor A and form Vn = A (V - diag(e^G) K S) rather than
+    # Vn = U - W S from W = A diag(e^G) K and U = A V written by the prep kernel: per step and head,
+    # a (C, C) tile of A is written and read instead of K + V columns of W and U (at K = V = 128 and
+    # chunk 64, a quarter of the bytes), for one (C, C) x (C, BV) product more per chunk on each
+    # sequential pass's critical path (and A^T dVn in the reverse pass).
+    "a_form": False,
+    # The gate's gradient term sum(S o dS') of each chunk in the per-chunk backward kernels: summed
+    # over each (BKP, BV) block as it is loaded, into a (BKP,) vector (True), or accumulated
+    # elementwise into a (BKP, BV) float32 tile held across the key loop and reduced at its end.
+    "hdh_rows": False,
 }
 CHUNK_SIZES = (16, 32, 64)
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -258,30 +268,49 @@ def _g_arg(g, like):
 # -- forward ------------------------------------------------------------------------------
 
 
-def prep(q, k, v, beta, g, plan: _Plan, save_x: bool = False):
-    """W (B, T_steps, H, K), U (B, T_steps, H, V), Aqk (NT_total, H, BC, BC) of every chunk, X (float32,
-    or None unless ``save_x``) and the running log-decays G inside each chunk (B, T_steps, H) float32
-    (None without a gate, or when CONFIG["gates"] is 0: then the sequential passes sum them)."""
-    w = torch.empty_like(k)
-    u = torch.empty_like(v)
-    aqk = torch.empty((plan.NT_total, plan.H, plan.BC, plan.BC), dtype=q.dtype, device=q.device)
+class Prepped(NamedTuple):
+    """The prep kernel's chunk quantities: W (B, T_steps, H, K) and U (B, T_steps, H, V), or with
+    CONFIG["a_form"] the chunk factors A (NT_total, H, BC, BC) in their place (the others None);
+    the masked scores Aqk (NT_total, H, BC, BC); X (float32, or None unless asked for) and the
+    running log-decays G inside each chunk (B, T_steps, H) float32 (None without a gate, or when
+    CONFIG["gates"] is 0: then the sequential passes sum them)."""
+
+    w: Optional[torch.Tensor]
+    u: Optional[torch.Tensor]
+    a: Optional[torch.Tensor]
+    aqk: torch.Tensor
+    xs: Optional[torch.Tensor]
+    gcs: Optional[torch.Tensor]
+
+
+def prep(q, k, v, beta, g, plan: _Plan, save_x: bool = False) -> Prepped:
+    """The chunk quantities of every chunk (``Prepped``), X only when ``save_x``."""
+    a_form = bool(CONFIG["a_form"])
+    w = None if a_form else torch.empty_like(k)
+    u = None if a_form else torch.empty_like(v)
+    chunk_tiles = (plan.NT_total, plan.H, plan.BC, plan.BC)
+    a = torch.empty(chunk_tiles, dtype=q.dtype, device=q.device) if a_form else None
+    aqk = torch.empty(chunk_tiles, dtype=q.dtype, device=q.device)
     xs = torch.empty((plan.NT_total, plan.H, plan.BC, plan.BC), dtype=torch.float32, device=q.device) if save_x else None
     gcs = torch.empty(beta.shape, dtype=torch.float32, device=q.device) if g is not None and CONFIG["gates"] else None
     if plan.NT_total:
         launch("prep", _fwd.prep_kernel, (plan.NT_total, plan.H),
-            q, k, v, beta, _g_arg(g, beta), w, u, aqk, xs if save_x else aqk, gcs if gcs is not None else aqk,
+            q, k, v, beta, _g_arg(g, beta), aqk if a_form else w, aqk if a_form else u, a if a_form else aqk,
+            aqk, xs if save_x else aqk, gcs if gcs is not None else aqk,
             plan.chunks, plan.T_steps, plan.NT,
             BKP=plan.BKP, BV=plan.BVP, HAS_G=g is not None, SAVE_X=save_x, SAVE_G=gcs is not None, FPREC=plan.FPREC,
-            SPLITS=CONFIG["inverse_splits"],
+            SPLITS=CONFIG["inverse_splits"], AFORM=a_form,
             **plan.common(),
         )
-    return w, u, aqk, xs, gcs
+    return Prepped(w, u, a, aqk, xs, gcs)
 
 
-def state_pass(q, k, w, u, aqk, g, gcs, scale, S0, plan: _Plan, *, want_o=True, want_final=True, save_h=False):
+def state_pass(q, k, v, pp: Prepped, g, scale, S0, plan: _Plan, *, want_o=True, want_final=True, save_h=False):
     """The sequential pass: o (B, T, H, V), final states (N, H, K, V) float32, and the per-chunk states.
 
-    ``gcs``: the running log-decays from ``prep`` (None: summed from g here)."""
+    ``pp``: the chunk quantities from ``prep`` (its running log-decays None: summed from g here)."""
+    a_form = pp.a is not None
+    w, u, aqk, gcs = (pp.a, v, pp.aqk, pp.gcs) if a_form else (pp.w, pp.u, pp.aqk, pp.gcs)
     B, T, H, K, V = plan.B, plan.T, plan.H, plan.K, plan.V
     dev = q.device
     o = torch.empty((B, T, H, V), dtype=q.dtype, device=dev) if want_o else None
@@ -295,7 +324,8 @@ def state_pass(q, k, w, u, aqk, g, gcs, scale, S0, plan: _Plan, *, want_o=True, 
         sT if want_final else dummy, h if save_h else dummy, vn if save_h else dummy,
         plan.seqs, plan.T_steps, plan.NT, scale,
         BK=plan.BK, BV=BV, HAS_G=g is not None, HAS_S0=S0 is not None, STORE_ST=want_final,
-        WRITE_O=want_o, SAVE_H=save_h, GMODE=gate_mode(gcs), GATE_V=bool(CONFIG["gate_values"]), max_stages=stages,
+        WRITE_O=want_o, SAVE_H=save_h, GMODE=gate_mode(gcs), GATE_V=bool(CONFIG["gate_values"]), AFORM=a_form,
+        max_stages=stages,
         **plan.common(),
     )
     return o, sT, h, vn
@@ -304,11 +334,7 @@ def state_pass(q, k, w, u, aqk, g, gcs, scale, S0, plan: _Plan, *, want_o=True, 
 class Kept(NamedTuple):
     """What the forward keeps for the backward: the chunk quantities and, optionally, the states."""
 
-    w: torch.Tensor
-    u: torch.Tensor
-    aqk: torch.Tensor
-    xs: torch.Tensor
-    gcs: Optional[torch.Tensor]  # running log-decays (None without a gate or with CONFIG["gates"] 0)
+    prepped: Prepped  # with X
     h: Optional[torch.Tensor]  # per-chunk states (None unless CONFIG["save_states"])
     vn: Optional[torch.Tensor]  # pseudo-values (likewise)
 
@@ -316,10 +342,10 @@ class Kept(NamedTuple):
 def _forward(q, k, v, beta, g, scale, S0, plan, want_final, keep=False, keep_states=False):
     """o and the final states; with ``keep``, also a ``Kept`` for the backward (else None), whose
     per-chunk states h and pseudo-values Vn are None unless ``keep_states``."""
-    w, u, aqk, xs, gcs = prep(q, k, v, beta, g, plan, save_x=keep)
+    pp = prep(q, k, v, beta, g, plan, save_x=keep)
     keep_states = keep and keep_states
-    o, sT, hs, vn = state_pass(q, k, w, u, aqk, g, gcs, scale, S0, plan, want_final=want_final, save_h=keep_states)
-    return o, sT, (Kept(w, u, aqk, xs, gcs, hs, vn) if keep else None)
+    o, sT, hs, vn = state_pass(q, k, v, pp, g, scale, S0, plan, want_final=want_final, save_h=keep_states)
+    return o, sT, (Kept(pp, hs, vn) if keep else None)
 
 
 # -- autograd -----------------------------------------------------------------------------
