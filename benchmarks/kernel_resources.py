@@ -101,7 +101,7 @@ def kernels(K: int, chunk: int):
         BV, launch = seq_launch(plan, "bwd_state", plan.reverse_launch(gated, sms=SMS))
         yield ("bwd_state", variant, bwd.bwd_state_kernel, dict(seq, BV=BV, HAS_DST=False), launch)
         per_chunk = dict(common, BKP=plan.BKP, BV=plan.BVB, HAS_G=gated, UNROLL=int(td.CONFIG["bwd_unroll"]))
-        aqk = dict(per_chunk, AQK=bool(td.CONFIG["dg_from_aqk"]), HDH_ROWS=bool(td.CONFIG["hdh_rows"]))
+        aqk = dict(per_chunk, AQK=bool(td.CONFIG["dg_from_aqk"]))
         fused = dict(aqk, UNROLL=int(td.CONFIG["fused_unroll"]))
         splits, KPS = plan.key_splits(td.CONFIG["bwd_dqk_split"])
         for name, fn, meta in (("bwd_dqk", bwd.bwd_dqk_kernel, dict(aqk, KSPLIT=splits, KPS=KPS)),

@@ -361,15 +361,13 @@ def test_fused_backward_matches_the_two_kernel_one(rng, monkeypatch, B, T, H, K,
     do = torch.tensor(rng.standard_normal((B, T, H, V)), dtype=torch.float32, device=DEVICE)
     dS = torch.tensor(rng.standard_normal((N, H, K, V)), dtype=torch.float32, device=DEVICE)
     runs = []
-    # (fuse_bwd, dg_from_aqk, bwd_unroll and fused_unroll, bwd_dqk_split, hdh_rows): mode 1 fuses only
-    # without a gate, 2 always; the gate's score term from the forward's Aqk or from Q K^T formed again;
-    # the block loops rolled or unrolled by 2 -- in either kernel; bwd_dqk's key columns in one program
-    # or split (two programs at K = 80: a full 64-wide block and a partial one); sum(S o dS') by rows
-    # or elementwise. Mode 1 comes last.
-    settings = ((0, False, 2, 1, False), (2, False, 2, 1, True), (2, True, 1, 1, False), (0, True, 1, 2, True),
-                (0, False, 1, 2, False), (0, True, 2, 4, False), (2, False, 1, 1, False), (1, False, 2, 2, True))
-    for fused, aqk, unroll, split, rows in settings:
-        monkeypatch.setitem(td.CONFIG, "hdh_rows", rows)
+    # (fuse_bwd, dg_from_aqk, bwd_unroll and fused_unroll, bwd_dqk_split): mode 1 fuses only without a
+    # gate, 2 always; the gate's score term from the forward's Aqk or from Q K^T formed again; the
+    # block loops rolled or unrolled by 2 -- in either kernel; bwd_dqk's key columns in one program
+    # or split (two programs at K = 80: a full 64-wide block and a partial one). Mode 1 comes last.
+    settings = ((0, False, 2, 1), (2, False, 2, 1), (2, True, 1, 1), (0, True, 1, 2), (0, False, 1, 2), (0, True, 2, 4),
+                (2, False, 1, 1), (1, False, 2, 2))
+    for fused, aqk, unroll, split in settings:
         monkeypatch.setitem(td.CONFIG, "fuse_bwd", fused)
         monkeypatch.setitem(td.CONFIG, "dg_from_aqk", aqk)
         monkeypatch.setitem(td.CONFIG, "bwd_unroll", unroll)

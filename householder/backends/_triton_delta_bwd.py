@@ -145,11 +145,10 @@ def _scores_decay_term(dM, gam, paqk, pk, pq, r, tok, valid, qrow,
 def _state_grads(ph, pdh, pdo, pvn, pdvn, ck, r, tok, valid, qrow, hdh,
                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BC: tl.constexpr, BKP: tl.constexpr,
                  BV: tl.constexpr, HAS_G: tl.constexpr, DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr,
-                 UNROLL: tl.constexpr, HDH_ROWS: tl.constexpr):
+                 UNROLL: tl.constexpr):
     """For the key columns ``ck`` of a chunk, over all value blocks: dO S^T, Vn dS'^T, -dVn S^T
-    (BC, BKP) float32 each, and ``hdh`` += S o dS' (with a gate): HDH_ROWS, summed over each value
-    block into a (BKP,) vector; else elementwise into a (BKP, BV) tile, reduced once at the end
-    (one cross-warp reduction, for BKP x BV float32 accumulators held across the key loop)."""
+    (BC, BKP) float32 each, and ``hdh`` += S o dS' (with a gate; summed elementwise, so that the
+    reduction across warps happens once)."""
     dQ0 = tl.zeros((BC, BKP), dtype=tl.float32)
     dKd = tl.zeros((BC, BKP), dtype=tl.float32)
     dW = tl.zeros((BC, BKP), dtype=tl.float32)
@@ -161,10 +160,7 @@ def _state_grads(ph, pdh, pdo, pvn, pdvn, ck, r, tok, valid, qrow, hdh,
         hb = tl.load(ph + ck[:, None] * V + cv[None, :], mask=mkv, other=0.0)
         dhb = tl.load(pdh + ck[:, None] * V + cv[None, :], mask=mkv, other=0.0)
         if HAS_G:
-            if HDH_ROWS:
-                hdh += tl.sum(hb.to(tl.float32) * dhb.to(tl.float32), 1)
-            else:
-                hdh += hb.to(tl.float32) * dhb.to(tl.float32)
+            hdh += hb.to(tl.float32) * dhb.to(tl.float32)
         dob = tl.load(pdo + tok[:, None] * (H * V) + cv[None, :], mask=qrow[:, None] & (cv[None, :] < V), other=0.0).to(DT)
         vnb = tl.load(pvn + offv, mask=mv, other=0.0).to(DT)
         dvnb = tl.load(pdvn + offv, mask=mv, other=0.0).to(DT)
@@ -173,15 +169,6 @@ def _state_grads(ph, pdh, pdo, pvn, pdvn, ck, r, tok, valid, qrow, hdh,
         dW -= _dot(dvnb, hT, F32, PREC)
         dKd += _dot(vnb, tl.trans(dhb.to(DT)), F32, PREC)
     return dQ0, dKd, dW, hdh
-
-
-@triton.jit
-def _total(x, ROWS: tl.constexpr):
-    """The sum of all entries of a (n,) vector (ROWS) or of a 2-D tile."""
-    if ROWS:
-        return tl.sum(x, 0)
-    else:
-        return tl.sum(tl.sum(x, 1), 0)
 
 
 @triton.jit
@@ -242,7 +229,7 @@ def bwd_dqk_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BKP: tl.constexpr, BV: tl.constexpr,
     BC: tl.constexpr, NH: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr,
     DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr, AQK: tl.constexpr, UNROLL: tl.constexpr,
-    KSPLIT: tl.constexpr, KPS: tl.constexpr, HDH_ROWS: tl.constexpr,
+    KSPLIT: tl.constexpr, KPS: tl.constexpr,
 ):
     """Per (chunk, head, key split), the gradients through the states: dq (final), dk and dG (partial), dW.
 
@@ -279,10 +266,7 @@ def bwd_dqk_kernel(
         dM += _dot(dob, tl.trans(vnb), F32, PREC)
     dM = tl.where(causal, dM * scale, 0.0)
     dG = tl.zeros((BC,), dtype=tl.float32)
-    if HDH_ROWS:  # S o dS', summed
-        hdh = tl.zeros((BKP,), dtype=tl.float32)
-    else:
-        hdh = tl.zeros((BKP, BV), dtype=tl.float32)
+    hdh = tl.zeros((BKP, BV), dtype=tl.float32)  # S o dS', reduced at the end
     if HAS_G:
         # before the key loop (which reloads q and k), so that dM's other uses are all that is live;
         # one split's term (it reads every key column)
@@ -297,7 +281,7 @@ def bwd_dqk_kernel(
         mq = qrow[:, None] & (ck[None, :] < K)
         offk = r[:, None] * (H * K) + ck[None, :]
         dQ0, dKd, dW, hdh = _state_grads(ph, pdh, pdo, pvn, pdvn, ck, r, tok, valid, qrow, hdh,
-                                         H, K, V, BC, BKP, BV, HAS_G, DT, F32, PREC, UNROLL, HDH_ROWS)
+                                         H, K, V, BC, BKP, BV, HAS_G, DT, F32, PREC, UNROLL)
         tl.store(pdw + offk, dW.to(dw.dtype.element_ty), mask=mk)
         kb = tl.load(pk + offk, mask=mk, other=0.0)
         qb = tl.load(pq + tok[:, None] * (H * K) + ck[None, :], mask=mq, other=0.0)
@@ -313,7 +297,7 @@ def bwd_dqk_kernel(
             dG += tl.sum(dQ0 * qb.to(tl.float32), 1) - dKdKd
             dG += tl.where(is_end, tl.sum(dKdKd, 0), 0.0)
     if HAS_G:
-        dG += tl.where(is_end, _total(hdh, HDH_ROWS) * tl.exp(glast), 0.0)
+        dG += tl.where(is_end, tl.sum(tl.sum(hdh, 1), 0) * tl.exp(glast), 0.0)
         tl.store(dgp + (start * H + i_h + r * H) * KSPLIT + i_s, dG, mask=valid)
 
 
@@ -385,7 +369,6 @@ def bwd_fused_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BKP: tl.constexpr, BV: tl.constexpr,
     BC: tl.constexpr, NH: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr,
     DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr, AQK: tl.constexpr, UNROLL: tl.constexpr,
-    HDH_ROWS: tl.constexpr,
 ):
     """Per (chunk, head), ``bwd_dqk_kernel`` and ``bwd_wy_kernel`` in one program: dq, dk, dv, dbeta, dg.
 
@@ -440,10 +423,7 @@ def bwd_fused_kernel(
         dA -= _dot(dvnb, tl.trans(KS.to(DT)), F32, PREC)
     dM = tl.where(causal, dM * scale, 0.0)
     dG = tl.zeros((BC,), dtype=tl.float32)
-    if HDH_ROWS:  # S o dS', summed
-        hdh = tl.zeros((BKP,), dtype=tl.float32)
-    else:
-        hdh = tl.zeros((BKP, BV), dtype=tl.float32)
+    hdh = tl.zeros((BKP, BV), dtype=tl.float32)  # S o dS', reduced at the end
     if HAS_G:
         dG += _scores_decay_term(dM, gam, aqk + (i_c * H + i_h) * BC * BC, pk, pq, r, tok, valid, qrow,
                                  H, K, BC, BKP, DT, F32, PREC, AQK, UNROLL)
@@ -459,7 +439,7 @@ def bwd_fused_kernel(
         mq = qrow[:, None] & (ck[None, :] < K)
         offk = r[:, None] * (H * K) + ck[None, :]
         dQ0, dKd, dW, hdh = _state_grads(ph, pdh, pdo, pvn, pdvn, ck, r, tok, valid, qrow, hdh,
-                                         H, K, V, BC, BKP, BV, HAS_G, DT, F32, PREC, UNROLL, HDH_ROWS)
+                                         H, K, V, BC, BKP, BV, HAS_G, DT, F32, PREC, UNROLL)
         kb = tl.load(pk + offk, mask=mk, other=0.0)
         qb = tl.load(pq + tok[:, None] * (H * K) + ck[None, :], mask=mq, other=0.0)
         kf = kb.to(tl.float32)
@@ -478,7 +458,7 @@ def bwd_fused_kernel(
             dG += tl.sum(dQ0 * qb.to(tl.float32), 1) - dKdKd + tl.sum(AtdW * (kf * eG[:, None]), 1)
             dG += tl.where(is_end, tl.sum(dKdKd, 0), 0.0)
     if HAS_G:
-        dG += tl.where(is_end, _total(hdh, HDH_ROWS) * tl.exp(glast), 0.0)
+        dG += tl.where(is_end, tl.sum(tl.sum(hdh, 1), 0) * tl.exp(glast), 0.0)
         _store_dg(dG, dg, t0, i_h, tok, valid, first, H)
     tl.store(dbeta + start * H + i_h + r * H, db.to(dbeta.dtype.element_ty), mask=valid)
 
@@ -524,7 +504,7 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None):
     grid = (plan.NT_total, H)
     # the gate's gradient through the scores' decays reads the forward's scores, or forms Q K^T again
     meta = dict(BKP=plan.BKP, BV=plan.BVB, HAS_G=g is not None, UNROLL=int(tdelta.CONFIG["bwd_unroll"]), **plan.common())
-    aqk_meta = dict(meta, AQK=bool(tdelta.CONFIG["dg_from_aqk"]), HDH_ROWS=bool(tdelta.CONFIG["hdh_rows"]))
+    aqk_meta = dict(meta, AQK=bool(tdelta.CONFIG["dg_from_aqk"]))
     # Triton 3.6 on an H200: bwd_dqk and bwd_wy at 8 warps hit an illegal memory access with key or
     # value blocks under 64 wide at chunk 64 (float32, K = V = 16 and 32 seen); 4 warps run right.
     # The fused kernel (4 warps by default) is held to the same cap.

@@ -106,11 +106,7 @@ CONFIG = {
     # a (C, C) tile of A is written and read instead of K + V columns of W and U (at K = V = 128 and
     # chunk 64, a quarter of the bytes), for one (C, C) x (C, BV) product more per chunk on each
     # sequential pass's critical path (and A^T dVn in the reverse pass).
-    "a_form": False,
-    # The gate's gradient term sum(S o dS') of each chunk in the per-chunk backward kernels: summed
-    # over each (BKP, BV) block as it is loaded, into a (BKP,) vector (True), or accumulated
-    # elementwise into a (BKP, BV) float32 tile held across the key loop and reduced at its end.
-    "hdh_rows": False,
+    "a_form": True,
 }
 CHUNK_SIZES = (16, 32, 64)
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -174,12 +170,16 @@ class _Plan:
 
     def state_launch(self, gated: bool, want_o: bool, sms: Optional[int] = None) -> tuple:
         """(value columns, stage cap) of the state pass; ``sms`` stands in for the device's SM count."""
-        BV = self.seq_block(CONFIG["BV"], wide=not gated or not want_o, sms=sms)
+        BV = self.seq_block(CONFIG["BV"], wide=not gated or not want_o or bool(CONFIG["a_form"]), sms=sms)
+        if want_o and self.out_stages == 1 and CONFIG["a_form"] and CONFIG["BV"] is None:
+            # half precision at K = 256, single-staged: as in the reverse pass, 64 value columns (32
+            # hit an illegal memory access there on an H200 with Triton 3.6)
+            BV = max(BV, self.seq_block(64, wide=True))
         return BV, self.out_stages if want_o else self.seq_stages
 
     def reverse_launch(self, gated: bool, sms: Optional[int] = None) -> tuple:
         """(value columns, stage cap) of the backward's reverse pass."""
-        BV = self.seq_block(CONFIG["bwd_state_BV"], wide=not gated, sms=sms)
+        BV = self.seq_block(CONFIG["bwd_state_BV"], wide=not gated or bool(CONFIG["a_form"]), sms=sms)
         if self.out_stages == 1 and self.seq_stages is None:
             # half precision at K = 256: double-buffered, the plain reverse pass outgrew shared memory
             # (241664 B) on an H200; single-staged at 32 value columns it hit an illegal memory access
