@@ -171,9 +171,9 @@ class _Plan:
     def state_launch(self, gated: bool, want_o: bool, sms: Optional[int] = None) -> tuple:
         """(value columns, stage cap) of the state pass; ``sms`` stands in for the device's SM count."""
         BV = self.seq_block(CONFIG["BV"], wide=not gated or not want_o or bool(CONFIG["a_form"]), sms=sms)
-        if want_o and self.out_stages == 1 and CONFIG["a_form"] and CONFIG["BV"] is None:
-            # half precision at K = 256, single-staged: as in the reverse pass, 64 value columns (32
-            # hit an illegal memory access there on an H200 with Triton 3.6)
+        if want_o and CONFIG["a_form"] and self.dtype.itemsize == 2 and self.BK >= 256:
+            # half precision at K = 256, single-staged: as in the reverse pass, 64 value columns (the
+            # gated pass at 32 hit an illegal memory access on an H200 with Triton 3.6; 64 ran right)
             BV = max(BV, self.seq_block(64, wide=True))
         return BV, self.out_stages if want_o else self.seq_stages
 
