@@ -33,9 +33,11 @@ MAX_K = 256
 CONFIG = {
     # BV, bwd_state_BV: value columns per program of the state pass (forward, and its rerun in the
     # backward) and of the backward's reverse pass; None: chosen per call (_Plan.seq_block), 64
-    # where that still fills the GPU, except where the gated op timed slower with 64 (the forward
-    # pass that writes the output, and the reverse pass: the gates' exponentials cost registers
-    # the wider state tile needs). The interpreter takes all columns in one program under None.
+    # where that still gives the GPU enough programs (1.5 per SM for the state pass under a_form,
+    # else 3/4), else 32. Without a_form the gated op keeps 32 in the forward pass that writes the
+    # output and in the reverse pass (it timed slower with 64 there: the gates' exponentials cost
+    # registers the wider state tile needs); under a_form it timed faster with 64 (H200, 16 x 2048:
+    # forward 0.689 -> 0.552 ms). The interpreter takes all columns in one program under None.
     "BV": None,
     "bwd_state_BV": None,
     "bwd_BV": 64,
@@ -170,7 +172,11 @@ class _Plan:
 
     def state_launch(self, gated: bool, want_o: bool, sms: Optional[int] = None) -> tuple:
         """(value columns, stage cap) of the state pass; ``sms`` stands in for the device's SM count."""
-        BV = self.seq_block(CONFIG["BV"], wide=not gated or not want_o or bool(CONFIG["a_form"]), sms=sms)
+        # under a_form the forward's pass wants more programs before it takes 64 columns: on an H200
+        # at 4 x 8192 (128 programs of 64 columns) 32 took the plain forward from 0.588 to 0.557 ms
+        # and the gated one from 0.704 to 0.682
+        fill = 1.5 if CONFIG["a_form"] else 0.75
+        BV = self.seq_block(CONFIG["BV"], wide=not gated or not want_o or bool(CONFIG["a_form"]), sms=sms, fill=fill)
         if want_o and CONFIG["a_form"] and self.dtype.itemsize == 2 and self.BK >= 256:
             # half precision at K = 256, single-staged: as in the reverse pass, 64 value columns (the
             # gated pass at 32 hit an illegal memory access on an H200 with Triton 3.6; 64 ran right)
@@ -187,10 +193,10 @@ class _Plan:
             BV = max(BV, self.seq_block(64, wide=True))
         return BV, self.out_stages
 
-    def seq_block(self, setting: Optional[int], wide: bool, sms: Optional[int] = None) -> int:
+    def seq_block(self, setting: Optional[int], wide: bool, sms: Optional[int] = None, fill: float = 0.75) -> int:
         """Value columns per program of a sequential pass: ``setting`` (CONFIG["BV"] or
-        CONFIG["bwd_state_BV"]), or when None, 64 if ``wide`` and that still gives most SMs a
-        program, else 32."""
+        CONFIG["bwd_state_BV"]), or when None, 64 if ``wide`` and that still gives ``fill`` times
+        the SMs a program, else 32."""
         full = max(16, triton.next_power_of_2(self.V))
         if setting is None:
             if interpreting() and sms is None:
@@ -199,7 +205,7 @@ class _Plan:
             # N * H is small: on an H200 (132 SMs), plain, K = V = 128, 64 columns took the forward
             # from 0.96 to 0.76 ms with 128 programs (4 x 8192) and from 0.96 to 1.03 with 64 (2 x 16384)
             sms = sms or _sm_count(self.device)
-            wide = wide and self.N * self.H * triton.cdiv(self.V, 64) >= 3 * sms // 4
+            wide = wide and self.N * self.H * triton.cdiv(self.V, 64) >= int(fill * sms)
             setting = 64 if wide else 32
         return min(setting, full)
 
