@@ -158,7 +158,9 @@ def delta_rule(
     output_final_state : bool
         Return the final states (N, H, K, V) (float32; float64 for float64 input).
     cu_seqlens : integer Tensor, (N + 1,), optional
-        Offsets of N sequences packed along T of a batch of one (B = 1).
+        Offsets of N sequences packed along T of a batch of one (B = 1). They are
+        read on the host (validation, chunk tables): a CPU tensor saves a device
+        synchronisation per call.
     chunk_size : int
         Tokens per chunk of the chunkwise algorithm.
     backend : str, optional
