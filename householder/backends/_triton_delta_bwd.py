@@ -229,15 +229,16 @@ def bwd_dqk_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BKP: tl.constexpr, BV: tl.constexpr,
     BC: tl.constexpr, NH: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr,
     DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr, AQK: tl.constexpr, UNROLL: tl.constexpr,
-    KSPLIT: tl.constexpr, KPS: tl.constexpr,
+    KSPLIT: tl.constexpr, KPS: tl.constexpr, DGM: tl.constexpr,
 ):
     """Per (chunk, head, key split), the gradients through the states: dq (final), dk and dG (partial), dW.
 
     dM = scale tril(dO Vn^T), dq = scale e^G dO S^T + (dM o Gamma) K,
     dk = (dM o Gamma)^T Q + diag(e^{G_C - G}) Vn dS'^T, dW = -dVn S^T, and every
-    log-decay term but those of the factor (the second kernel adds those). Program axis 2
-    takes the key columns [i_s KPS, (i_s + 1) KPS) of KSPLIT splits: each forms dM again, and
-    writes its own dG terms to dgp[..., i_s] (bwd_wy sums the KSPLIT of them).
+    log-decay term but those of the factor (the second kernel adds those; DGM 1), or only
+    q . dq (DGM 2, ``dg_steps``). Program axis 2 takes the key columns [i_s KPS, (i_s + 1) KPS)
+    of KSPLIT splits: each forms dM again, and writes its own dG terms to dgp[..., i_s] (bwd_wy
+    sums the KSPLIT of them).
     """
     i_c, i_h, start, end, r, tok, first, last, valid, qrow, t0 = chunk_program(chunks, T_steps, NT, BC, NH, VARLEN)
     i_s = tl.program_id(2)
@@ -267,7 +268,7 @@ def bwd_dqk_kernel(
     dM = tl.where(causal, dM * scale, 0.0)
     dG = tl.zeros((BC,), dtype=tl.float32)
     hdh = tl.zeros((BKP, BV), dtype=tl.float32)  # S o dS', reduced at the end
-    if HAS_G:
+    if DGM == 1:
         # before the key loop (which reloads q and k), so that dM's other uses are all that is live;
         # one split's term (it reads every key column)
         if i_s == 0:
@@ -281,7 +282,7 @@ def bwd_dqk_kernel(
         mq = qrow[:, None] & (ck[None, :] < K)
         offk = r[:, None] * (H * K) + ck[None, :]
         dQ0, dKd, dW, hdh = _state_grads(ph, pdh, pdo, pvn, pdvn, ck, r, tok, valid, qrow, hdh,
-                                         H, K, V, BC, BKP, BV, HAS_G, DT, F32, PREC, UNROLL)
+                                         H, K, V, BC, BKP, BV, DGM == 1, DT, F32, PREC, UNROLL)
         tl.store(pdw + offk, dW.to(dw.dtype.element_ty), mask=mk)
         kb = tl.load(pk + offk, mask=mk, other=0.0)
         qb = tl.load(pq + tok[:, None] * (H * K) + ck[None, :], mask=mq, other=0.0)
@@ -291,13 +292,16 @@ def bwd_dqk_kernel(
         dKd = dKd * ed[:, None]
         dkb = _dot(tl.trans(dMg.to(DT)), qb.to(DT), F32, PREC) + dKd
         tl.store(pdk + offk, dkb, mask=mk)
-        if HAS_G:
+        if DGM == 1:
             # e^G in Q, e^{G_C - G} in Kd (its G_C part lands on the chunk's last row)
             dKdKd = tl.sum(dKd * kb.to(tl.float32), 1)
             dG += tl.sum(dQ0 * qb.to(tl.float32), 1) - dKdKd
             dG += tl.where(is_end, tl.sum(dKdKd, 0), 0.0)
-    if HAS_G:
+        if DGM == 2:
+            dG += tl.sum(dqb * qb.to(tl.float32), 1)
+    if DGM == 1:
         dG += tl.where(is_end, tl.sum(tl.sum(hdh, 1), 0) * tl.exp(glast), 0.0)
+    if HAS_G:
         tl.store(dgp + (start * H + i_h + r * H) * KSPLIT + i_s, dG, mask=valid)
 
 
@@ -307,8 +311,10 @@ def bwd_wy_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BKP: tl.constexpr, BV: tl.constexpr,
     BC: tl.constexpr, NH: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr,
     DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr, UNROLL: tl.constexpr, KSPLIT: tl.constexpr,
+    DGM: tl.constexpr,
 ):
-    """Per (chunk, head), the gradients through W = A diag(e^G) K and U = A V: dk, dv, dbeta, dg (final).
+    """Per (chunk, head), the gradients through W = A diag(e^G) K and U = A V: dk, dv, dbeta, and
+    dg (final, DGM 1) or the per-step dG of ``dg_steps`` (DGM 2) at ``dg``.
 
     A = (X o Gamma) diag(beta), X = (I + L)^{-1}, L = tril(diag(beta) K K^T, -1); X is
     read (saved by the recomputing prep kernel). dkp and dgp hold the first kernel's
@@ -330,6 +336,7 @@ def bwd_wy_kernel(
 
     # dA = dU V^T + dW (diag(e^G) K)^T with dU = dVn; dV = A^T dU on the way
     dA = tl.zeros((BC, BC), dtype=tl.float32)
+    dG = tl.zeros((BC,), dtype=tl.float32)
     for v0 in tl.range(0, V, BV, loop_unroll_factor=UNROLL):
         cv = v0 + tl.arange(0, BV)
         mv = valid[:, None] & (cv[None, :] < V)
@@ -337,8 +344,10 @@ def bwd_wy_kernel(
         dvnb = tl.load(pdvn + offv, mask=mv, other=0.0).to(DT)
         vb = tl.load(pv + offv, mask=mv, other=0.0).to(DT)
         dA += _dot(dvnb, tl.trans(vb), F32, PREC)
-        tl.store(pdv + offv, _dot(At, dvnb, F32, PREC).to(dv.dtype.element_ty), mask=mv)
-    dG = tl.zeros((BC,), dtype=tl.float32)
+        dvb = _dot(At, dvnb, F32, PREC)
+        tl.store(pdv + offv, dvb.to(dv.dtype.element_ty), mask=mv)
+        if DGM == 2:
+            dG -= tl.sum(dvb * vb.to(tl.float32), 1)
     for k0 in tl.range(0, K, BKP, loop_unroll_factor=UNROLL):
         ck = k0 + tl.arange(0, BKP)
         mk = valid[:, None] & (ck[None, :] < K)
@@ -347,17 +356,20 @@ def bwd_wy_kernel(
         dWb = tl.load(pdw + offk, mask=mk, other=0.0).to(DT)
         Kg = kb.to(tl.float32) * eG[:, None]
         dA += _dot(dWb, tl.trans(Kg.to(DT)), F32, PREC)
-        if HAS_G:
+        if DGM == 1:
             # A^T dW is formed again in the last loop: keeping it for every key block would
             # cost a (BC, K) float32 tile of registers for the whole factor step
             dG += tl.sum(_dot(At, dWb, F32, PREC) * Kg, 1)
 
     # through the factor: dX = (dA diag(beta)) o Gamma, dL = -X^T dX X^T (strictly lower)
-    db, dXg, dG = _factor_terms(dA, X, gam, b, dG, HAS_G)
+    db, dXg, dG = _factor_terms(dA, X, gam, b, dG, DGM == 1)
     if HAS_G:
         for s in tl.static_range(KSPLIT):  # the first kernel's terms, from each key split
             dG += tl.load(dgp + (start * H + i_h + r * H) * KSPLIT + s, mask=valid, other=0.0)
-        _store_dg(dG, dg, t0, i_h, tok, valid, first, H)
+        if DGM == 1:
+            _store_dg(dG, dg, t0, i_h, tok, valid, first, H)
+        else:
+            tl.store(dg + start * H + i_h + r * H, dG, mask=valid)
     dLd = _factor_dL(dXg, X, gam, r, DT, F32, PREC)
     db = _finish_dk(pk, pdkp, pdk, pdw, At, eG, dLd, b, db, r, valid, H, K, BKP, DT, F32, PREC, UNROLL)
     tl.store(dbeta + start * H + i_h + r * H, db.to(dbeta.dtype.element_ty), mask=valid)
@@ -369,8 +381,10 @@ def bwd_fused_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BKP: tl.constexpr, BV: tl.constexpr,
     BC: tl.constexpr, NH: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr,
     DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr, AQK: tl.constexpr, UNROLL: tl.constexpr,
+    DGM: tl.constexpr,
 ):
-    """Per (chunk, head), ``bwd_dqk_kernel`` and ``bwd_wy_kernel`` in one program: dq, dk, dv, dbeta, dg.
+    """Per (chunk, head), ``bwd_dqk_kernel`` and ``bwd_wy_kernel`` in one program: dq, dk, dv, dbeta,
+    and dg (DGM 1) or the per-step dG of ``dg_steps`` (DGM 2) at ``dg``.
 
     dW never leaves the program, and each dk block is finished in registers: dA's state term comes
     first, from dW (diag(e^G) K)^T = -dVn (diag(e^G) K S)^T with K S formed per value block
@@ -400,6 +414,7 @@ def bwd_fused_kernel(
     # dM = scale tril(dO Vn^T), dA = dVn V^T - dVn (diag(e^G) K S)^T, dV = A^T dVn
     dM = tl.zeros((BC, BC), dtype=tl.float32)
     dA = tl.zeros((BC, BC), dtype=tl.float32)
+    dG = tl.zeros((BC,), dtype=tl.float32)
     for v0 in tl.range(0, V, BV, loop_unroll_factor=UNROLL):
         cv = v0 + tl.arange(0, BV)
         mv = valid[:, None] & (cv[None, :] < V)
@@ -410,7 +425,10 @@ def bwd_fused_kernel(
         vb = tl.load(pv + offv, mask=mv, other=0.0).to(DT)
         dM += _dot(dob, tl.trans(vnb), F32, PREC)
         dA += _dot(dvnb, tl.trans(vb), F32, PREC)
-        tl.store(pdv + offv, _dot(At, dvnb, F32, PREC).to(dv.dtype.element_ty), mask=mv)
+        dvb = _dot(At, dvnb, F32, PREC)
+        tl.store(pdv + offv, dvb.to(dv.dtype.element_ty), mask=mv)
+        if DGM == 2:
+            dG -= tl.sum(dvb * vb.to(tl.float32), 1)
         KS = tl.zeros((BC, BV), dtype=tl.float32)
         for k0 in tl.range(0, K, BKP, loop_unroll_factor=UNROLL):
             ck = k0 + tl.arange(0, BKP)
@@ -422,14 +440,13 @@ def bwd_fused_kernel(
         # K S in the inputs' precision, as the other kernels take dW
         dA -= _dot(dvnb, tl.trans(KS.to(DT)), F32, PREC)
     dM = tl.where(causal, dM * scale, 0.0)
-    dG = tl.zeros((BC,), dtype=tl.float32)
     hdh = tl.zeros((BKP, BV), dtype=tl.float32)  # S o dS', reduced at the end
-    if HAS_G:
+    if DGM == 1:
         dG += _scores_decay_term(dM, gam, aqk + (i_c * H + i_h) * BC * BC, pk, pq, r, tok, valid, qrow,
                                  H, K, BC, BKP, DT, F32, PREC, AQK, UNROLL)
     dMg = dM * gam
     # through the factor, before the key loop: dX = (dA diag(beta)) o Gamma, dL = -X^T dX X^T
-    db, dXg, dG = _factor_terms(dA, tl.load(px), gam, b, dG, HAS_G)
+    db, dXg, dG = _factor_terms(dA, tl.load(px), gam, b, dG, DGM == 1)
     dLd = _factor_dL(dXg, tl.load(px), gam, r, DT, F32, PREC)
     dLtd = tl.trans(dLd)
 
@@ -439,7 +456,7 @@ def bwd_fused_kernel(
         mq = qrow[:, None] & (ck[None, :] < K)
         offk = r[:, None] * (H * K) + ck[None, :]
         dQ0, dKd, dW, hdh = _state_grads(ph, pdh, pdo, pvn, pdvn, ck, r, tok, valid, qrow, hdh,
-                                         H, K, V, BC, BKP, BV, HAS_G, DT, F32, PREC, UNROLL)
+                                         H, K, V, BC, BKP, BV, DGM == 1, DT, F32, PREC, UNROLL)
         kb = tl.load(pk + offk, mask=mk, other=0.0)
         qb = tl.load(pq + tok[:, None] * (H * K) + ck[None, :], mask=mq, other=0.0)
         kf = kb.to(tl.float32)
@@ -453,21 +470,73 @@ def bwd_fused_kernel(
         dkb = _dot(tl.trans(dMg.to(DT)), qb.to(DT), F32, PREC) + dKd + AtdW * eG[:, None] + dLK * b[:, None]
         dkb += _dot(dLtd, (kf * b[:, None]).to(DT), F32, PREC)
         tl.store(pdk + offk, dkb.to(dk.dtype.element_ty), mask=mk)
-        if HAS_G:
+        if DGM == 1:
             dKdKd = tl.sum(dKd * kf, 1)
             dG += tl.sum(dQ0 * qb.to(tl.float32), 1) - dKdKd + tl.sum(AtdW * (kf * eG[:, None]), 1)
             dG += tl.where(is_end, tl.sum(dKdKd, 0), 0.0)
-    if HAS_G:
+        if DGM == 2:
+            dG += tl.sum(dqb * qb.to(tl.float32), 1)
+    if DGM == 1:
         dG += tl.where(is_end, tl.sum(tl.sum(hdh, 1), 0) * tl.exp(glast), 0.0)
         _store_dg(dG, dg, t0, i_h, tok, valid, first, H)
+    if DGM == 2:
+        tl.store(dg + start * H + i_h + r * H, dG, mask=valid)
     tl.store(dbeta + start * H + i_h + r * H, db.to(dbeta.dtype.element_ty), mask=valid)
 
 
-def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None):
+@triton.jit
+def dg_scan_kernel(
+    dgs, fin, dg, seqs, T_steps, NT,
+    H: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, VARLEN: tl.constexpr, HAS_FIN: tl.constexpr,
+):
+    """dg (B, T, H) of one sequence and head: the reverse running sum over the sequence of the
+    per-step dG (B, T_steps, H) at ``dgs``, each token taking it at its first step, plus the final
+    state's term sum(S_T o dS_T) at ``fin`` (N * H,)."""
+    i_nh = tl.program_id(0).to(tl.int64)
+    i_n = i_nh // H
+    i_h = i_nh % H
+    bos, eos, _ = seq_bounds(i_n, seqs, T_steps, NT, VARLEN)
+    carry = tl.zeros((), dtype=tl.float32)
+    if HAS_FIN:
+        carry += tl.load(fin + i_nh)
+    nb = tl.cdiv(eos - bos, BLOCK)
+    for jj in range(0, nb):
+        s = bos + (nb - 1 - jj) * BLOCK + tl.arange(0, BLOCK)
+        m = s < eos
+        x = tl.load(dgs + s * H + i_h, mask=m, other=0.0)
+        tl.store(dg + (s // NH) * H + i_h, tl.cumsum(x, 0, reverse=True) + carry, mask=m & (s % NH == 0))
+        carry += tl.sum(x, 0)
+
+
+def dg_steps(dgs, sT, dsT, g, plan):
+    """dg (B, T, H) float32 from the per-step dG (B, T_steps, H) float32 of the kernels at DGM 2.
+
+    With G_t the running sum of g over a sequence, the gated recurrence is the plain one on
+    q_t e^{G_t}, v_t e^{-G_t} and states S_t e^{-G_t}; so dL/dG_t = q_t . dq_t - sum_j v_tj . dv_tj
+    (the second over token t's steps), plus sum(S_T o dS_T) at a sequence's last token, and dg_t
+    is the sum of dL/dG_s over s >= t in its sequence. The per-chunk kernels form the dot
+    products where dq and dv are made, and this pass sums them along each sequence.
+    """
+    from householder.backends import triton_delta as tdelta  # the launchers (imported here: no cycle)
+
+    dg = torch.empty(g.shape, dtype=torch.float32, device=g.device)
+    fin = None
+    if sT is not None and dsT is not None:
+        fin = (sT * dsT.to(torch.float32)).sum((-2, -1)).reshape(-1)
+    block = min(1024, max(16, triton.next_power_of_2(max(plan.T_steps, 1))))
+    tdelta.launch("dg_scan", dg_scan_kernel, (plan.N * plan.H,),
+        dgs, fin if fin is not None else dgs, dg, plan.seqs, plan.T_steps, plan.NT,
+        H=plan.H, NH=plan.NH, BLOCK=block, VARLEN=plan.varlen, HAS_FIN=fin is not None,
+    )
+    return dg
+
+
+def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None, sT=None):
     """Gradients (dq, dk, dv, dbeta, dg, dS0) of the chunkwise delta rule for output gradients do, dsT.
 
     ``prepped``: the forward's ``triton_delta.Kept`` on this plan's chunks, or None to recompute
-    them; its per-chunk states h and pseudo-values Vn may be None on their own.
+    them; its per-chunk states h and pseudo-values Vn may be None on their own. ``sT``: the
+    forward's final states, which the gate's gradient takes under CONFIG["dg_rescaled"].
     """
     from householder.backends import triton_delta as tdelta  # the launchers (imported here: no cycle)
 
@@ -505,6 +574,10 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None):
     # the gate's gradient through the scores' decays reads the forward's scores, or forms Q K^T again
     meta = dict(BKP=plan.BKP, BV=plan.BVB, HAS_G=g is not None, UNROLL=int(tdelta.CONFIG["bwd_unroll"]), **plan.common())
     aqk_meta = dict(meta, AQK=bool(tdelta.CONFIG["dg_from_aqk"]))
+    # the gate's gradient: by each chunk's own terms (1) or from q . dq - v . dv summed along the
+    # sequence (2, ``dg_steps``); the kernels then write the per-step sums where dg would go
+    dgm = 0 if g is None else (2 if tdelta.CONFIG["dg_rescaled"] else 1)
+    dg_shape = g.shape if dgm == 1 else beta.shape
     # Triton 3.6 on an H200: bwd_dqk and bwd_wy at 8 warps hit an illegal memory access with key or
     # value blocks under 64 wide at chunk 64 (float32, K = V = 16 and 32 seen); 4 warps run right.
     # The fused kernel (4 warps by default) is held to the same cap.
@@ -514,12 +587,14 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None):
         dk = torch.empty_like(k)
         dv = torch.empty_like(v)
         dbeta = torch.empty(beta.shape, dtype=torch.float32, device=dev)
-        dg = torch.empty(g.shape, dtype=torch.float32, device=dev) if g is not None else None
+        dg = torch.empty(dg_shape, dtype=torch.float32, device=dev) if g is not None else None
         tdelta.launch("bwd_fused", bwd_fused_kernel, grid,
             q, k, v, beta, g if g is not None else dummy, xs, hs, dhs, vn, dvn, do, aqk, dq, dk, dv, dbeta,
             dg if g is not None else dummy, plan.chunks, plan.T_steps, plan.NT, scale,
-            **dict(aqk_meta, UNROLL=int(tdelta.CONFIG["fused_unroll"])), **small,
+            **dict(aqk_meta, UNROLL=int(tdelta.CONFIG["fused_unroll"])), DGM=dgm, **small,
         )
+        if dgm == 2:
+            dg = dg_steps(dg, sT, dsT, g, plan)
         return _grads_out(dq, dk, dv, dbeta, dg, ds0, beta, g, S0)
     dq = torch.empty_like(q)  # every token row is written once: at its last step
     dkp = torch.empty(k.shape, dtype=torch.float32, device=dev)
@@ -530,23 +605,25 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None):
         tdelta.launch("bwd_dqk", bwd_dqk_kernel, (*grid, splits),
             q, k, g if g is not None else dummy, hs, dhs, vn, dvn, do, aqk, dq, dkp, dw,
             dgp if g is not None else dummy, plan.chunks, plan.T_steps, plan.NT, scale,
-            **aqk_meta, KSPLIT=splits, KPS=KPS, **small,
+            **aqk_meta, KSPLIT=splits, KPS=KPS, DGM=dgm, **small,
         )
     del hs, dhs, vn, aqk
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     dbeta = torch.empty(beta.shape, dtype=torch.float32, device=dev)
-    dg = torch.empty(g.shape, dtype=torch.float32, device=dev) if g is not None else None
+    dg = torch.empty(dg_shape, dtype=torch.float32, device=dev) if g is not None else None
     if plan.NT_total:
         tdelta.launch("bwd_wy", bwd_wy_kernel, grid,
             k, v, beta, g if g is not None else dummy, xs, dw, dvn, dkp, dgp if g is not None else dummy,
             dk, dv, dbeta, dg if g is not None else dummy, plan.chunks, plan.T_steps, plan.NT,
-            **meta, KSPLIT=splits, **small,
+            **meta, KSPLIT=splits, DGM=dgm, **small,
         )
     else:
         dk.zero_(), dv.zero_(), dbeta.zero_()
         if dg is not None:
             dg.zero_()
+    if dgm == 2:
+        dg = dg_steps(dg, sT, dsT, g, plan)
     return _grads_out(dq, dk, dv, dbeta, dg, ds0, beta, g, S0)
 
 

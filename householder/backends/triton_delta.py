@@ -47,6 +47,7 @@ CONFIG = {
     "bwd_dqk": (8, 2),
     "bwd_wy": (8, 1),
     "bwd_fused": (4, 1),
+    "dg_scan": (4, 1),
     "bwd_chunk": None,  # chunk size of the backward pass (None: the forward's)
     # How the sequential passes get the running log-decays G of a chunk: 0 sum them from g there,
     # 1 load them from the prep kernel's output (last row by a scalar load), 2 load them (last row
@@ -109,6 +110,11 @@ CONFIG = {
     # chunk 64, a quarter of the bytes), for one (C, C) x (C, BV) product more per chunk on each
     # sequential pass's critical path (and A^T dVn in the reverse pass).
     "a_form": True,
+    # The gate's gradient from the rescaled form of the recurrence (``_triton_delta_bwd.dg_steps``):
+    # dL/dG_t = q_t . dq_t - v_t . dv_t, summed along the sequence by a small scan, instead of
+    # each chunk's own terms through its decays (scores, factor, keys, queries, state), which the
+    # per-chunk backward kernels then skip.
+    "dg_rescaled": True,
 }
 CHUNK_SIZES = (16, 32, 64)
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -364,7 +370,8 @@ class _DeltaRuleFunction(torch.autograd.Function):
         keep = CONFIG["save_prep"] and bplan is plan  # another backward chunk size recomputes them anyway
         o, sT, prepped = _forward(q, k, v, beta, g, scale, S0, plan, want_final=True, keep=keep,
                                   keep_states=CONFIG["save_states"])
-        ctx.save_for_backward(q, k, v, beta, g, S0)
+        # the final states are an output; the gate's gradient takes them (CONFIG["dg_rescaled"])
+        ctx.save_for_backward(q, k, v, beta, g, S0, sT if g is not None else None)
         # Intermediates (never inputs or outputs, so no reference cycle) held on ctx rather than
         # saved: the backward drops each after its last reader, which saved tensors would not allow.
         ctx.prepped = prepped
@@ -373,10 +380,11 @@ class _DeltaRuleFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dsT):
-        q, k, v, beta, g, S0 = ctx.saved_tensors
+        q, k, v, beta, g, S0, sT = ctx.saved_tensors
         # handed over with no name left here: the callee's reference is then the only one, and
         # it drops W, U, Aqk after their last reader (a local here held them to the end: +0.3 GB peak)
-        dq, dk, dv, dbeta, dg, dS0 = _bwd.backward(q, k, v, beta, g, S0, ctx.scale, ctx.plan, do, dsT, _take_prepped(ctx))
+        dq, dk, dv, dbeta, dg, dS0 = _bwd.backward(q, k, v, beta, g, S0, ctx.scale, ctx.plan, do, dsT,
+                                                   _take_prepped(ctx), sT=sT)
         return dq, dk, dv, dbeta, dg, dS0, None, None
 
 
