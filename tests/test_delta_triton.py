@@ -329,11 +329,12 @@ def test_kept_chunk_quantities_are_released_by_the_backward(rng, monkeypatch, st
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
 @pytest.mark.parametrize(
-    "fuse, split, a_form",
-    [(0, 1, False), (0, 2, False), (2, 1, False), (0, 1, True), (2, 1, True)],
-    ids=["two-kernels", "two-kernels-split", "fused", "two-kernels-a-form", "fused-a-form"],
+    "fuse, split, a_form, rescaled",
+    [(0, 1, False, False), (0, 2, False, False), (2, 1, False, False), (0, 1, True, False), (2, 1, True, False),
+     (2, 1, True, True)],
+    ids=["two-kernels", "two-kernels-split", "fused", "two-kernels-a-form", "fused-a-form", "fused-dg-rescaled"],
 )
-def test_chunk64_backward_at_model_head_sizes(rng, monkeypatch, K, dtype, gated, fuse, split, a_form):
+def test_chunk64_backward_at_model_head_sizes(rng, monkeypatch, K, dtype, gated, fuse, split, a_form, rescaled):
     # The shapes of the benchmarks (chunk 64, K = V in {64, 128, 256}, a short last chunk) in
     # bf16 too, through either per-chunk backward (CONFIG["fuse_bwd"]): the kernels' tile sizes
     # there differ from the tiny shapes above, and a former single backward kernel misread shared
@@ -344,6 +345,9 @@ def test_chunk64_backward_at_model_head_sizes(rng, monkeypatch, K, dtype, gated,
     monkeypatch.setitem(td.CONFIG, "fuse_bwd", fuse)
     monkeypatch.setitem(td.CONFIG, "bwd_dqk_split", split)
     monkeypatch.setitem(td.CONFIG, "a_form", a_form)
+    if rescaled and not gated:
+        pytest.skip("dg_rescaled changes only the gated op's backward")
+    monkeypatch.setitem(td.CONFIG, "dg_rescaled", rescaled)
     B, T, H = 1, 100, 2
     inp = make_inputs(rng, B, T, H, K, K, gated=gated, state=B, dtype=dtype)
     inp["k"] = torch.nn.functional.normalize(inp["k"].float(), dim=-1).to(dtype)
@@ -394,7 +398,8 @@ def test_fused_backward_matches_the_two_kernel_one(rng, monkeypatch, B, T, H, K,
     # program or split (two programs at K = 80: a full 64-wide block and a partial one); the gate's
     # gradient by each chunk's terms or by the rescaled form (both kernels). Mode 1 comes last.
     settings = ((0, False, 2, 1, False), (2, False, 2, 1, False), (2, True, 1, 1, False), (0, True, 1, 2, False),
-                (0, False, 1, 2, True), (0, True, 2, 4, False), (2, False, 1, 1, True), (1, False, 2, 2, True))
+                (0, False, 1, 2, True), (0, True, 2, 4, False), (2, False, 1, 1, True), (1, True, 1, 1, True),
+                (1, False, 2, 2, False))
     for fused, aqk, unroll, split, rescaled in settings:
         monkeypatch.setitem(td.CONFIG, "dg_rescaled", rescaled)
         monkeypatch.setitem(td.CONFIG, "fuse_bwd", fused)
@@ -411,8 +416,10 @@ def test_fused_backward_matches_the_two_kernel_one(rng, monkeypatch, B, T, H, K,
         for name, b, a, c in zip(names, run, first, want):
             assert rel_err(b, a) < SAME, (name, setting)
             assert rel_err(b, c) < 2e-4, (name, setting)
-    if gated:  # mode 1, the last one above: the plain op fused, the gated one not
+    if gated:  # mode 1, the last one above: the plain op fused, the gated one not (but with dg_rescaled)
         assert td.fused_backward(None) and not td.fused_backward(inp["g"])
+        monkeypatch.setitem(td.CONFIG, "dg_rescaled", True)
+        assert td.fused_backward(inp["g"])
 
 
 @pytest.mark.parametrize("splits", [0, 1, 2])
