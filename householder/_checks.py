@@ -150,16 +150,22 @@ def check_delta_shapes(q: tuple, k: tuple, v: tuple, beta: tuple, g: tuple | Non
     return B, T, H, K, v[3]
 
 
+def check_packed_batch(entries: int, batch: int) -> int:
+    """Validate what the shapes say of packed sequences: batch size 1 and N + 1 >= 2 offsets; returns N."""
+    if batch != 1:
+        raise ValueError(f"with cu_seqlens the inputs must be packed in a batch of size 1 (B = 1); got B = {batch}")
+    if entries < 2:
+        raise ValueError(f"cu_seqlens must have shape (N + 1,) with N >= 1 sequences; got {entries} entries")
+    return entries - 1
+
+
 def check_cu_seqlens(offsets: list, batch: int, total: int) -> int:
     """Validate packed-sequence offsets (FlashAttention's cu_seqlens); returns N.
 
     ``offsets`` is the list of ints [0, t_1, ..., T]: non-decreasing, starting at
     0 and ending at the packed length ``total``, with batch size 1.
     """
-    if batch != 1:
-        raise ValueError(f"with cu_seqlens the inputs must be packed in a batch of size 1 (B = 1); got B = {batch}")
-    if len(offsets) < 2:
-        raise ValueError(f"cu_seqlens must have shape (N + 1,) with N >= 1 sequences; got {len(offsets)} entries")
+    check_packed_batch(len(offsets), batch)
     if offsets[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0; got cu_seqlens[0] = {offsets[0]}")
     if offsets[-1] != total:

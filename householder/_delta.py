@@ -66,7 +66,11 @@ def _check_finite(torch, x, name: str) -> None:
 
 
 def _validate(q, k, v, beta, g, scale, initial_state, cu_seqlens, num_householder: int, check_finite: bool):
-    """Check every argument; returns (scale, offsets as a list of ints or None)."""
+    """Check every argument; returns (scale, offsets as a list of ints or None).
+
+    Offsets on a device are neither read nor checked under ``check_finite=False`` (the read is a
+    synchronisation): offsets come back None with ``cu_seqlens`` given, and the backend takes them
+    from the tensor."""
     try:
         import torch
     except ImportError as exc:  # the caller passed something that is not a tensor
@@ -92,8 +96,11 @@ def _validate(q, k, v, beta, g, scale, initial_state, cu_seqlens, num_householde
             )
         if cu_seqlens.ndim != 1:
             raise ValueError(f"cu_seqlens must have shape (N + 1,); got shape {tuple(cu_seqlens.shape)}")
-        offsets = [int(c) for c in cu_seqlens.tolist()]
-        N = _checks.check_cu_seqlens(offsets, B, T)
+        if check_finite or cu_seqlens.device.type == "cpu":
+            offsets = [int(c) for c in cu_seqlens.tolist()]
+            N = _checks.check_cu_seqlens(offsets, B, T)
+        else:
+            N = _checks.check_packed_batch(cu_seqlens.shape[0], B)
     if initial_state is not None:
         _checks.check_state_shape(initial_state.shape, (N, H, K, V))
     if scale is None:
@@ -158,9 +165,11 @@ def delta_rule(
     output_final_state : bool
         Return the final states (N, H, K, V) (float32; float64 for float64 input).
     cu_seqlens : integer Tensor, (N + 1,), optional
-        Offsets of N sequences packed along T of a batch of one (B = 1). They are
-        read on the host (validation, chunk tables): a CPU tensor saves a device
-        synchronisation per call.
+        Offsets of N sequences packed along T of a batch of one (B = 1): 0, then
+        non-decreasing, ending at T. They are read on the host and checked, except
+        on a GPU under ``check_finite=False``: the Triton backend then makes its
+        chunk tables on the device without a synchronisation, and offsets that
+        break those rules give undefined results.
     chunk_size : int
         Tokens per chunk of the chunkwise algorithm.
     backend : str, optional
@@ -168,7 +177,8 @@ def delta_rule(
         then the tensors ("triton" for CUDA tensors when Triton is installed).
     check_finite : bool
         Raise ValueError on NaN/Inf inputs and FloatingPointError when the state
-        overflows (each check synchronises with the device).
+        overflows (each check synchronises with the device). False skips these
+        and the checks of ``cu_seqlens`` on a GPU.
 
     Returns
     -------

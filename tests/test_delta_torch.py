@@ -335,10 +335,12 @@ def test_nan_input_raises(rng, name):
         ([6], 1, "N >= 1"),
     ],
 )
-def test_bad_cu_seqlens_raises(rng, cu, B, match):
+@pytest.mark.parametrize("check_finite", [True, False])
+def test_bad_cu_seqlens_raises(rng, cu, B, match, check_finite):
+    # offsets on the CPU are checked even under check_finite=False (only a GPU's are left unread)
     d = make_inputs(rng, B, 6, 2, 4, 3)
     with pytest.raises(ValueError, match=match):
-        hh.delta_rule(**d, cu_seqlens=torch.tensor(cu), backend="torch")
+        hh.delta_rule(**d, cu_seqlens=torch.tensor(cu), backend="torch", check_finite=check_finite)
 
 
 def test_float_cu_seqlens_raises(rng):

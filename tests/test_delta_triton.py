@@ -186,6 +186,42 @@ def test_triton_refuses_what_it_cannot_run(rng):
         hh.delta_rule(**{k: x.double() for k, x in inp.items()}, backend="triton")
 
 
+def test_offsets_left_on_the_device_give_the_same_tables():
+    # cu_seqlens on a GPU under check_finite=False: the chunk tables are made by tensor operations,
+    # with a chunk row for as many chunks as any sequences of that length can have
+    from householder.backends import triton_delta as td
+
+    for offsets, NH, BC in (([0, 7, 7, 30, 50], 2, 16), ([0, 64, 65], 1, 64), ([0, 0], 3, 32), ([0, 5], 1, 16)):
+        seqs, chunks, n_real = td._varlen_tables(tuple(offsets), NH, BC, "cpu")
+        slots = -(-offsets[-1] * NH // BC) + len(offsets) - 1
+        dseqs, dchunks = td._device_varlen_tables(torch.tensor(offsets, dtype=torch.int32), NH, BC, slots)
+        assert torch.equal(dseqs, seqs)
+        assert torch.equal(dchunks[: 2 * n_real], chunks[: 2 * n_real])
+        assert dchunks.shape == (2 * slots,) and bool((dchunks[2 * n_real :] == offsets[-1] * NH).all())
+
+
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
+def test_offsets_left_on_the_device_give_the_same_results(rng, gated):
+    # the backends called as delta_rule calls them for unchecked offsets on a GPU (offsets None,
+    # the tensor given): extra chunk programs of the Triton kernels must store nothing
+    from householder.backends import torch_delta
+    from householder.backends import triton_delta as td
+
+    cu = [0, 7, 7, 30, 50]
+    inp = make_inputs(rng, 1, 50, 2, 16, 8, n=2, gated=gated, state=4)
+    cu_t = torch.tensor(cu, device=DEVICE)
+    do = torch.tensor(rng.standard_normal((1, 50, 2, 8)), dtype=torch.float32, device=DEVICE)
+    for ops, chunk in ((td, 16), (torch_delta, 16)):
+        runs = []
+        for offsets, tensor in ((cu, None), (None, cu_t)):
+            leaves = {name: x.detach().clone().requires_grad_(x is not None) for name, x in inp.items() if x is not None}
+            o, S = ops.chunk(leaves["q"], leaves["k"], leaves["v"], leaves["beta"], leaves.get("g"), 0.25,
+                             leaves["initial_state"], offsets, chunk, 2, cu_seqlens=tensor)
+            runs.append([o, S, *torch.autograd.grad((o * do).sum() + S.sum(), list(leaves.values()))])
+        for name, a, b in zip(["o", "S"] + [f"d{n}" for n in inp], *runs):
+            assert rel_err(a, b) < SAME, (ops.__name__, name)
+
+
 def test_backward_may_use_another_chunk_size(rng, monkeypatch):
     # The backward recomputes everything, so it can run on other chunks than the forward
     # (CONFIG["bwd_chunk"]; by default the forward's).

@@ -123,6 +123,13 @@ def _recurrent_dense(q, k, v, beta, g, scale: float, S0, n: int):
 # -- packing of variable-length sequences --------------------------------------
 
 
+def _host_offsets(offsets, cu_seqlens):
+    """The offsets as a list of ints: ``offsets``, or read from ``cu_seqlens`` (None when neither is given)."""
+    if offsets is None and cu_seqlens is not None:
+        return [int(c) for c in cu_seqlens.tolist()]
+    return offsets
+
+
 def _pack_index(offsets: list[int], unit: int, device) -> tuple[torch.Tensor, int]:
     """Index (N, Lmax * unit) into a packed axis (+1 dummy row at the end) and Lmax."""
     lengths = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
@@ -183,8 +190,8 @@ def _expand_product(q, g, n: int):
 def chunk(q, k, v, beta, g, scale: float, initial_state, offsets, chunk_size: int, num_householder: int = 1, cu_seqlens=None):
     """Chunkwise delta rule / DeltaProduct; returns o (B, T, H, V) and the final states (N, H, K, V).
 
-    ``offsets`` is cu_seqlens as a list of ints (already checked) or None; the
-    tensor ``cu_seqlens`` itself is not needed on this path.
+    ``offsets`` is cu_seqlens as a list of ints (already checked), or None: then
+    the tensor ``cu_seqlens`` is read here when given (unchecked offsets on a GPU).
     Inputs are cast to float32 (float64 if any input is float64); o comes back
     in the inputs' dtype, the state in the compute dtype.
     """
@@ -196,9 +203,10 @@ def chunk(q, k, v, beta, g, scale: float, initial_state, offsets, chunk_size: in
         return (o[:, n - 1 :: n] if n > 1 else o), S
 
     # varlen input is unpacked per token first, so expansion never mixes two sequences
-    return _run(dense, q, k, v, beta, g, initial_state, offsets, n)
+    return _run(dense, q, k, v, beta, g, initial_state, _host_offsets(offsets, cu_seqlens), n)
 
 
 def recurrent(q, k, v, beta, g, scale: float, initial_state, offsets, num_householder: int = 1, cu_seqlens=None):
     """Token-by-token delta rule / DeltaProduct (decoding, short prompts); same contract as :func:`chunk`."""
-    return _run(_recurrent_dense, q, k, v, beta, g, initial_state, offsets, num_householder, scale=scale, n=num_householder)
+    return _run(_recurrent_dense, q, k, v, beta, g, initial_state, _host_offsets(offsets, cu_seqlens), num_householder,
+                scale=scale, n=num_householder)

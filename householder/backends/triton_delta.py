@@ -145,14 +145,21 @@ def check_available(x) -> None:
 class _Plan:
     """Sequences, chunks and meta-parameters of one call."""
 
-    def __init__(self, B, T, H, K, V, NH, BC, offsets, dtype, device):
-        self.args = (B, T, H, K, V, NH, BC, offsets, dtype, device)
+    def __init__(self, B, T, H, K, V, NH, BC, offsets, dtype, device, cu_seqlens=None):
+        self.args = (B, T, H, K, V, NH, BC, offsets, dtype, device, cu_seqlens)
         self.B, self.T, self.H, self.K, self.V, self.NH, self.BC = B, T, H, K, V, NH, BC
         self.T_steps = T * NH
-        self.varlen = offsets is not None
-        if self.varlen:
+        self.varlen = offsets is not None or cu_seqlens is not None
+        if offsets is not None:
             self.N = len(offsets) - 1
             self.seqs, self.chunks, self.NT_total = _varlen_tables(tuple(offsets), NH, BC, str(device))
+            self.NT = 0
+        elif cu_seqlens is not None:
+            # offsets left on the device: tables made there, for as many chunks as any N sequences of
+            # T tokens can have; the programs of chunks beyond the real ones find no rows and store nothing
+            self.N = cu_seqlens.shape[0] - 1
+            self.NT_total = triton.cdiv(self.T_steps, BC) + self.N
+            self.seqs, self.chunks = _device_varlen_tables(cu_seqlens.to(device), NH, BC, self.NT_total)
             self.NT = 0
         else:
             self.N = B
@@ -250,6 +257,21 @@ def _varlen_tables(offsets: tuple, NH: int, BC: int, device: str):
     seq_t = torch.tensor(seqs, dtype=torch.int64, device=device).reshape(-1)
     chunk_t = torch.tensor(chunks or [(0, 0)], dtype=torch.int64, device=device).reshape(-1)
     return seq_t, chunk_t, len(chunks)
+
+
+def _device_varlen_tables(cu: torch.Tensor, NH: int, BC: int, slots: int):
+    """The tables of ``_varlen_tables`` from offsets on the device, by tensor operations (no read on
+    the host); the chunk table has ``slots`` rows, those past the last real chunk empty (start = end)."""
+    steps = cu.to(torch.int64) * NH
+    chunks_per_seq = torch.div(steps[1:] - steps[:-1] + (BC - 1), BC, rounding_mode="floor")
+    first = torch.cat((chunks_per_seq.new_zeros(1), torch.cumsum(chunks_per_seq, 0)))
+    seq_t = torch.stack((steps, first), 1).reshape(-1)
+    j = torch.arange(slots, dtype=torch.int64, device=cu.device)
+    i = torch.searchsorted(first[1:], j, right=True).clamp_(max=steps.shape[0] - 2)
+    real = j < first[-1]
+    start = torch.where(real, steps[i] + (j - first[i]) * BC, steps[-1])
+    end = torch.where(real, steps[i + 1], steps[-1])
+    return seq_t, torch.stack((start, end), 1).reshape(-1)
 
 
 def launch(name: str, kernel, grid, *args, max_stages=None, max_warps=None, **meta) -> None:
@@ -405,8 +427,8 @@ def _backward_plan(plan: _Plan) -> _Plan:
     BC = CONFIG["bwd_chunk"]
     if BC is None or BC == plan.BC:
         return plan
-    B, T, H, K, V, NH, _, offsets, dtype, device = plan.args
-    return _Plan(B, T, H, K, V, NH, BC, offsets, dtype, device)
+    B, T, H, K, V, NH, _, offsets, dtype, device, cu_seqlens = plan.args
+    return _Plan(B, T, H, K, V, NH, BC, offsets, dtype, device, cu_seqlens)
 
 
 def chunk(q, k, v, beta, g, scale: float, initial_state, offsets, chunk_size: int, num_householder: int = 1, cu_seqlens=None):
@@ -430,7 +452,8 @@ def chunk(q, k, v, beta, g, scale: float, initial_state, offsets, chunk_size: in
     beta = beta.contiguous()
     g = None if g is None else g.contiguous()
     S0 = None if initial_state is None else initial_state.contiguous()
-    plan = _Plan(B, T, H, K, V, num_householder, chunk_size, offsets, dtype, q.device)
+    plan = _Plan(B, T, H, K, V, num_householder, chunk_size, offsets, dtype, q.device,
+                 cu_seqlens if offsets is None else None)
     inputs = [x for x in (q, k, v, beta, g, S0) if x is not None]
     if torch.is_grad_enabled() and any(x.requires_grad for x in inputs):
         o, sT = _DeltaRuleFunction.apply(q, k, v, beta, g, S0, scale, plan)
