@@ -200,6 +200,25 @@ def test_offsets_left_on_the_device_give_the_same_tables():
         assert dchunks.shape == (2 * slots,) and bool((dchunks[2 * n_real :] == offsets[-1] * NH).all())
 
 
+def test_device_tables_are_kept_for_an_unchanged_tensor_only():
+    # one cu_seqlens serves every layer of a model: its tables are made once, and made again when
+    # the tensor is written in place or another tensor comes
+    from householder.backends import triton_delta as td
+
+    cu = torch.tensor([0, 20, 50], device=DEVICE)
+    first = td._device_tables_of(cu, 1, 16, 6, torch.device(DEVICE))
+    assert td._device_tables_of(cu, 1, 16, 6, torch.device(DEVICE)) is first
+    cu[1] = 30
+    again = td._device_tables_of(cu, 1, 16, 6, torch.device(DEVICE))
+    assert again is not first
+    assert torch.equal(again[1], td._device_varlen_tables(cu, 1, 16, 6)[1])
+    other = cu.clone()
+    assert td._device_tables_of(other, 1, 16, 6, torch.device(DEVICE)) is not again
+
+
+# the programs of the chunk rows past the real chunks read per-chunk states that no pass wrote
+# (uninitialised memory, which numpy may find overflows in); they store nothing, which this checks
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning", "ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
 def test_offsets_left_on_the_device_give_the_same_results(rng, gated):
     # the backends called as delta_rule calls them for unchecked offsets on a GPU (offsets None,

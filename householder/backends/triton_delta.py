@@ -9,8 +9,10 @@ tensors under TRITON_INTERPRET=1 (tests), with float32 matrix products.
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
+import weakref
 from typing import NamedTuple, Optional
 
 import torch
@@ -156,10 +158,11 @@ class _Plan:
             self.NT = 0
         elif cu_seqlens is not None:
             # offsets left on the device: tables made there, for as many chunks as any N sequences of
-            # T tokens can have; the programs of chunks beyond the real ones find no rows and store nothing
+            # T tokens can have; the programs of chunks beyond the real ones find no rows and store
+            # nothing (the backward's read per-chunk states no pass wrote, and drop what they make)
             self.N = cu_seqlens.shape[0] - 1
             self.NT_total = triton.cdiv(self.T_steps, BC) + self.N
-            self.seqs, self.chunks = _device_varlen_tables(cu_seqlens.to(device), NH, BC, self.NT_total)
+            self.seqs, self.chunks = _device_tables_of(cu_seqlens, NH, BC, self.NT_total, device)
             self.NT = 0
         else:
             self.N = B
@@ -257,6 +260,28 @@ def _varlen_tables(offsets: tuple, NH: int, BC: int, device: str):
     seq_t = torch.tensor(seqs, dtype=torch.int64, device=device).reshape(-1)
     chunk_t = torch.tensor(chunks or [(0, 0)], dtype=torch.int64, device=device).reshape(-1)
     return seq_t, chunk_t, len(chunks)
+
+
+_DEVICE_TABLES: collections.OrderedDict = collections.OrderedDict()
+
+
+def _device_tables_of(cu: torch.Tensor, NH: int, BC: int, slots: int, device):
+    """``_device_varlen_tables`` of ``cu``, kept for the same tensor while it is unchanged.
+
+    A model hands one cu_seqlens to every layer's forward and backward: the tables are then made
+    once per batch, not a dozen small operations per call (on an H200 they cost the gated forward
+    about 0.06 ms). The key is the tensor itself (a weak reference, so a new tensor at the same
+    address is not mistaken for it) and its version counter, which in-place writes advance."""
+    key = (id(cu), NH, BC, slots, str(device))
+    hit = _DEVICE_TABLES.get(key)
+    if hit is not None and hit[0]() is cu and hit[1] == cu._version:
+        _DEVICE_TABLES.move_to_end(key)
+        return hit[2]
+    tables = _device_varlen_tables(cu.to(device), NH, BC, slots)
+    _DEVICE_TABLES[key] = (weakref.ref(cu), cu._version, tables)
+    while len(_DEVICE_TABLES) > 16:
+        _DEVICE_TABLES.popitem(last=False)
+    return tables
 
 
 def _device_varlen_tables(cu: torch.Tensor, NH: int, BC: int, slots: int):
