@@ -348,6 +348,12 @@ def bwd_wy_kernel(
         tl.store(pdv + offv, dvb.to(dv.dtype.element_ty), mask=mv)
         if DGM == 2:
             dG -= tl.sum(dvb * vb.to(tl.float32), 1)
+    if DGM == 1:
+        # the decay term of dk's (A^T dW) o e^G part, rowsum((A^T dW) o diag(e^G) K), is
+        # colsum(A o dW (diag(e^G) K)^T): what the key loop adds to dA, weighted by A. Its value
+        # part is taken off here and the whole added after the loop (from _factor_terms' dbeta
+        # term), so that A^T dW is not formed here as well as in the last loop
+        dG -= tl.sum(Xg * dA, 0) * b
     for k0 in tl.range(0, K, BKP, loop_unroll_factor=UNROLL):
         ck = k0 + tl.arange(0, BKP)
         mk = valid[:, None] & (ck[None, :] < K)
@@ -356,13 +362,11 @@ def bwd_wy_kernel(
         dWb = tl.load(pdw + offk, mask=mk, other=0.0).to(DT)
         Kg = kb.to(tl.float32) * eG[:, None]
         dA += _dot(dWb, tl.trans(Kg.to(DT)), F32, PREC)
-        if DGM == 1:
-            # A^T dW is formed again in the last loop: keeping it for every key block would
-            # cost a (BC, K) float32 tile of registers for the whole factor step
-            dG += tl.sum(_dot(At, dWb, F32, PREC) * Kg, 1)
 
     # through the factor: dX = (dA diag(beta)) o Gamma, dL = -X^T dX X^T (strictly lower)
     db, dXg, dG = _factor_terms(dA, X, gam, b, dG, DGM == 1)
+    if DGM == 1:
+        dG += db * b  # db is colsum((X o Gamma) o dA) here
     if HAS_G:
         for s in tl.static_range(KSPLIT):  # the first kernel's terms, from each key split
             dG += tl.load(dgp + (start * H + i_h + r * H) * KSPLIT + s, mask=valid, other=0.0)
@@ -433,10 +437,10 @@ def bwd_fused_kernel(
         for k0 in tl.range(0, K, BKP, loop_unroll_factor=UNROLL):
             ck = k0 + tl.arange(0, BKP)
             kb = tl.load(pk + r[:, None] * (H * K) + ck[None, :], mask=valid[:, None] & (ck[None, :] < K), other=0.0)
-            if HAS_G:
-                kb = kb.to(tl.float32) * eG[:, None]
             hb = tl.load(ph + ck[:, None] * V + cv[None, :], mask=(ck[:, None] < K) & (cv[None, :] < V), other=0.0)
             KS += _dot(kb.to(DT), hb.to(DT), F32, PREC)
+        if HAS_G:
+            KS = KS * eG[:, None]  # diag(e^G) K S, scaled once per value block rather than K per key block
         # K S in the inputs' precision, as the other kernels take dW
         dA -= _dot(dvnb, tl.trans(KS.to(DT)), F32, PREC)
     dM = tl.where(causal, dM * scale, 0.0)
