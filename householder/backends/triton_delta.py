@@ -72,8 +72,9 @@ CONFIG = {
     # 0: never, 1: without a gate (or with CONFIG["dg_rescaled"]), 2: always. On an H200 (rolled loops, 4 warps) the plain
     # forward+backward takes 2.68 ms at 16 x 2048 and 3.28 at 2 x 16384 against the two kernels'
     # 3.08 and 3.62. With a gate the two timed level (3.88 / 4.67 ms two kernels, 3.89 / 4.70 fused
-    # with CONFIG["bwd_fused"] = (8, 1); 4.10 / 4.90 at 4), so 1 is the mode to use; fused
-    # holds 125 MiB less there. Its gradients matched the float64 path on an H200 at chunk 64 and
+    # with CONFIG["bwd_fused"] = (8, 1); 4.10 / 4.90 at 4), and at 8edc297 the fused kernel was 4%
+    # slower (3.595 against 3.453 ms at 16 x 2048), so 1 is the mode to use; fused holds 125 MiB
+    # less there. Its gradients matched the float64 path on an H200 at chunk 64 and
     # K = V = 64, 128, 256 (tests/test_delta_triton.py's model-head test).
     "fuse_bwd": 1,
     # The gate's gradient through the scores' decays from the forward's masked scores Aqk (held
