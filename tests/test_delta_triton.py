@@ -158,6 +158,28 @@ def test_gate_gradient_with_or_without_the_final_state(rng, monkeypatch, rescale
         assert rel_err(dq, want_dq) < 2e-4
 
 
+@pytest.mark.parametrize("rescaled", [False, True], ids=["chunk-terms", "rescaled"])
+def test_gate_gradient_form_is_fixed_by_the_forward(rng, monkeypatch, rescaled):
+    # CONFIG["dg_rescaled"] changed between the passes must not mix the forms (the rescaled one
+    # needs the final states saved by its forward); and with the chunk-local form the returned
+    # final state is not saved, so writing it in place before the backward is allowed
+    from householder.backends import triton_delta as td
+
+    inp = make_inputs(rng, 1, 37, 2, 16, 8, state=1)
+    leaves = {k: x.detach().clone().requires_grad_() for k, x in inp.items()}
+    monkeypatch.setitem(td.CONFIG, "dg_rescaled", rescaled)
+    o, S = hh.delta_rule(**leaves, output_final_state=True, chunk_size=16, backend="triton")
+    monkeypatch.setitem(td.CONFIG, "dg_rescaled", not rescaled)
+    loss = o.pow(2).sum() + S.sum()  # the sum saves nothing of S
+    if not rescaled:
+        S.detach().mul_(1.0)  # an in-place write to the output (a cache update, say)
+    (dg,) = torch.autograd.grad(loss, [leaves["g"]])
+    want = {k: x.detach().double().requires_grad_() for k, x in inp.items()}
+    wo, wS = hh.delta_rule(**want, output_final_state=True, backend="torch")
+    (want_dg,) = torch.autograd.grad(wo.pow(2).sum() + wS.sum(), [want["g"]])
+    assert rel_err(dg, want_dg) < 2e-4
+
+
 def test_gradients_reach_every_input_in_bfloat16(rng):
     inp = make_inputs(rng, 1, 20, 1, 16, 16, state=1, dtype=torch.bfloat16)
     leaves = {name: x.requires_grad_() for name, x in inp.items()}
@@ -473,8 +495,7 @@ def test_fused_backward_matches_the_two_kernel_one(rng, monkeypatch, B, T, H, K,
             assert rel_err(b, c) < 2e-4, (name, setting)
     if gated:  # mode 1, the last one above: the plain op fused, the gated one not (but with dg_rescaled)
         assert td.fused_backward(None) and not td.fused_backward(inp["g"])
-        monkeypatch.setitem(td.CONFIG, "dg_rescaled", True)
-        assert td.fused_backward(inp["g"])
+        assert td.fused_backward(inp["g"], rescaled=True)
 
 
 @pytest.mark.parametrize("splits", [0, 1, 2])

@@ -535,12 +535,12 @@ def dg_steps(dgs, sT, dsT, g, plan):
     return dg
 
 
-def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None, sT=None):
+def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None, rescaled=False, sT=None):
     """Gradients (dq, dk, dv, dbeta, dg, dS0) of the chunkwise delta rule for output gradients do, dsT.
 
     ``prepped``: the forward's ``triton_delta.Kept`` on this plan's chunks, or None to recompute
-    them; its per-chunk states h and pseudo-values Vn may be None on their own. ``sT``: the
-    forward's final states, which the gate's gradient takes under CONFIG["dg_rescaled"].
+    them; its per-chunk states h and pseudo-values Vn may be None on their own. ``rescaled``: the
+    gate's gradient in the rescaled form (``dg_steps``), which takes the forward's final states ``sT``.
     """
     from householder.backends import triton_delta as tdelta  # the launchers (imported here: no cycle)
 
@@ -580,13 +580,13 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None, sT=None):
     aqk_meta = dict(meta, AQK=bool(tdelta.CONFIG["dg_from_aqk"]))
     # the gate's gradient: by each chunk's own terms (1) or from q . dq - v . dv summed along the
     # sequence (2, ``dg_steps``); the kernels then write the per-step sums where dg would go
-    dgm = 0 if g is None else (2 if tdelta.CONFIG["dg_rescaled"] else 1)
+    dgm = 0 if g is None else (2 if rescaled else 1)
     dg_shape = g.shape if dgm == 1 else beta.shape
     # Triton 3.6 on an H200: bwd_dqk and bwd_wy at 8 warps hit an illegal memory access with key or
     # value blocks under 64 wide at chunk 64 (float32, K = V = 16 and 32 seen); 4 warps run right.
     # The fused kernel (4 warps by default) is held to the same cap.
     small = dict(max_warps=4) if min(plan.BKP, plan.BVB) < 64 else {}
-    if tdelta.fused_backward(g) and plan.NT_total:
+    if tdelta.fused_backward(g, dgm == 2) and plan.NT_total:
         dq = torch.empty_like(q)
         dk = torch.empty_like(k)
         dv = torch.empty_like(v)

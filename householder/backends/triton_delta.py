@@ -69,8 +69,8 @@ CONFIG = {
     "save_states": False,
     # One per-chunk backward kernel (bwd_fused_kernel) instead of two (bwd_dqk, then bwd_wy): dW
     # and the second kernel's reloads of dVn, k and the partial dk no longer go through memory.
-    # 0: never, 1: without a gate (or with CONFIG["dg_rescaled"]), 2: always. On an H200 (rolled loops, 4 warps) the plain
-    # forward+backward takes 2.68 ms at 16 x 2048 and 3.28 at 2 x 16384 against the two kernels'
+    # 0: never, 1: without a gate (or with CONFIG["dg_rescaled"]), 2: always. On an H200 (rolled
+    # loops, 4 warps) the plain forward+backward takes 2.68 ms at 16 x 2048 and 3.28 at 2 x 16384 against the two kernels'
     # 3.08 and 3.62. With a gate the two timed level (3.88 / 4.67 ms two kernels, 3.89 / 4.70 fused
     # with CONFIG["bwd_fused"] = (8, 1); 4.10 / 4.90 at 4), and at 8edc297 the fused kernel was 4%
     # slower (3.595 against 3.453 ms at 16 x 2048), so 1 is the mode to use; fused holds 125 MiB
@@ -320,10 +320,16 @@ def gate_mode(gcs) -> int:
     return 0 if gcs is None else (CONFIG["gates"] or 1)
 
 
-def fused_backward(g) -> bool:
-    """Whether the backward runs its per-chunk gradients in one kernel (CONFIG["fuse_bwd"])."""
+def dg_rescaled(g) -> bool:
+    """Whether the gate's gradient of a call with log-decays ``g`` takes the rescaled form (CONFIG["dg_rescaled"])."""
+    return g is not None and bool(CONFIG["dg_rescaled"])
+
+
+def fused_backward(g, rescaled: bool = False) -> bool:
+    """Whether the backward runs its per-chunk gradients in one kernel (CONFIG["fuse_bwd"]);
+    ``rescaled``: the gate's gradient takes the rescaled form."""
     mode = int(CONFIG["fuse_bwd"])
-    return mode == 2 or (mode == 1 and (g is None or bool(CONFIG["dg_rescaled"])))
+    return mode == 2 or (mode == 1 and (g is None or rescaled))
 
 
 def _g_arg(g, like):
@@ -423,8 +429,10 @@ class _DeltaRuleFunction(torch.autograd.Function):
         keep = CONFIG["save_prep"] and bplan is plan  # another backward chunk size recomputes them anyway
         o, sT, prepped = _forward(q, k, v, beta, g, scale, S0, plan, want_final=True, keep=keep,
                                   keep_states=CONFIG["save_states"])
-        # the final states are an output; the gate's gradient takes them (CONFIG["dg_rescaled"])
-        ctx.save_for_backward(q, k, v, beta, g, S0, sT if g is not None else None)
+        # the rescaled form of the gate's gradient takes the final states (an output: saved only
+        # then, so that writing them in place is not refused otherwise), decided here for the backward
+        ctx.rescaled = dg_rescaled(g)
+        ctx.save_for_backward(q, k, v, beta, g, S0, sT if ctx.rescaled else None)
         # Intermediates (never inputs or outputs, so no reference cycle) held on ctx rather than
         # saved: the backward drops each after its last reader, which saved tensors would not allow.
         ctx.prepped = prepped
@@ -437,7 +445,7 @@ class _DeltaRuleFunction(torch.autograd.Function):
         # handed over with no name left here: the callee's reference is then the only one, and
         # it drops W, U, Aqk after their last reader (a local here held them to the end: +0.3 GB peak)
         dq, dk, dv, dbeta, dg, dS0 = _bwd.backward(q, k, v, beta, g, S0, ctx.scale, ctx.plan, do, dsT,
-                                                   _take_prepped(ctx), sT=sT)
+                                                   _take_prepped(ctx), rescaled=ctx.rescaled, sT=sT)
         return dq, dk, dv, dbeta, dg, dS0, None, None
 
 
