@@ -26,7 +26,11 @@ dq, partial dk and dG, dW; its grid also splits the key columns, CONFIG["bwd_dqk
 and ``bwd_wy_kernel`` (through the chunk factor: dk,
 dv, dbeta, dg). ``bwd_fused_kernel`` does both in one program (CONFIG["fuse_bwd"];
 by default without a gate only): dW then never leaves it, and dk is written once.
-With a gate, on an H200, the fused kernel (at 8 warps) and the two timed level.
+With a gate, on an H200, the fused kernel was level with the two, later 4% slower.
+
+The per-chunk kernels' DGM picks the gate's gradient: 0 none (no gate), 1 the
+chunk-local decay terms above, 2 only q . dq - v . dv per step, which
+``dg_scan_kernel`` then sums along each sequence (CONFIG["dg_rescaled"], ``dg_steps``).
 """
 
 from __future__ import annotations
