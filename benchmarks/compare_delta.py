@@ -183,8 +183,10 @@ def sdpa_ms(B, T, H, D):
     return do_bench(fwd, warmup=25, rep=100, return_mode="median"), do_bench(fb, warmup=25, rep=100, grad_to_none=[q, k, v], return_mode="median"), label
 
 
-def accuracy(fla, gated, n=1, B=2, T=2048, H=8, K=128, V=128):
-    """Max-abs errors / max |ref| of o and of each gradient, ours and fla's, against float64 (torch path)."""
+def accuracy(fla, gated, n=1, B=2, T=2048, H=8, K=128, V=128, variants=(("ours", ()),)):
+    """Max-abs errors / max |ref| of o and of each gradient, ours and fla's, against float64 (torch path).
+
+    ``variants``: (label, --set items) of our runs, each under its own CONFIG overrides."""
     q, k, v, beta, g = make(B, T, H, K, V, n=n, gated=gated, seed=1)
     do = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
     names = ["o", "dq", "dk", "dv", "dbeta"] + (["dg"] if gated else [])
@@ -202,8 +204,17 @@ def accuracy(fla, gated, n=1, B=2, T=2048, H=8, K=128, V=128):
             return hh.delta_rule(q, k, v, beta, g=g, backend="torch", check_finite=False)[0]
         return hh.delta_product(q, k, v, beta, g=g, num_householder=n, backend="torch", check_finite=False)[0]
 
+    from householder.backends import triton_delta as td
+
     ref = grads(ref_fn, torch.float64)
-    out = {"ours": grads(ours_fn(n, gated), torch.bfloat16)}
+    out = {}
+    for label, settings in variants:
+        before = dict(td.CONFIG)
+        try:
+            apply_settings(settings)
+            out[label] = grads(ours_fn(n, gated), torch.bfloat16)
+        finally:
+            td.CONFIG.update(before)
     if fla is not None:
         try:
             out["fla"] = grads(fla_fn(fla, n, gated), torch.bfloat16)
@@ -234,6 +245,8 @@ def apply_settings(items) -> None:
             raise SystemExit(f"--set: unknown key {key!r}; known: {sorted(td.CONFIG)}")
         if isinstance(td.CONFIG[key], bool):
             td.CONFIG[key] = val in ("1", "True", "true")
+        elif isinstance(td.CONFIG[key], str):
+            td.CONFIG[key] = val
         elif isinstance(td.CONFIG[key], tuple):
             td.CONFIG[key] = tuple(int(x) for x in val.split(","))
         else:
@@ -259,6 +272,10 @@ def main() -> int:
     ap.add_argument("--ops", default="delta,gated,product2,product3")
     ap.add_argument("--product-shapes", default="8x4096", help="(B, T) for DeltaProduct")
     ap.add_argument("--no-accuracy", action="store_true")
+    ap.add_argument("--accuracy-shapes", default="2x2048x8", metavar="BxTxH,...",
+                    help="(B, T, H) of the accuracy section, each")
+    ap.add_argument("--accuracy-ab", action="append", default=[], metavar="KEY=V1,V2,...",
+                    help="accuracy rows of ours under each value of a triton_delta.CONFIG entry, e.g. dg_form=decays,chunk")
     ap.add_argument("--sweep", action="store_true", help="also time our kernels under a few launch settings")
     ap.add_argument("--chunk", type=int, default=64, help="our chunk size")
     ap.add_argument("--profile", action="store_true", help="also list the CUDA time per kernel of one forward+backward")
@@ -355,22 +372,29 @@ def main() -> int:
     _write(args.out, lines)
 
     if not args.no_accuracy:
-        acc = ["| op | impl | " + " | ".join(["o", "dq", "dk", "dv", "dbeta", "dg"]) + " |", "|---|---|---|---|---|---|---|---|"]
-        for op, gated, n in (("delta", False, 1), ("gated", True, 1), ("product2", True, 2)):
-            try:
-                names, rows = accuracy(fla, gated, n)
-            except Exception as exc:
-                acc.append(f"| {op} | failed: {exc!r} | | | | | | |")
-                continue
-            for who, errs in rows.items():
-                cells = [f"{e:.1e}" for e in errs] + ["-"] * (6 - len(errs))
-                acc.append(f"| {op} | {who} | " + " | ".join(cells) + " |")
-            print("\n".join(acc[-len(rows):]), flush=True)
-            torch.cuda.empty_cache()
+        variants = [("ours", [])]
+        for item in args.accuracy_ab:
+            key, _, vals = item.partition("=")
+            variants += [(f"ours {key}={val}", [f"{key}={val}"]) for val in vals.split(";" if ";" in vals else ",")]
+        acc = ["| op | B x T x H | impl | " + " | ".join(["o", "dq", "dk", "dv", "dbeta", "dg"]) + " |",
+               "|---|---|---|---|---|---|---|---|---|"]
+        for B, T, H_ in (tuple(int(x) for x in s.split("x")) for s in args.accuracy_shapes.split(",") if s):
+            for op, gated, n in (("delta", False, 1), ("gated", True, 1), ("product2", True, 2)):
+                try:
+                    names, rows = accuracy(fla, gated, n, B=B, T=T, H=H_, variants=variants)
+                except Exception as exc:
+                    acc.append(f"| {op} | {B} x {T} x {H_} | failed: {exc!r} | | | | | | |")
+                    continue
+                for who, errs in rows.items():
+                    cells = [f"{e:.1e}" for e in errs] + ["-"] * (6 - len(errs))
+                    acc.append(f"| {op} | {B} x {T} x {H_} | {who} | " + " | ".join(cells) + " |")
+                print("\n".join(acc[-len(rows):]), flush=True)
+                torch.cuda.empty_cache()
         lines += [
-            "## Accuracy against float64 (max |err| / max |ref|; B = 2, T = 2048, H = 8, bf16 inputs)",
+            "## Accuracy against float64 (max |err| / max |ref|, bf16 inputs)",
             "",
-            "The reference is our torch path in float64 on the same bf16-rounded inputs.",
+            "The reference is our torch path in float64 on the same bf16-rounded inputs. DeltaProduct "
+            "(n = 2) runs T tokens of two steps each.",
             "",
         ] + acc + [""]
         _write(args.out, lines)

@@ -131,14 +131,17 @@ def test_backward_matches_torch_path(rng, B, T, H, K, V, n, chunk, gated, cu):
         assert rel_err(a, b) < 2e-4, name
 
 
-@pytest.mark.parametrize("rescaled", [False, True], ids=["chunk-terms", "rescaled"])
+DG_FORMS = ("decays", "chunk", "sequence")
+
+
+@pytest.mark.parametrize("form", DG_FORMS)
 @pytest.mark.parametrize("final", [False, True], ids=["output-only", "final-state"])
-def test_gate_gradient_with_or_without_the_final_state(rng, monkeypatch, rescaled, final):
-    # the rescaled form takes sum(S_T o dS_T) at each sequence's last token: the final state's
+def test_gate_gradient_with_or_without_the_final_state(rng, monkeypatch, form, final):
+    # the rescaled forms take sum(S o dS) where a chunk or a sequence ends: the final state's
     # gradient alone (do = 0), or none at all (the final state not asked for), must both come out
     from householder.backends import triton_delta as td
 
-    monkeypatch.setitem(td.CONFIG, "dg_rescaled", rescaled)
+    monkeypatch.setitem(td.CONFIG, "dg_form", form)
     cu = [0, 9, 9, 40]
     inp = make_inputs(rng, 1, 40, 2, 16, 8, n=2, state=3)
     cu_t = torch.tensor(cu, device=DEVICE)
@@ -158,20 +161,20 @@ def test_gate_gradient_with_or_without_the_final_state(rng, monkeypatch, rescale
         assert rel_err(dq, want_dq) < 2e-4
 
 
-@pytest.mark.parametrize("rescaled", [False, True], ids=["chunk-terms", "rescaled"])
-def test_gate_gradient_form_is_fixed_by_the_forward(rng, monkeypatch, rescaled):
-    # CONFIG["dg_rescaled"] changed between the passes must not mix the forms (the rescaled one
-    # needs the final states saved by its forward); and with the chunk-local form the returned
-    # final state is not saved, so writing it in place before the backward is allowed
+@pytest.mark.parametrize("form", DG_FORMS)
+def test_gate_gradient_form_is_fixed_by_the_forward(rng, monkeypatch, form):
+    # CONFIG["dg_form"] changed between the passes must not mix the forms (the sequence one needs
+    # the final states saved by its forward); and under the chunk-local forms the returned final
+    # state is not saved, so writing it in place before the backward is allowed
     from householder.backends import triton_delta as td
 
     inp = make_inputs(rng, 1, 37, 2, 16, 8, state=1)
     leaves = {k: x.detach().clone().requires_grad_() for k, x in inp.items()}
-    monkeypatch.setitem(td.CONFIG, "dg_rescaled", rescaled)
+    monkeypatch.setitem(td.CONFIG, "dg_form", form)
     o, S = hh.delta_rule(**leaves, output_final_state=True, chunk_size=16, backend="triton")
-    monkeypatch.setitem(td.CONFIG, "dg_rescaled", not rescaled)
+    monkeypatch.setitem(td.CONFIG, "dg_form", "decays" if form == "sequence" else "sequence")
     loss = o.pow(2).sum() + S.sum()  # the sum saves nothing of S
-    if not rescaled:
+    if form != "sequence":
         S.detach().mul_(1.0)  # an in-place write to the output (a cache update, say)
     (dg,) = torch.autograd.grad(loss, [leaves["g"]])
     want = {k: x.detach().double().requires_grad_() for k, x in inp.items()}
@@ -405,17 +408,18 @@ def test_kept_chunk_quantities_are_released_by_the_backward(rng, monkeypatch, st
 @pytest.mark.parametrize("K", [64, 128, 256])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize(
-    "gated, fuse, split, a_form, rescaled",
+    "gated, fuse, split, a_form, form",
     [
         pytest.param(gated, *setting, id=f"{'gated' if gated else 'plain'}-{name}")
         for gated in (True, False)
-        for name, setting in (("two-kernels", (0, 1, False, False)), ("two-kernels-split", (0, 2, False, False)),
-                              ("fused", (2, 1, False, False)), ("two-kernels-a-form", (0, 1, True, False)),
-                              ("fused-a-form", (2, 1, True, False)), ("fused-dg-rescaled", (2, 1, True, True)))
-        if gated or name != "fused-dg-rescaled"  # dg_rescaled changes only the gated op's backward
+        for name, setting in (("two-kernels", (0, 1, False, "decays")), ("two-kernels-split", (0, 2, False, "decays")),
+                              ("fused", (2, 1, False, "decays")), ("two-kernels-a-form", (0, 1, True, "decays")),
+                              ("fused-a-form", (2, 1, True, "decays")), ("fused-dg-chunk", (2, 1, True, "chunk")),
+                              ("two-kernels-dg-chunk", (0, 1, True, "chunk")), ("fused-dg-sequence", (2, 1, True, "sequence")))
+        if gated or "dg-" not in name  # dg_form changes only the gated op's backward
     ],
 )
-def test_chunk64_backward_at_model_head_sizes(rng, monkeypatch, K, dtype, gated, fuse, split, a_form, rescaled):
+def test_chunk64_backward_at_model_head_sizes(rng, monkeypatch, K, dtype, gated, fuse, split, a_form, form):
     # The shapes of the benchmarks (chunk 64, K = V in {64, 128, 256}, a short last chunk) in
     # bf16 too, through either per-chunk backward (CONFIG["fuse_bwd"]): the kernels' tile sizes
     # there differ from the tiny shapes above, and a former single backward kernel misread shared
@@ -426,7 +430,7 @@ def test_chunk64_backward_at_model_head_sizes(rng, monkeypatch, K, dtype, gated,
     monkeypatch.setitem(td.CONFIG, "fuse_bwd", fuse)
     monkeypatch.setitem(td.CONFIG, "bwd_dqk_split", split)
     monkeypatch.setitem(td.CONFIG, "a_form", a_form)
-    monkeypatch.setitem(td.CONFIG, "dg_rescaled", rescaled)
+    monkeypatch.setitem(td.CONFIG, "dg_form", form)
     B, T, H = 1, 100, 2
     inp = make_inputs(rng, B, T, H, K, K, gated=gated, state=B, dtype=dtype)
     inp["k"] = torch.nn.functional.normalize(inp["k"].float(), dim=-1).to(dtype)
@@ -471,16 +475,17 @@ def test_fused_backward_matches_the_two_kernel_one(rng, monkeypatch, B, T, H, K,
     do = torch.tensor(rng.standard_normal((B, T, H, V)), dtype=torch.float32, device=DEVICE)
     dS = torch.tensor(rng.standard_normal((N, H, K, V)), dtype=torch.float32, device=DEVICE)
     runs = []
-    # (fuse_bwd, dg_from_aqk, bwd_unroll and fused_unroll, bwd_dqk_split, dg_rescaled): mode 1 fuses
-    # only without a gate, 2 always; the gate's score term from the forward's Aqk or from Q K^T formed
-    # again; the block loops rolled or unrolled by 2 -- in either kernel; bwd_dqk's key columns in one
-    # program or split (two programs at K = 80: a full 64-wide block and a partial one); the gate's
-    # gradient by each chunk's terms or by the rescaled form (both kernels). Mode 1 comes last.
-    settings = ((0, False, 2, 1, False), (2, False, 2, 1, False), (2, True, 1, 1, False), (0, True, 1, 2, False),
-                (0, False, 1, 2, True), (0, True, 2, 4, False), (2, False, 1, 1, True), (1, True, 1, 1, True),
-                (1, False, 2, 2, False))
-    for fused, aqk, unroll, split, rescaled in settings:
-        monkeypatch.setitem(td.CONFIG, "dg_rescaled", rescaled)
+    # (fuse_bwd, dg_from_aqk, bwd_unroll and fused_unroll, bwd_dqk_split, dg_form): mode 1 fuses
+    # unless the gate's gradient takes the decays form, 2 always; the gate's score term from the
+    # forward's Aqk or from Q K^T formed again; the block loops rolled or unrolled by 2 -- in either
+    # kernel; bwd_dqk's key columns in one program or split (two programs at K = 80: a full 64-wide
+    # block and a partial one); the gate's gradient in each form (both kernels). Mode 1 comes last.
+    settings = ((0, False, 2, 1, "decays"), (2, False, 2, 1, "decays"), (2, True, 1, 1, "decays"),
+                (0, True, 1, 2, "decays"), (0, False, 1, 2, "sequence"), (0, True, 2, 4, "decays"),
+                (2, False, 1, 1, "sequence"), (1, True, 1, 1, "sequence"), (0, True, 1, 2, "chunk"),
+                (2, False, 2, 1, "chunk"), (1, True, 1, 1, "chunk"), (1, False, 2, 2, "decays"))
+    for fused, aqk, unroll, split, form in settings:
+        monkeypatch.setitem(td.CONFIG, "dg_form", form)
         monkeypatch.setitem(td.CONFIG, "fuse_bwd", fused)
         monkeypatch.setitem(td.CONFIG, "dg_from_aqk", aqk)
         monkeypatch.setitem(td.CONFIG, "bwd_unroll", unroll)
@@ -490,14 +495,23 @@ def test_fused_backward_matches_the_two_kernel_one(rng, monkeypatch, B, T, H, K,
     want = _grads({k: x.double() for k, x in inp.items()}, "torch", n, cu_t, do.double(), dS.double(), 64)
     names = ["o", "S"] + [f"d{m}" for m in inp]
     for i, (setting, run) in enumerate(zip(settings, runs)):
-        # dg by the two forms is summed differently: each agrees with the first run of its own form
-        first = runs[0] if not setting[4] else next(r for s_, r in zip(settings, runs) if s_[4])
+        # dg by the forms is summed differently: each agrees with the first run of its own form
+        first = next(r for s_, r in zip(settings, runs) if s_[4] == setting[4])
         for name, b, a, c in zip(names, run, first, want):
             assert rel_err(b, a) < SAME, (name, setting)
             assert rel_err(b, c) < 2e-4, (name, setting)
-    if gated:  # mode 1, the last one above: the plain op fused, the gated one not (but with dg_rescaled)
-        assert td.fused_backward(None) and not td.fused_backward(inp["g"])
-        assert td.fused_backward(inp["g"], rescaled=True)
+    # mode 1, the last one above: the plain op fused, the gated one only under the rescaled forms
+    assert td.fused_backward(td.dg_mode(None)) and not td.fused_backward(td.DG_MODES["decays"])
+    assert td.fused_backward(td.DG_MODES["chunk"]) and td.fused_backward(td.DG_MODES["sequence"])
+
+
+def test_unknown_gate_gradient_form_is_refused(rng, monkeypatch):
+    from householder.backends import triton_delta as td
+
+    monkeypatch.setitem(td.CONFIG, "dg_form", "rescaled")
+    inp = {k: x.requires_grad_() for k, x in make_inputs(rng, 1, 20, 1, 16, 16).items()}
+    with pytest.raises(ValueError, match=r"dg_form.*'chunk'.*got 'rescaled'"):
+        hh.delta_rule(**inp, chunk_size=16, backend="triton")
 
 
 @pytest.mark.parametrize("splits", [0, 1, 2])

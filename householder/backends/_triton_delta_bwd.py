@@ -28,9 +28,13 @@ dv, dbeta, dg). ``bwd_fused_kernel`` does both in one program (CONFIG["fuse_bwd"
 by default without a gate only): dW then never leaves it, and dk is written once.
 With a gate, on an H200, the fused kernel was level with the two, later 4% slower.
 
-The per-chunk kernels' DGM picks the gate's gradient: 0 none (no gate), 1 the
-chunk-local decay terms above, 2 only q . dq - v . dv per step, which
-``dg_scan_kernel`` then sums along each sequence (CONFIG["dg_rescaled"], ``dg_steps``).
+The per-chunk kernels' DGM picks the gate's gradient (CONFIG["dg_form"]): 0 none (no
+gate); 1 the chunk-local decay terms above; 3 the rescaled form inside each chunk,
+dL/dG_t = q_t . dq_t - v_t . dv_t with G restarted at the chunk's start, plus at its last
+step sum(S_C o dS') of the end state S_C = e^{G_C} S + Kd^T Vn, which is
+e^{G_C} sum(S o dS') + sum(Kd o Vn dS'^T), both formed anyway; dg is then the reverse
+running sum inside the chunk; 2 only q . dq - v . dv per step, which ``dg_scan_kernel``
+sums along each sequence (``dg_steps``).
 """
 
 from __future__ import annotations
@@ -240,7 +244,7 @@ def bwd_dqk_kernel(
     dM = scale tril(dO Vn^T), dq = scale e^G dO S^T + (dM o Gamma) K,
     dk = (dM o Gamma)^T Q + diag(e^{G_C - G}) Vn dS'^T, dW = -dVn S^T, and every
     log-decay term but those of the factor (the second kernel adds those; DGM 1), or only
-    q . dq (DGM 2, ``dg_steps``). Program axis 2 takes the key columns [i_s KPS, (i_s + 1) KPS)
+    q . dq (DGM 2, ``dg_steps``), with the chunk-end state's term (DGM 3). Program axis 2 takes the key columns [i_s KPS, (i_s + 1) KPS)
     of KSPLIT splits: each forms dM again, and writes its own dG terms to dgp[..., i_s] (bwd_wy
     sums the KSPLIT of them).
     """
@@ -286,7 +290,7 @@ def bwd_dqk_kernel(
         mq = qrow[:, None] & (ck[None, :] < K)
         offk = r[:, None] * (H * K) + ck[None, :]
         dQ0, dKd, dW, hdh = _state_grads(ph, pdh, pdo, pvn, pdvn, ck, r, tok, valid, qrow, hdh,
-                                         H, K, V, BC, BKP, BV, DGM == 1, DT, F32, PREC, UNROLL)
+                                         H, K, V, BC, BKP, BV, DGM % 2 == 1, DT, F32, PREC, UNROLL)
         tl.store(pdw + offk, dW.to(dw.dtype.element_ty), mask=mk)
         kb = tl.load(pk + offk, mask=mk, other=0.0)
         qb = tl.load(pq + tok[:, None] * (H * K) + ck[None, :], mask=mq, other=0.0)
@@ -301,9 +305,11 @@ def bwd_dqk_kernel(
             dKdKd = tl.sum(dKd * kb.to(tl.float32), 1)
             dG += tl.sum(dQ0 * qb.to(tl.float32), 1) - dKdKd
             dG += tl.where(is_end, tl.sum(dKdKd, 0), 0.0)
-        if DGM == 2:
+        if DGM >= 2:
             dG += tl.sum(dqb * qb.to(tl.float32), 1)
-    if DGM == 1:
+        if DGM == 3:
+            dG += tl.where(is_end, tl.sum(tl.sum(dKd * kb.to(tl.float32), 1), 0), 0.0)
+    if DGM % 2 == 1:
         dG += tl.where(is_end, tl.sum(tl.sum(hdh, 1), 0) * tl.exp(glast), 0.0)
     if HAS_G:
         tl.store(dgp + (start * H + i_h + r * H) * KSPLIT + i_s, dG, mask=valid)
@@ -318,7 +324,7 @@ def bwd_wy_kernel(
     DGM: tl.constexpr,
 ):
     """Per (chunk, head), the gradients through W = A diag(e^G) K and U = A V: dk, dv, dbeta, and
-    dg (final, DGM 1) or the per-step dG of ``dg_steps`` (DGM 2) at ``dg``.
+    dg (final, DGM 1 and 3) or the per-step dG of ``dg_steps`` (DGM 2) at ``dg``.
 
     A = (X o Gamma) diag(beta), X = (I + L)^{-1}, L = tril(diag(beta) K K^T, -1); X is
     read (saved by the recomputing prep kernel). dkp and dgp hold the first kernel's
@@ -350,7 +356,7 @@ def bwd_wy_kernel(
         dA += _dot(dvnb, tl.trans(vb), F32, PREC)
         dvb = _dot(At, dvnb, F32, PREC)
         tl.store(pdv + offv, dvb.to(dv.dtype.element_ty), mask=mv)
-        if DGM == 2:
+        if DGM >= 2:
             dG -= tl.sum(dvb * vb.to(tl.float32), 1)
     if DGM == 1:
         # the decay term of dk's (A^T dW) o e^G part, rowsum((A^T dW) o diag(e^G) K), is
@@ -374,10 +380,10 @@ def bwd_wy_kernel(
     if HAS_G:
         for s in tl.static_range(KSPLIT):  # the first kernel's terms, from each key split
             dG += tl.load(dgp + (start * H + i_h + r * H) * KSPLIT + s, mask=valid, other=0.0)
-        if DGM == 1:
-            _store_dg(dG, dg, t0, i_h, tok, valid, first, H)
-        else:
+        if DGM == 2:
             tl.store(dg + start * H + i_h + r * H, dG, mask=valid)
+        else:
+            _store_dg(dG, dg, t0, i_h, tok, valid, first, H)
     dLd = _factor_dL(dXg, X, gam, r, DT, F32, PREC)
     db = _finish_dk(pk, pdkp, pdk, pdw, At, eG, dLd, b, db, r, valid, H, K, BKP, DT, F32, PREC, UNROLL)
     tl.store(dbeta + start * H + i_h + r * H, db.to(dbeta.dtype.element_ty), mask=valid)
@@ -392,7 +398,7 @@ def bwd_fused_kernel(
     DGM: tl.constexpr,
 ):
     """Per (chunk, head), ``bwd_dqk_kernel`` and ``bwd_wy_kernel`` in one program: dq, dk, dv, dbeta,
-    and dg (DGM 1) or the per-step dG of ``dg_steps`` (DGM 2) at ``dg``.
+    and dg (DGM 1 and 3) or the per-step dG of ``dg_steps`` (DGM 2) at ``dg``.
 
     dW never leaves the program, and each dk block is finished in registers: dA's state term comes
     first, from dW (diag(e^G) K)^T = -dVn (diag(e^G) K S)^T with K S formed per value block
@@ -435,7 +441,7 @@ def bwd_fused_kernel(
         dA += _dot(dvnb, tl.trans(vb), F32, PREC)
         dvb = _dot(At, dvnb, F32, PREC)
         tl.store(pdv + offv, dvb.to(dv.dtype.element_ty), mask=mv)
-        if DGM == 2:
+        if DGM >= 2:
             dG -= tl.sum(dvb * vb.to(tl.float32), 1)
         KS = tl.zeros((BC, BV), dtype=tl.float32)
         for k0 in tl.range(0, K, BKP, loop_unroll_factor=UNROLL):
@@ -464,7 +470,7 @@ def bwd_fused_kernel(
         mq = qrow[:, None] & (ck[None, :] < K)
         offk = r[:, None] * (H * K) + ck[None, :]
         dQ0, dKd, dW, hdh = _state_grads(ph, pdh, pdo, pvn, pdvn, ck, r, tok, valid, qrow, hdh,
-                                         H, K, V, BC, BKP, BV, DGM == 1, DT, F32, PREC, UNROLL)
+                                         H, K, V, BC, BKP, BV, DGM % 2 == 1, DT, F32, PREC, UNROLL)
         kb = tl.load(pk + offk, mask=mk, other=0.0)
         qb = tl.load(pq + tok[:, None] * (H * K) + ck[None, :], mask=mq, other=0.0)
         kf = kb.to(tl.float32)
@@ -482,9 +488,11 @@ def bwd_fused_kernel(
             dKdKd = tl.sum(dKd * kf, 1)
             dG += tl.sum(dQ0 * qb.to(tl.float32), 1) - dKdKd + tl.sum(AtdW * (kf * eG[:, None]), 1)
             dG += tl.where(is_end, tl.sum(dKdKd, 0), 0.0)
-        if DGM == 2:
+        if DGM >= 2:
             dG += tl.sum(dqb * qb.to(tl.float32), 1)
-    if DGM == 1:
+        if DGM == 3:
+            dG += tl.where(is_end, tl.sum(tl.sum(dKd * kf, 1), 0), 0.0)
+    if DGM % 2 == 1:
         dG += tl.where(is_end, tl.sum(tl.sum(hdh, 1), 0) * tl.exp(glast), 0.0)
         _store_dg(dG, dg, t0, i_h, tok, valid, first, H)
     if DGM == 2:
@@ -539,12 +547,13 @@ def dg_steps(dgs, sT, dsT, g, plan):
     return dg
 
 
-def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None, rescaled=False, sT=None):
+def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None, dgm=None, sT=None):
     """Gradients (dq, dk, dv, dbeta, dg, dS0) of the chunkwise delta rule for output gradients do, dsT.
 
     ``prepped``: the forward's ``triton_delta.Kept`` on this plan's chunks, or None to recompute
-    them; its per-chunk states h and pseudo-values Vn may be None on their own. ``rescaled``: the
-    gate's gradient in the rescaled form (``dg_steps``), which takes the forward's final states ``sT``.
+    them; its per-chunk states h and pseudo-values Vn may be None on their own. ``dgm``: the form of
+    the gate's gradient (``triton_delta.dg_mode``; None: CONFIG's now); its sequence form (2,
+    ``dg_steps``) takes the forward's final states ``sT``.
     """
     from householder.backends import triton_delta as tdelta  # the launchers (imported here: no cycle)
 
@@ -582,15 +591,17 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None, rescaled=
     # the gate's gradient through the scores' decays reads the forward's scores, or forms Q K^T again
     meta = dict(BKP=plan.BKP, BV=plan.BVB, HAS_G=g is not None, UNROLL=int(tdelta.CONFIG["bwd_unroll"]), **plan.common())
     aqk_meta = dict(meta, AQK=bool(tdelta.CONFIG["dg_from_aqk"]))
-    # the gate's gradient: by each chunk's own terms (1) or from q . dq - v . dv summed along the
-    # sequence (2, ``dg_steps``); the kernels then write the per-step sums where dg would go
-    dgm = 0 if g is None else (2 if rescaled else 1)
-    dg_shape = g.shape if dgm == 1 else beta.shape
+    # the gate's gradient: by each chunk's decay terms (1), from q . dq - v . dv summed within the
+    # chunk (3), or along the sequence (2, ``dg_steps``: the kernels then write the per-step sums
+    # where dg would go)
+    if dgm is None:
+        dgm = tdelta.dg_mode(g)
+    dg_shape = beta.shape if dgm == 2 else g.shape if g is not None else None
     # Triton 3.6 on an H200: bwd_dqk and bwd_wy at 8 warps hit an illegal memory access with key or
     # value blocks under 64 wide at chunk 64 (float32, K = V = 16 and 32 seen); 4 warps run right.
     # The fused kernel (4 warps by default) is held to the same cap.
     small = dict(max_warps=4) if min(plan.BKP, plan.BVB) < 64 else {}
-    if tdelta.fused_backward(g, dgm == 2) and plan.NT_total:
+    if tdelta.fused_backward(dgm) and plan.NT_total:
         dq = torch.empty_like(q)
         dk = torch.empty_like(k)
         dv = torch.empty_like(v)

@@ -69,7 +69,7 @@ CONFIG = {
     "save_states": False,
     # One per-chunk backward kernel (bwd_fused_kernel) instead of two (bwd_dqk, then bwd_wy): dW
     # and the second kernel's reloads of dVn, k and the partial dk no longer go through memory.
-    # 0: never, 1: without a gate (or with CONFIG["dg_rescaled"]), 2: always. On an H200 (rolled
+    # 0: never, 1: unless the gate's gradient takes the "decays" form (CONFIG["dg_form"]), 2: always. On an H200 (rolled
     # loops, 4 warps) the plain forward+backward takes 2.68 ms at 16 x 2048 and 3.28 at 2 x 16384 against the two kernels'
     # 3.08 and 3.62. With a gate the two timed level (3.88 / 4.67 ms two kernels, 3.89 / 4.70 fused
     # with CONFIG["bwd_fused"] = (8, 1); 4.10 / 4.90 at 4), and at 8edc297 the fused kernel was 4%
@@ -113,16 +113,20 @@ CONFIG = {
     # chunk 64, a quarter of the bytes), for one (C, C) x (C, BV) product more per chunk on each
     # sequential pass's critical path (and A^T dVn in the reverse pass).
     "a_form": True,
-    # The gate's gradient from the rescaled form of the recurrence (``_triton_delta_bwd.dg_steps``):
-    # dL/dG_t = q_t . dq_t - v_t . dv_t, summed along the sequence by a small scan, instead of
-    # each chunk's own terms through its decays (scores, factor, keys, queries, state), which the
-    # per-chunk backward kernels then skip (and the gated op takes the fused one, as the plain op
-    # does). On an H200 it took the gated forward+backward from 3.47 to 3.21 ms at 16 x 2048 and
-    # from 4.45 to 4.21 at 2 x 16384 (fused), but dg comes out as a long sum of terms that mostly
-    # cancel: its bf16 error against float64 (max error / max |dg|) rose from 3e-3 to 4e-2 - 6e-2
-    # at T = 2048 and 16384 with logsigmoid gates. Off: the other gradients and the output are
-    # the same either way; take it where dg to a few percent is enough.
-    "dg_rescaled": False,
+    # The form of the gate's gradient dg (the output and the other gradients are the same under
+    # each). With G_t the running sum of g, the gated recurrence is the plain one on q_t e^{G_t},
+    # v_t e^{-G_t} and states S_t e^{-G_t}, so dL/dG_t = q_t . dq_t - v_t . dv_t plus the state's
+    # term sum(S o dS) where a stretch of the recurrence ends; dg_t sums dL/dG_s over s >= t.
+    # "decays": each chunk's own terms through its decays (scores, factor, keys, queries, state).
+    # "chunk": that rescaled form with G restarted at each chunk, summed within the chunk, and
+    # sum(S_C o dS_C) of the chunk's end state from terms the kernels form anyway; the per-chunk
+    # kernels then skip the decay terms of scores and factor.
+    # "sequence": the rescaled form along the whole sequence (``_triton_delta_bwd.dg_steps``, a
+    # scan kernel). On an H200 it took the gated forward+backward from 3.47 to 3.21 ms at 16 x
+    # 2048 and from 4.45 to 4.21 at 2 x 16384 (fused), but dg then comes out as a sum of
+    # thousands of terms that mostly cancel: its bf16 error against float64 (max error / max |dg|)
+    # rose from 3e-3 to 4e-2 - 6e-2 at T = 2048 and 16384 with logsigmoid gates.
+    "dg_form": "decays",
 }
 CHUNK_SIZES = (16, 32, 64)
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -320,16 +324,25 @@ def gate_mode(gcs) -> int:
     return 0 if gcs is None else (CONFIG["gates"] or 1)
 
 
-def dg_rescaled(g) -> bool:
-    """Whether the gate's gradient of a call with log-decays ``g`` takes the rescaled form (CONFIG["dg_rescaled"])."""
-    return g is not None and bool(CONFIG["dg_rescaled"])
+DG_MODES = {"decays": 1, "sequence": 2, "chunk": 3}
 
 
-def fused_backward(g, rescaled: bool = False) -> bool:
-    """Whether the backward runs its per-chunk gradients in one kernel (CONFIG["fuse_bwd"]);
-    ``rescaled``: the gate's gradient takes the rescaled form."""
+def dg_mode(g) -> int:
+    """The per-chunk backward kernels' DGM for a call with log-decays ``g``: 0 without a gate, else
+    that of CONFIG["dg_form"] (DG_MODES)."""
+    if g is None:
+        return 0
+    form = CONFIG["dg_form"]
+    if form not in DG_MODES:
+        raise ValueError(f"CONFIG['dg_form'] must be one of {sorted(DG_MODES)}, got {form!r}")
+    return DG_MODES[form]
+
+
+def fused_backward(dgm: int) -> bool:
+    """Whether the backward runs its per-chunk gradients in one kernel (CONFIG["fuse_bwd"]) for
+    the gate-gradient mode ``dgm`` (``dg_mode``; 0: no gate)."""
     mode = int(CONFIG["fuse_bwd"])
-    return mode == 2 or (mode == 1 and (g is None or rescaled))
+    return mode == 2 or (mode == 1 and dgm != 1)
 
 
 def _g_arg(g, like):
@@ -429,10 +442,10 @@ class _DeltaRuleFunction(torch.autograd.Function):
         keep = CONFIG["save_prep"] and bplan is plan  # another backward chunk size recomputes them anyway
         o, sT, prepped = _forward(q, k, v, beta, g, scale, S0, plan, want_final=True, keep=keep,
                                   keep_states=CONFIG["save_states"])
-        # the rescaled form of the gate's gradient takes the final states (an output: saved only
-        # then, so that writing them in place is not refused otherwise), decided here for the backward
-        ctx.rescaled = dg_rescaled(g)
-        ctx.save_for_backward(q, k, v, beta, g, S0, sT if ctx.rescaled else None)
+        # the gate gradient's form, decided here for the backward; the sequence form takes the final
+        # states (an output: saved only then, so that writing them in place is not refused otherwise)
+        ctx.dgm = dg_mode(g)
+        ctx.save_for_backward(q, k, v, beta, g, S0, sT if ctx.dgm == DG_MODES["sequence"] else None)
         # Intermediates (never inputs or outputs, so no reference cycle) held on ctx rather than
         # saved: the backward drops each after its last reader, which saved tensors would not allow.
         ctx.prepped = prepped
@@ -445,7 +458,7 @@ class _DeltaRuleFunction(torch.autograd.Function):
         # handed over with no name left here: the callee's reference is then the only one, and
         # it drops W, U, Aqk after their last reader (a local here held them to the end: +0.3 GB peak)
         dq, dk, dv, dbeta, dg, dS0 = _bwd.backward(q, k, v, beta, g, S0, ctx.scale, ctx.plan, do, dsT,
-                                                   _take_prepped(ctx), rescaled=ctx.rescaled, sT=sT)
+                                                   _take_prepped(ctx), dgm=ctx.dgm, sT=sT)
         return dq, dk, dv, dbeta, dg, dS0, None, None
 
 
