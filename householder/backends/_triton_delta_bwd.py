@@ -168,7 +168,7 @@ def _state_grads(ph, pdh, pdo, pvn, pdvn, ck, r, tok, valid, qrow, hdh,
         hb = tl.load(ph + ck[:, None] * V + cv[None, :], mask=mkv, other=0.0)
         dhb = tl.load(pdh + ck[:, None] * V + cv[None, :], mask=mkv, other=0.0)
         if HAS_G:
-            hdh += hb.to(tl.float32) * dhb.to(tl.float32)
+            hdh += tl.sum(hb.to(tl.float32) * dhb.to(tl.float32), 1)
         dob = tl.load(pdo + tok[:, None] * (H * V) + cv[None, :], mask=qrow[:, None] & (cv[None, :] < V), other=0.0).to(DT)
         vnb = tl.load(pvn + offv, mask=mv, other=0.0).to(DT)
         dvnb = tl.load(pdvn + offv, mask=mv, other=0.0).to(DT)
@@ -275,7 +275,7 @@ def bwd_dqk_kernel(
         dM += _dot(dob, tl.trans(vnb), F32, PREC)
     dM = tl.where(causal, dM * scale, 0.0)
     dG = tl.zeros((BC,), dtype=tl.float32)
-    hdh = tl.zeros((BKP, BV), dtype=tl.float32)  # S o dS', reduced at the end
+    hdh = tl.zeros((BKP,), dtype=tl.float32)  # row sums of S o dS'
     if DGM == 1:
         # before the key loop (which reloads q and k), so that dM's other uses are all that is live;
         # one split's term (it reads every key column)
@@ -310,7 +310,7 @@ def bwd_dqk_kernel(
         if DGM == 3:
             dG += tl.where(is_end, tl.sum(tl.sum(dKd * kb.to(tl.float32), 1), 0), 0.0)
     if DGM % 2 == 1:
-        dG += tl.where(is_end, tl.sum(tl.sum(hdh, 1), 0) * tl.exp(glast), 0.0)
+        dG += tl.where(is_end, tl.sum(hdh, 0) * tl.exp(glast), 0.0)
     if HAS_G:
         tl.store(dgp + (start * H + i_h + r * H) * KSPLIT + i_s, dG, mask=valid)
 
@@ -454,7 +454,7 @@ def bwd_fused_kernel(
         # K S in the inputs' precision, as the other kernels take dW
         dA -= _dot(dvnb, tl.trans(KS.to(DT)), F32, PREC)
     dM = tl.where(causal, dM * scale, 0.0)
-    hdh = tl.zeros((BKP, BV), dtype=tl.float32)  # S o dS', reduced at the end
+    hdh = tl.zeros((BKP,), dtype=tl.float32)  # row sums of S o dS'
     if DGM == 1:
         dG += _scores_decay_term(dM, gam, aqk + (i_c * H + i_h) * BC * BC, pk, pq, r, tok, valid, qrow,
                                  H, K, BC, BKP, DT, F32, PREC, AQK, UNROLL)
@@ -493,7 +493,7 @@ def bwd_fused_kernel(
         if DGM == 3:
             dG += tl.where(is_end, tl.sum(tl.sum(dKd * kf, 1), 0), 0.0)
     if DGM % 2 == 1:
-        dG += tl.where(is_end, tl.sum(tl.sum(hdh, 1), 0) * tl.exp(glast), 0.0)
+        dG += tl.where(is_end, tl.sum(hdh, 0) * tl.exp(glast), 0.0)
         _store_dg(dG, dg, t0, i_h, tok, valid, first, H)
     if DGM == 2:
         tl.store(dg + start * H + i_h + r * H, dG, mask=valid)
