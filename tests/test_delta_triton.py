@@ -498,7 +498,8 @@ def test_fused_backward_matches_the_two_kernel_one(rng, monkeypatch, B, T, H, K,
         # dg by the forms is summed differently: each agrees with the first run of its own form
         first = next(r for s_, r in zip(settings, runs) if s_[4] == setting[4])
         for name, b, a, c in zip(names, run, first, want):
-            assert rel_err(b, a) < SAME, (name, setting)
+            # dg is a running sum of terms that largely cancel, added in each kernel's own order
+            assert rel_err(b, a) < (10 * SAME if name == "dg" else SAME), (name, setting)
             assert rel_err(b, c) < 2e-4, (name, setting)
     # mode 1, the last one above: the plain op fused, the gated one only under the rescaled forms
     assert td.fused_backward(td.dg_mode(None)) and not td.fused_backward(td.DG_MODES["decays"])
