@@ -108,7 +108,7 @@ def kernels(K: int, chunk: int):
         for name, fn, meta in (("bwd_dqk", bwd.bwd_dqk_kernel, dict(aqk, KSPLIT=splits, KPS=KPS)),
                                ("bwd_wy", bwd.bwd_wy_kernel, dict(per_chunk, KSPLIT=splits)),
                                ("bwd_fused", bwd.bwd_fused_kernel, fused)):
-            warps, stages = td.CONFIG[name]
+            warps, stages = td.CONFIG["bwd_fused_gated" if gated and name == "bwd_fused" else name]
             yield (name, variant, fn, meta, (min(warps, 4) if small else warps, stages))
 
 

@@ -131,14 +131,15 @@ def test_backward_matches_torch_path(rng, B, T, H, K, V, n, chunk, gated, cu):
         assert rel_err(a, b) < 2e-4, name
 
 
-DG_FORMS = ("decays", "chunk", "sequence")
+DG_FORMS = ("decays", "chunk")
 
 
 @pytest.mark.parametrize("form", DG_FORMS)
 @pytest.mark.parametrize("final", [False, True], ids=["output-only", "final-state"])
 def test_gate_gradient_with_or_without_the_final_state(rng, monkeypatch, form, final):
-    # the rescaled forms take sum(S o dS) where a chunk or a sequence ends: the final state's
-    # gradient alone (do = 0), or none at all (the final state not asked for), must both come out
+    # the chunk form takes sum(S_C o dS_C) where each chunk ends, the last one's from the final
+    # state's gradient: that alone (do = 0), or none at all (the final state not asked for), must
+    # both come out
     from householder.backends import triton_delta as td
 
     monkeypatch.setitem(td.CONFIG, "dg_form", form)
@@ -163,19 +164,18 @@ def test_gate_gradient_with_or_without_the_final_state(rng, monkeypatch, form, f
 
 @pytest.mark.parametrize("form", DG_FORMS)
 def test_gate_gradient_form_is_fixed_by_the_forward(rng, monkeypatch, form):
-    # CONFIG["dg_form"] changed between the passes must not mix the forms (the sequence one needs
-    # the final states saved by its forward); and under the chunk-local forms the returned final
-    # state is not saved, so writing it in place before the backward is allowed
+    # CONFIG["dg_form"] changed between the passes must not mix the forms (each kernel computes
+    # one form whole); and the returned final state is not saved, so writing it in place before
+    # the backward is allowed
     from householder.backends import triton_delta as td
 
     inp = make_inputs(rng, 1, 37, 2, 16, 8, state=1)
     leaves = {k: x.detach().clone().requires_grad_() for k, x in inp.items()}
     monkeypatch.setitem(td.CONFIG, "dg_form", form)
     o, S = hh.delta_rule(**leaves, output_final_state=True, chunk_size=16, backend="triton")
-    monkeypatch.setitem(td.CONFIG, "dg_form", "decays" if form == "sequence" else "sequence")
+    monkeypatch.setitem(td.CONFIG, "dg_form", "decays" if form == "chunk" else "chunk")
     loss = o.pow(2).sum() + S.sum()  # the sum saves nothing of S
-    if form != "sequence":
-        S.detach().mul_(1.0)  # an in-place write to the output (a cache update, say)
+    S.detach().mul_(1.0)  # an in-place write to the output (a cache update, say)
     (dg,) = torch.autograd.grad(loss, [leaves["g"]])
     want = {k: x.detach().double().requires_grad_() for k, x in inp.items()}
     wo, wS = hh.delta_rule(**want, output_final_state=True, backend="torch")
@@ -370,13 +370,14 @@ def test_sequential_passes_take_the_factor_or_w_and_u_alike(rng, monkeypatch, ga
 
 @pytest.mark.parametrize("a_form", [False, True], ids=["w-u", "a-form"])
 @pytest.mark.parametrize("states", [False, True])
-def test_kept_chunk_quantities_are_released_by_the_backward(rng, monkeypatch, states, a_form):
+@pytest.mark.parametrize("fuse", [1, 2], ids=["two-kernels", "fused"])
+def test_kept_chunk_quantities_are_released_by_the_backward(rng, monkeypatch, fuse, states, a_form):
     from householder.backends import triton_delta as td
 
     monkeypatch.setitem(td.CONFIG, "save_prep", True)
     monkeypatch.setitem(td.CONFIG, "save_states", states)
     monkeypatch.setitem(td.CONFIG, "a_form", a_form)
-    monkeypatch.setitem(td.CONFIG, "fuse_bwd", 1)  # gated: the two per-chunk kernels
+    monkeypatch.setitem(td.CONFIG, "fuse_bwd", fuse)  # gated: the two per-chunk kernels (1) or one
     monkeypatch.setitem(td.CONFIG, "gates", 1)  # so that prep writes the running log-decays G too
     inp = {k: x.requires_grad_() for k, x in make_inputs(rng, 1, 40, 1, 16, 16, gated=True, state=1).items()}
     o, _ = hh.delta_rule(**inp, chunk_size=16, backend="triton")
@@ -388,13 +389,14 @@ def test_kept_chunk_quantities_are_released_by_the_backward(rng, monkeypatch, st
     kept = {"W or A": weakref.ref(pp.a if a_form else pp.w), "G": weakref.ref(pp.gcs)}
     if not a_form:
         kept["U"] = weakref.ref(pp.u)
-    if states:
+    if states and fuse == 1:  # the fused kernel reads h itself
         kept["h"] = weakref.ref(node.prepped.h)
     del pp
     alive = {}
+    last = "bwd_wy" if fuse == 1 else "bwd_fused_gated"
 
-    def spy(name, *args, **meta):  # the last readers of W (or A), U, G and h run before bwd_wy
-        if name == "bwd_wy":
+    def spy(name, *args, **meta):  # the last readers of W (or A), U, G (and h) run before ``last``
+        if name == last:
             alive.update({key: ref() is not None for key, ref in kept.items()})
         return launch(name, *args, **meta)
 
@@ -402,7 +404,7 @@ def test_kept_chunk_quantities_are_released_by_the_backward(rng, monkeypatch, st
     monkeypatch.setattr(td, "launch", spy)
     o.sum().backward()
     assert node.prepped is None
-    assert alive == {key: False for key in kept}
+    assert alive == {key: False for key in kept}  # empty (a failing test) if ``last`` never ran
 
 
 @pytest.mark.parametrize("K", [64, 128, 256])
@@ -415,7 +417,7 @@ def test_kept_chunk_quantities_are_released_by_the_backward(rng, monkeypatch, st
         for name, setting in (("two-kernels", (0, 1, False, "decays")), ("two-kernels-split", (0, 2, False, "decays")),
                               ("fused", (2, 1, False, "decays")), ("two-kernels-a-form", (0, 1, True, "decays")),
                               ("fused-a-form", (2, 1, True, "decays")), ("fused-dg-chunk", (2, 1, True, "chunk")),
-                              ("two-kernels-dg-chunk", (0, 1, True, "chunk")), ("fused-dg-sequence", (2, 1, True, "sequence")))
+                              ("two-kernels-dg-chunk", (0, 1, True, "chunk")))
         if gated or "dg-" not in name  # dg_form changes only the gated op's backward
     ],
 )
@@ -481,9 +483,9 @@ def test_fused_backward_matches_the_two_kernel_one(rng, monkeypatch, B, T, H, K,
     # kernel; bwd_dqk's key columns in one program or split (two programs at K = 80: a full 64-wide
     # block and a partial one); the gate's gradient in each form (both kernels). Mode 1 comes last.
     settings = ((0, False, 2, 1, "decays"), (2, False, 2, 1, "decays"), (2, True, 1, 1, "decays"),
-                (0, True, 1, 2, "decays"), (0, False, 1, 2, "sequence"), (0, True, 2, 4, "decays"),
-                (2, False, 1, 1, "sequence"), (1, True, 1, 1, "sequence"), (0, True, 1, 2, "chunk"),
-                (2, False, 2, 1, "chunk"), (1, True, 1, 1, "chunk"), (1, False, 2, 2, "decays"))
+                (0, True, 1, 2, "decays"), (0, True, 2, 4, "decays"), (0, True, 1, 2, "chunk"),
+                (2, False, 2, 1, "chunk"), (0, False, 1, 1, "chunk"), (1, True, 1, 1, "chunk"),
+                (1, False, 2, 2, "decays"))
     for fused, aqk, unroll, split, form in settings:
         monkeypatch.setitem(td.CONFIG, "dg_form", form)
         monkeypatch.setitem(td.CONFIG, "fuse_bwd", fused)
@@ -501,9 +503,9 @@ def test_fused_backward_matches_the_two_kernel_one(rng, monkeypatch, B, T, H, K,
             # dg is a running sum of terms that largely cancel, added in each kernel's own order
             assert rel_err(b, a) < (10 * SAME if name == "dg" else SAME), (name, setting)
             assert rel_err(b, c) < 2e-4, (name, setting)
-    # mode 1, the last one above: the plain op fused, the gated one only under the rescaled forms
+    # mode 1, the last one above: the plain op fused, the gated one only under the chunk form
     assert td.fused_backward(td.dg_mode(None)) and not td.fused_backward(td.DG_MODES["decays"])
-    assert td.fused_backward(td.DG_MODES["chunk"]) and td.fused_backward(td.DG_MODES["sequence"])
+    assert td.fused_backward(td.DG_MODES["chunk"])
 
 
 def test_unknown_gate_gradient_form_is_refused(rng, monkeypatch):

@@ -24,17 +24,15 @@ sequential over chunks, writes dS' per chunk, dVn and dS_0), then two with one
 program per chunk and head: ``bwd_dqk_kernel`` (everything that reads the states:
 dq, partial dk and dG, dW; its grid also splits the key columns, CONFIG["bwd_dqk_split"])
 and ``bwd_wy_kernel`` (through the chunk factor: dk,
-dv, dbeta, dg). ``bwd_fused_kernel`` does both in one program (CONFIG["fuse_bwd"];
-by default without a gate only): dW then never leaves it, and dk is written once.
-With a gate, on an H200, the fused kernel was level with the two, later 4% slower.
+dv, dbeta, dg). ``bwd_fused_kernel`` does both in one program (CONFIG["fuse_bwd"],
+by default): dW then never leaves it, and dk is written once.
 
 The per-chunk kernels' DGM picks the gate's gradient (CONFIG["dg_form"]): 0 none (no
-gate); 1 the chunk-local decay terms above; 3 the rescaled form inside each chunk,
-dL/dG_t = q_t . dq_t - v_t . dv_t with G restarted at the chunk's start, plus at its last
-step sum(S_C o dS') of the end state S_C = e^{G_C} S + Kd^T Vn, which is
-e^{G_C} sum(S o dS') + sum(Kd o Vn dS'^T), both formed anyway; dg is then the reverse
-running sum inside the chunk; 2 only q . dq - v . dv per step, which ``dg_scan_kernel``
-sums along each sequence (``dg_steps``).
+gate); 1 the chunk-local decay terms above; 2 the rescaled form inside each chunk: with G
+restarted at the chunk's start, the chunk is the plain rule on q e^G, v e^{-G} and states
+S e^{-G}, so dL/dG_t = q_t . dq_t - v_t . dv_t, plus at its last step sum(S_C o dS') of the
+end state S_C = e^{G_C} S + Kd^T Vn, that is e^{G_C} sum(S o dS') + sum(Kd o Vn dS'^T), both
+formed anyway; dg is again the reverse running sum inside the chunk.
 """
 
 from __future__ import annotations
@@ -243,9 +241,9 @@ def bwd_dqk_kernel(
 
     dM = scale tril(dO Vn^T), dq = scale e^G dO S^T + (dM o Gamma) K,
     dk = (dM o Gamma)^T Q + diag(e^{G_C - G}) Vn dS'^T, dW = -dVn S^T, and every
-    log-decay term but those of the factor (the second kernel adds those; DGM 1), or only
-    q . dq (DGM 2, ``dg_steps``), with the chunk-end state's term (DGM 3). Program axis 2 takes the key columns [i_s KPS, (i_s + 1) KPS)
-    of KSPLIT splits: each forms dM again, and writes its own dG terms to dgp[..., i_s] (bwd_wy
+    log-decay term but those of the factor (the second kernel adds those; DGM 1), or q . dq
+    and the chunk-end state's term (DGM 2). Program axis 2 takes the key columns [i_s KPS,
+    (i_s + 1) KPS) of KSPLIT splits: each forms dM again, and writes its own dG terms to dgp[..., i_s] (bwd_wy
     sums the KSPLIT of them).
     """
     i_c, i_h, start, end, r, tok, first, last, valid, qrow, t0 = chunk_program(chunks, T_steps, NT, BC, NH, VARLEN)
@@ -290,7 +288,7 @@ def bwd_dqk_kernel(
         mq = qrow[:, None] & (ck[None, :] < K)
         offk = r[:, None] * (H * K) + ck[None, :]
         dQ0, dKd, dW, hdh = _state_grads(ph, pdh, pdo, pvn, pdvn, ck, r, tok, valid, qrow, hdh,
-                                         H, K, V, BC, BKP, BV, DGM % 2 == 1, DT, F32, PREC, UNROLL)
+                                         H, K, V, BC, BKP, BV, HAS_G, DT, F32, PREC, UNROLL)
         tl.store(pdw + offk, dW.to(dw.dtype.element_ty), mask=mk)
         kb = tl.load(pk + offk, mask=mk, other=0.0)
         qb = tl.load(pq + tok[:, None] * (H * K) + ck[None, :], mask=mq, other=0.0)
@@ -305,13 +303,11 @@ def bwd_dqk_kernel(
             dKdKd = tl.sum(dKd * kb.to(tl.float32), 1)
             dG += tl.sum(dQ0 * qb.to(tl.float32), 1) - dKdKd
             dG += tl.where(is_end, tl.sum(dKdKd, 0), 0.0)
-        if DGM >= 2:
+        if DGM == 2:
             dG += tl.sum(dqb * qb.to(tl.float32), 1)
-        if DGM == 3:
             dG += tl.where(is_end, tl.sum(tl.sum(dKd * kb.to(tl.float32), 1), 0), 0.0)
-    if DGM % 2 == 1:
-        dG += tl.where(is_end, tl.sum(hdh, 0) * tl.exp(glast), 0.0)
     if HAS_G:
+        dG += tl.where(is_end, tl.sum(hdh, 0) * tl.exp(glast), 0.0)
         tl.store(dgp + (start * H + i_h + r * H) * KSPLIT + i_s, dG, mask=valid)
 
 
@@ -324,7 +320,7 @@ def bwd_wy_kernel(
     DGM: tl.constexpr,
 ):
     """Per (chunk, head), the gradients through W = A diag(e^G) K and U = A V: dk, dv, dbeta, and
-    dg (final, DGM 1 and 3) or the per-step dG of ``dg_steps`` (DGM 2) at ``dg``.
+    dg.
 
     A = (X o Gamma) diag(beta), X = (I + L)^{-1}, L = tril(diag(beta) K K^T, -1); X is
     read (saved by the recomputing prep kernel). dkp and dgp hold the first kernel's
@@ -356,7 +352,7 @@ def bwd_wy_kernel(
         dA += _dot(dvnb, tl.trans(vb), F32, PREC)
         dvb = _dot(At, dvnb, F32, PREC)
         tl.store(pdv + offv, dvb.to(dv.dtype.element_ty), mask=mv)
-        if DGM >= 2:
+        if DGM == 2:
             dG -= tl.sum(dvb * vb.to(tl.float32), 1)
     if DGM == 1:
         # the decay term of dk's (A^T dW) o e^G part, rowsum((A^T dW) o diag(e^G) K), is
@@ -380,10 +376,7 @@ def bwd_wy_kernel(
     if HAS_G:
         for s in tl.static_range(KSPLIT):  # the first kernel's terms, from each key split
             dG += tl.load(dgp + (start * H + i_h + r * H) * KSPLIT + s, mask=valid, other=0.0)
-        if DGM == 2:
-            tl.store(dg + start * H + i_h + r * H, dG, mask=valid)
-        else:
-            _store_dg(dG, dg, t0, i_h, tok, valid, first, H)
+        _store_dg(dG, dg, t0, i_h, tok, valid, first, H)
     dLd = _factor_dL(dXg, X, gam, r, DT, F32, PREC)
     db = _finish_dk(pk, pdkp, pdk, pdw, At, eG, dLd, b, db, r, valid, H, K, BKP, DT, F32, PREC, UNROLL)
     tl.store(dbeta + start * H + i_h + r * H, db.to(dbeta.dtype.element_ty), mask=valid)
@@ -398,7 +391,7 @@ def bwd_fused_kernel(
     DGM: tl.constexpr,
 ):
     """Per (chunk, head), ``bwd_dqk_kernel`` and ``bwd_wy_kernel`` in one program: dq, dk, dv, dbeta,
-    and dg (DGM 1 and 3) or the per-step dG of ``dg_steps`` (DGM 2) at ``dg``.
+    and dg.
 
     dW never leaves the program, and each dk block is finished in registers: dA's state term comes
     first, from dW (diag(e^G) K)^T = -dVn (diag(e^G) K S)^T with K S formed per value block
@@ -441,7 +434,7 @@ def bwd_fused_kernel(
         dA += _dot(dvnb, tl.trans(vb), F32, PREC)
         dvb = _dot(At, dvnb, F32, PREC)
         tl.store(pdv + offv, dvb.to(dv.dtype.element_ty), mask=mv)
-        if DGM >= 2:
+        if DGM == 2:
             dG -= tl.sum(dvb * vb.to(tl.float32), 1)
         KS = tl.zeros((BC, BV), dtype=tl.float32)
         for k0 in tl.range(0, K, BKP, loop_unroll_factor=UNROLL):
@@ -470,7 +463,7 @@ def bwd_fused_kernel(
         mq = qrow[:, None] & (ck[None, :] < K)
         offk = r[:, None] * (H * K) + ck[None, :]
         dQ0, dKd, dW, hdh = _state_grads(ph, pdh, pdo, pvn, pdvn, ck, r, tok, valid, qrow, hdh,
-                                         H, K, V, BC, BKP, BV, DGM % 2 == 1, DT, F32, PREC, UNROLL)
+                                         H, K, V, BC, BKP, BV, HAS_G, DT, F32, PREC, UNROLL)
         kb = tl.load(pk + offk, mask=mk, other=0.0)
         qb = tl.load(pq + tok[:, None] * (H * K) + ck[None, :], mask=mq, other=0.0)
         kf = kb.to(tl.float32)
@@ -488,72 +481,21 @@ def bwd_fused_kernel(
             dKdKd = tl.sum(dKd * kf, 1)
             dG += tl.sum(dQ0 * qb.to(tl.float32), 1) - dKdKd + tl.sum(AtdW * (kf * eG[:, None]), 1)
             dG += tl.where(is_end, tl.sum(dKdKd, 0), 0.0)
-        if DGM >= 2:
+        if DGM == 2:
             dG += tl.sum(dqb * qb.to(tl.float32), 1)
-        if DGM == 3:
             dG += tl.where(is_end, tl.sum(tl.sum(dKd * kf, 1), 0), 0.0)
-    if DGM % 2 == 1:
+    if HAS_G:
         dG += tl.where(is_end, tl.sum(hdh, 0) * tl.exp(glast), 0.0)
         _store_dg(dG, dg, t0, i_h, tok, valid, first, H)
-    if DGM == 2:
-        tl.store(dg + start * H + i_h + r * H, dG, mask=valid)
     tl.store(dbeta + start * H + i_h + r * H, db.to(dbeta.dtype.element_ty), mask=valid)
 
 
-@triton.jit
-def dg_scan_kernel(
-    dgs, fin, dg, seqs, T_steps, NT,
-    H: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, VARLEN: tl.constexpr, HAS_FIN: tl.constexpr,
-):
-    """dg (B, T, H) of one sequence and head: the reverse running sum over the sequence of the
-    per-step dG (B, T_steps, H) at ``dgs``, each token taking it at its first step, plus the final
-    state's term sum(S_T o dS_T) at ``fin`` (N * H,)."""
-    i_nh = tl.program_id(0).to(tl.int64)
-    i_n = i_nh // H
-    i_h = i_nh % H
-    bos, eos, _ = seq_bounds(i_n, seqs, T_steps, NT, VARLEN)
-    carry = tl.zeros((), dtype=tl.float32)
-    if HAS_FIN:
-        carry += tl.load(fin + i_nh)
-    nb = tl.cdiv(eos - bos, BLOCK)
-    for jj in range(0, nb):
-        s = bos + (nb - 1 - jj) * BLOCK + tl.arange(0, BLOCK)
-        m = s < eos
-        x = tl.load(dgs + s * H + i_h, mask=m, other=0.0)
-        tl.store(dg + (s // NH) * H + i_h, tl.cumsum(x, 0, reverse=True) + carry, mask=m & (s % NH == 0))
-        carry += tl.sum(x, 0)
-
-
-def dg_steps(dgs, sT, dsT, g, plan):
-    """dg (B, T, H) float32 from the per-step dG (B, T_steps, H) float32 of the kernels at DGM 2.
-
-    With G_t the running sum of g over a sequence, the gated recurrence is the plain one on
-    q_t e^{G_t}, v_t e^{-G_t} and states S_t e^{-G_t}; so dL/dG_t = q_t . dq_t - sum_j v_tj . dv_tj
-    (the second over token t's steps), plus sum(S_T o dS_T) at a sequence's last token, and dg_t
-    is the sum of dL/dG_s over s >= t in its sequence. The per-chunk kernels form the dot
-    products where dq and dv are made, and this pass sums them along each sequence.
-    """
-    from householder.backends import triton_delta as tdelta  # the launchers (imported here: no cycle)
-
-    dg = torch.empty(g.shape, dtype=torch.float32, device=g.device)
-    fin = None
-    if sT is not None and dsT is not None:
-        fin = (sT * dsT.to(torch.float32)).sum((-2, -1)).reshape(-1)
-    block = min(1024, max(16, triton.next_power_of_2(max(plan.T_steps, 1))))
-    tdelta.launch("dg_scan", dg_scan_kernel, (plan.N * plan.H,),
-        dgs, fin if fin is not None else dgs, dg, plan.seqs, plan.T_steps, plan.NT,
-        H=plan.H, NH=plan.NH, BLOCK=block, VARLEN=plan.varlen, HAS_FIN=fin is not None,
-    )
-    return dg
-
-
-def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None, dgm=None, sT=None):
+def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None, dgm=None):
     """Gradients (dq, dk, dv, dbeta, dg, dS0) of the chunkwise delta rule for output gradients do, dsT.
 
     ``prepped``: the forward's ``triton_delta.Kept`` on this plan's chunks, or None to recompute
     them; its per-chunk states h and pseudo-values Vn may be None on their own. ``dgm``: the form of
-    the gate's gradient (``triton_delta.dg_mode``; None: CONFIG's now); its sequence form (2,
-    ``dg_steps``) takes the forward's final states ``sT``.
+    the gate's gradient (``triton_delta.dg_mode``; None: CONFIG's now).
     """
     from householder.backends import triton_delta as tdelta  # the launchers (imported here: no cycle)
 
@@ -591,12 +533,9 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None, dgm=None,
     # the gate's gradient through the scores' decays reads the forward's scores, or forms Q K^T again
     meta = dict(BKP=plan.BKP, BV=plan.BVB, HAS_G=g is not None, UNROLL=int(tdelta.CONFIG["bwd_unroll"]), **plan.common())
     aqk_meta = dict(meta, AQK=bool(tdelta.CONFIG["dg_from_aqk"]))
-    # the gate's gradient: by each chunk's decay terms (1), from q . dq - v . dv summed within the
-    # chunk (3), or along the sequence (2, ``dg_steps``: the kernels then write the per-step sums
-    # where dg would go)
+    # the gate's gradient: by each chunk's decay terms (1) or from q . dq - v . dv (2)
     if dgm is None:
         dgm = tdelta.dg_mode(g)
-    dg_shape = beta.shape if dgm == 2 else g.shape if g is not None else None
     # Triton 3.6 on an H200: bwd_dqk and bwd_wy at 8 warps hit an illegal memory access with key or
     # value blocks under 64 wide at chunk 64 (float32, K = V = 16 and 32 seen); 4 warps run right.
     # The fused kernel (4 warps by default) is held to the same cap.
@@ -606,14 +545,12 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None, dgm=None,
         dk = torch.empty_like(k)
         dv = torch.empty_like(v)
         dbeta = torch.empty(beta.shape, dtype=torch.float32, device=dev)
-        dg = torch.empty(dg_shape, dtype=torch.float32, device=dev) if g is not None else None
-        tdelta.launch("bwd_fused", bwd_fused_kernel, grid,
+        dg = torch.empty(g.shape, dtype=torch.float32, device=dev) if g is not None else None
+        tdelta.launch("bwd_fused_gated" if g is not None else "bwd_fused", bwd_fused_kernel, grid,
             q, k, v, beta, g if g is not None else dummy, xs, hs, dhs, vn, dvn, do, aqk, dq, dk, dv, dbeta,
             dg if g is not None else dummy, plan.chunks, plan.T_steps, plan.NT, scale,
             **dict(aqk_meta, UNROLL=int(tdelta.CONFIG["fused_unroll"])), DGM=dgm, **small,
         )
-        if dgm == 2:
-            dg = dg_steps(dg, sT, dsT, g, plan)
         return _grads_out(dq, dk, dv, dbeta, dg, ds0, beta, g, S0)
     dq = torch.empty_like(q)  # every token row is written once: at its last step
     dkp = torch.empty(k.shape, dtype=torch.float32, device=dev)
@@ -630,7 +567,7 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None, dgm=None,
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     dbeta = torch.empty(beta.shape, dtype=torch.float32, device=dev)
-    dg = torch.empty(dg_shape, dtype=torch.float32, device=dev) if g is not None else None
+    dg = torch.empty(g.shape, dtype=torch.float32, device=dev) if g is not None else None
     if plan.NT_total:
         tdelta.launch("bwd_wy", bwd_wy_kernel, grid,
             k, v, beta, g if g is not None else dummy, xs, dw, dvn, dkp, dgp if g is not None else dummy,
@@ -641,8 +578,6 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None, dgm=None,
         dk.zero_(), dv.zero_(), dbeta.zero_()
         if dg is not None:
             dg.zero_()
-    if dgm == 2:
-        dg = dg_steps(dg, sT, dsT, g, plan)
     return _grads_out(dq, dk, dv, dbeta, dg, ds0, beta, g, S0)
 
 

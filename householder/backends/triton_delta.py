@@ -49,7 +49,10 @@ CONFIG = {
     "bwd_dqk": (8, 2),
     "bwd_wy": (8, 1),
     "bwd_fused": (4, 1),
-    "dg_scan": (4, 1),
+    # the fused kernel with a gate: on an H200 (38199de, fused) 8 warps took the gated forward+backward
+    # from 3.488 / 3.476 / 3.890 / 4.476 ms at 4 to 3.364 / 3.347 / 3.770 / 4.364 at (16, 2048),
+    # (8, 4096), (4, 8192), (2, 16384); the plain op at 8 went from 2.488 to 2.770 at 16 x 2048
+    "bwd_fused_gated": (8, 1),
     "bwd_chunk": None,  # chunk size of the backward pass (None: the forward's)
     # How the sequential passes get the running log-decays G of a chunk: 0 sum them from g there,
     # 1 load them from the prep kernel's output (last row by a scalar load), 2 load them (last row
@@ -69,14 +72,17 @@ CONFIG = {
     "save_states": False,
     # One per-chunk backward kernel (bwd_fused_kernel) instead of two (bwd_dqk, then bwd_wy): dW
     # and the second kernel's reloads of dVn, k and the partial dk no longer go through memory.
-    # 0: never, 1: unless the gate's gradient takes the "decays" form (CONFIG["dg_form"]), 2: always. On an H200 (rolled
-    # loops, 4 warps) the plain forward+backward takes 2.68 ms at 16 x 2048 and 3.28 at 2 x 16384 against the two kernels'
-    # 3.08 and 3.62. With a gate the two timed level (3.88 / 4.67 ms two kernels, 3.89 / 4.70 fused
-    # with CONFIG["bwd_fused"] = (8, 1); 4.10 / 4.90 at 4), and at 8edc297 the fused kernel was 4%
-    # slower (3.595 against 3.453 ms at 16 x 2048), so 1 is the mode to use; fused holds 125 MiB
-    # less there. Its gradients matched the float64 path on an H200 at chunk 64 and
-    # K = V = 64, 128, 256 (tests/test_delta_triton.py's model-head test).
-    "fuse_bwd": 1,
+    # 0: never, 1: unless the gate's gradient takes the "decays" form (CONFIG["dg_form"]), 2: always.
+    # On an H200 (rolled loops, 4 warps) the plain forward+backward takes 2.68 ms at 16 x 2048 and
+    # 3.28 at 2 x 16384 against the two kernels' 3.08 and 3.62. With a gate, at 4 warps, the fused
+    # kernel was level with the two, and at 8edc297 4% slower (3.595 against 3.453 ms at 16 x 2048);
+    # once it summed S o dS' along the value columns as it formed it (38199de) rather than holding a
+    # float32 tile of it, at 8 warps (bwd_fused_gated) it became the faster: 3.364 / 3.347 / 3.770 /
+    # 4.364 ms against the two kernels' 3.491 / 3.477 / 3.897 / 4.507 at the four benchmark shapes
+    # (the last two from 9748ec3's table), and it holds 125 MiB less. Its gradients matched the
+    # float64 path on an H200 at chunk 64 and K = V = 64, 128, 256 (tests/test_delta_triton.py's
+    # model-head test).
+    "fuse_bwd": 2,
     # The gate's gradient through the scores' decays from the forward's masked scores Aqk (held
     # in the inputs' precision) rather than from Q K^T formed again in the backward: 1.5% off the
     # gated forward+backward on an H200.
@@ -114,18 +120,17 @@ CONFIG = {
     # sequential pass's critical path (and A^T dVn in the reverse pass).
     "a_form": True,
     # The form of the gate's gradient dg (the output and the other gradients are the same under
-    # each). With G_t the running sum of g, the gated recurrence is the plain one on q_t e^{G_t},
-    # v_t e^{-G_t} and states S_t e^{-G_t}, so dL/dG_t = q_t . dq_t - v_t . dv_t plus the state's
-    # term sum(S o dS) where a stretch of the recurrence ends; dg_t sums dL/dG_s over s >= t.
-    # "decays": each chunk's own terms through its decays (scores, factor, keys, queries, state).
-    # "chunk": that rescaled form with G restarted at each chunk, summed within the chunk, and
-    # sum(S_C o dS_C) of the chunk's end state from terms the kernels form anyway; the per-chunk
-    # kernels then skip the decay terms of scores and factor.
-    # "sequence": the rescaled form along the whole sequence (``_triton_delta_bwd.dg_steps``, a
-    # scan kernel). On an H200 it took the gated forward+backward from 3.47 to 3.21 ms at 16 x
-    # 2048 and from 4.45 to 4.21 at 2 x 16384 (fused), but dg then comes out as a sum of
-    # thousands of terms that mostly cancel: its bf16 error against float64 (max error / max |dg|)
-    # rose from 3e-3 to 4e-2 - 6e-2 at T = 2048 and 16384 with logsigmoid gates.
+    # each). "decays": each chunk's own terms through its decays (scores, factor, keys, queries,
+    # state). "chunk": with G_t the running sum of g from the chunk's start, the chunk is the plain
+    # rule on q_t e^{G_t}, v_t e^{-G_t} and states S_t e^{-G_t}, so dL/dG_t = q_t . dq_t - v_t . dv_t,
+    # plus sum(S_C o dS_C) of the chunk's end state at its last step, summed backward inside the
+    # chunk; the per-chunk kernels then skip the decay terms of scores and factor. On an H200
+    # (34d3b93, fused, 8 warps) "chunk" took the gated forward+backward from 3.364 to 3.211 ms at
+    # 16 x 2048 and from 4.364 to 4.199 at 2 x 16384, but dg's bf16 error against float64 (max
+    # error / max |dg|) rose from 2.8e-3 to 1.2e-2 (logsigmoid gates, T = 2048 and 16384): the
+    # end state's term and the rows' v . dv largely cancel. A third form, the same rescaling
+    # along the whole sequence summed by a scan kernel (cbe9c56 - 38199de), was 1-2% faster than
+    # "chunk" and 5e-2 - 1.6e-1 off: removed.
     "dg_form": "decays",
 }
 CHUNK_SIZES = (16, 32, 64)
@@ -324,7 +329,7 @@ def gate_mode(gcs) -> int:
     return 0 if gcs is None else (CONFIG["gates"] or 1)
 
 
-DG_MODES = {"decays": 1, "sequence": 2, "chunk": 3}
+DG_MODES = {"decays": 1, "chunk": 2}
 
 
 def dg_mode(g) -> int:
@@ -442,10 +447,8 @@ class _DeltaRuleFunction(torch.autograd.Function):
         keep = CONFIG["save_prep"] and bplan is plan  # another backward chunk size recomputes them anyway
         o, sT, prepped = _forward(q, k, v, beta, g, scale, S0, plan, want_final=True, keep=keep,
                                   keep_states=CONFIG["save_states"])
-        # the gate gradient's form, decided here for the backward; the sequence form takes the final
-        # states (an output: saved only then, so that writing them in place is not refused otherwise)
-        ctx.dgm = dg_mode(g)
-        ctx.save_for_backward(q, k, v, beta, g, S0, sT if ctx.dgm == DG_MODES["sequence"] else None)
+        ctx.dgm = dg_mode(g)  # the gate gradient's form, decided here for the backward
+        ctx.save_for_backward(q, k, v, beta, g, S0)
         # Intermediates (never inputs or outputs, so no reference cycle) held on ctx rather than
         # saved: the backward drops each after its last reader, which saved tensors would not allow.
         ctx.prepped = prepped
@@ -454,11 +457,11 @@ class _DeltaRuleFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dsT):
-        q, k, v, beta, g, S0, sT = ctx.saved_tensors
+        q, k, v, beta, g, S0 = ctx.saved_tensors
         # handed over with no name left here: the callee's reference is then the only one, and
         # it drops W, U, Aqk after their last reader (a local here held them to the end: +0.3 GB peak)
         dq, dk, dv, dbeta, dg, dS0 = _bwd.backward(q, k, v, beta, g, S0, ctx.scale, ctx.plan, do, dsT,
-                                                   _take_prepped(ctx), dgm=ctx.dgm, sT=sT)
+                                                   _take_prepped(ctx), dgm=ctx.dgm)
         return dq, dk, dv, dbeta, dg, dS0, None, None
 
 
