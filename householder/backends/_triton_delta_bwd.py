@@ -242,9 +242,9 @@ def bwd_dqk_kernel(
     dM = scale tril(dO Vn^T), dq = scale e^G dO S^T + (dM o Gamma) K,
     dk = (dM o Gamma)^T Q + diag(e^{G_C - G}) Vn dS'^T, dW = -dVn S^T, and every
     log-decay term but those of the factor (the second kernel adds those; DGM 1), or q . dq
-    and the chunk-end state's term (DGM 2). Program axis 2 takes the key columns [i_s KPS,
-    (i_s + 1) KPS) of KSPLIT splits: each forms dM again, and writes its own dG terms to dgp[..., i_s] (bwd_wy
-    sums the KSPLIT of them).
+    and the chunk-end state's term (DGM 2). Program axis 2 takes the key columns
+    [i_s KPS, (i_s + 1) KPS) of KSPLIT splits: each forms dM again, and writes its own dG
+    terms to dgp[..., i_s] (bwd_wy sums the KSPLIT of them).
     """
     i_c, i_h, start, end, r, tok, first, last, valid, qrow, t0 = chunk_program(chunks, T_steps, NT, BC, NH, VARLEN)
     i_s = tl.program_id(2)
@@ -538,7 +538,7 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None, dgm=None)
         dgm = tdelta.dg_mode(g)
     # Triton 3.6 on an H200: bwd_dqk and bwd_wy at 8 warps hit an illegal memory access with key or
     # value blocks under 64 wide at chunk 64 (float32, K = V = 16 and 32 seen); 4 warps run right.
-    # The fused kernel (4 warps by default) is held to the same cap.
+    # The fused kernel (8 warps by default with a gate) is held to the same cap.
     small = dict(max_warps=4) if min(plan.BKP, plan.BVB) < 64 else {}
     if tdelta.fused_backward(dgm) and plan.NT_total:
         dq = torch.empty_like(q)
