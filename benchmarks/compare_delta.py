@@ -235,6 +235,13 @@ def _config_text() -> str:
     return ", ".join(f"{k}={v}" for k, v in td.CONFIG.items())
 
 
+def setting_values(item: str) -> tuple:
+    """(key, values) of a KEY=V1,V2,... argument; values of tuple entries ((num_warps, num_stages))
+    are separated by ';'."""
+    key, _, vals = item.partition("=")
+    return key, vals.split(";") if ";" in vals else vals.split(",")
+
+
 def apply_settings(items) -> None:
     """Apply --set KEY=VALUE overrides to triton_delta.CONFIG (recorded in the report's header)."""
     from householder.backends import triton_delta as td
@@ -374,8 +381,8 @@ def main() -> int:
     if not args.no_accuracy:
         variants = [("ours", [])]
         for item in args.accuracy_ab:
-            key, _, vals = item.partition("=")
-            variants += [(f"ours {key}={val}", [f"{key}={val}"]) for val in vals.split(";" if ";" in vals else ",")]
+            key, values = setting_values(item)
+            variants += [(f"ours {key}={val}", [f"{key}={val}"]) for val in values]
         acc = ["| op | B x T x H | impl | " + " | ".join(["o", "dq", "dk", "dv", "dbeta", "dg"]) + " |",
                "|---|---|---|---|---|---|---|---|---|"]
         for B, T, H_ in (tuple(int(x) for x in s.split("x")) for s in args.accuracy_shapes.split(",") if s):
@@ -429,9 +436,7 @@ def main() -> int:
         lines += ["## Packed sequences (cu_seqlens, B = 1) vs batched, our gated op", ""] + varlen_overhead(H, D, shapes) + [""]
         _write(args.out, lines)
     for item in args.ab:
-        key, _, vals = item.partition("=")
-        # values of tuple entries (num_warps,num_stages) are separated by ';'
-        values = vals.split(";") if ";" in vals else vals.split(",")
+        key, values = setting_values(item)
         lines += [f"## Our ops under each value of CONFIG[{key!r}]", ""] + ab(H, D, shapes, key, values, ab_ops) + [""]
         _write(args.out, lines)
     if args.sweep:
