@@ -309,6 +309,52 @@ def test_backward_keeps_or_recomputes_the_chunk_quantities_alike(rng, monkeypatc
         assert rel_err(a, d) < 2e-4, name
 
 
+def test_passes_side_by_side_only_on_a_gpu(monkeypatch):
+    # CONFIG["overlap_passes"] puts the reverse pass on a second stream of a CUDA device; the
+    # interpreter (CPU tensors) runs every launch in order on none
+    from householder.backends import triton_delta as td
+
+    monkeypatch.setitem(td.CONFIG, "overlap_passes", True)
+    assert td.side_stream(torch.device("cpu")) is None
+    if torch.cuda.is_available():
+        side = td.side_stream(torch.device("cuda"))
+        assert side is not None and side != torch.cuda.current_stream()
+        assert td.side_stream(torch.device("cuda")) is side  # one per device, made once
+    monkeypatch.setitem(td.CONFIG, "overlap_passes", False)
+    assert td.side_stream(torch.device(DEVICE)) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="two streams need a CUDA device")
+@pytest.mark.parametrize("gated, n, cu, keep", [(True, 1, None, True), (False, 2, None, False), (True, 1, [0, 700, 700, 2048], True)])
+def test_passes_side_by_side_give_the_same_gradients(rng, monkeypatch, gated, n, cu, keep):
+    # The reverse pass on a second stream beside the forward's pass run again runs the same kernels
+    # on the same inputs: the same bits, also from a caller's own stream, and again when the
+    # allocator hands the freed buffers out on later calls.
+    from householder.backends import triton_delta as td
+
+    monkeypatch.setitem(td.CONFIG, "save_prep", keep)
+    monkeypatch.setitem(td.CONFIG, "save_states", False)
+    N = 1 if cu is None else len(cu) - 1
+    B = 1 if cu is not None else 2
+    inp = make_inputs(rng, B, 2048 // n, 4, 64, 64, n=n, gated=gated, state=N if cu else B, dtype=torch.bfloat16)
+    cu_t = None if cu is None else torch.tensor(cu, device=DEVICE)
+    do = torch.tensor(rng.standard_normal((B, 2048 // n, 4, 64)), dtype=torch.bfloat16, device=DEVICE)
+    dS = torch.tensor(rng.standard_normal((N if cu else B, 4, 64, 64)), dtype=torch.float32, device=DEVICE)
+    monkeypatch.setitem(td.CONFIG, "overlap_passes", False)
+    want = _grads(inp, "triton", n, cu_t, do, dS, 64)
+    monkeypatch.setitem(td.CONFIG, "overlap_passes", True)
+    runs = [_grads(inp, "triton", n, cu_t, do, dS, 64) for _ in range(3)]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        runs.append(_grads(inp, "triton", n, cu_t, do, dS, 64))
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    for got in runs:
+        for name, a, b in zip(["o", "S"] + [f"d{m}" for m in inp], got, want):
+            assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("gates", [1, 2])
 @pytest.mark.parametrize("n, cu", [(1, None), (2, [0, 7, 7, 30, 50])], ids=["delta", "product-varlen"])
 def test_sequential_passes_take_the_gates_from_any_source_alike(rng, monkeypatch, gates, n, cu):

@@ -509,23 +509,30 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None, dgm=None)
     else:
         pp = tdelta.prep(q, k, v, beta, g, plan, save_x=True)
         hs = vn = None
-    if hs is None:
-        _, _, hs, vn = tdelta.state_pass(q, k, v, pp, g, scale, S0, plan, want_o=False, want_final=False, save_h=True)
     a_form = pp.a is not None
     w, aqk, xs, gcs = (pp.a if a_form else pp.w), pp.aqk, pp.xs, pp.gcs
-    del pp  # U (and the rest, below) freed after its last reader
-    dhs = torch.empty_like(hs)
-    dvn = torch.empty_like(vn)
+    dhs = torch.empty((plan.NT_total, H, K, V), dtype=q.dtype, device=dev)
+    dvn = torch.empty_like(v)
     ds0 = torch.empty((plan.N, H, K, V), dtype=torch.float32, device=dev)
+    dst = dsT.contiguous() if dsT is not None else None
     dummy = do  # stands for absent optional tensors; never read
     BV, stages = plan.reverse_launch(g is not None)
-    tdelta.launch("bwd_state", bwd_state_kernel, (triton.cdiv(V, BV), plan.N * H),
-        q, k, w, aqk, g if g is not None else dummy, gcs if gcs is not None else dummy, do,
-        dsT.contiguous() if dsT is not None else dummy, dhs, dvn, ds0, plan.seqs, plan.T_steps, plan.NT, scale,
-        BK=plan.BK, BV=BV, HAS_G=g is not None, HAS_DST=dsT is not None, GMODE=tdelta.gate_mode(gcs),
-        GATE_V=bool(tdelta.CONFIG["gate_values"]), AFORM=a_form,
-        max_stages=stages, **plan.common(),
-    )
+    # The reverse pass reads none of the rerun's states, so where the forward's pass runs again the
+    # two sequential passes may run side by side (CONFIG["overlap_passes"]): the reverse pass on a
+    # second stream, forked after every buffer it touches was made and joined before any is freed.
+    side = tdelta.side_stream(dev) if hs is None else None
+    with tdelta.forked(side):
+        tdelta.launch("bwd_state", bwd_state_kernel, (triton.cdiv(V, BV), plan.N * H),
+            q, k, w, aqk, g if g is not None else dummy, gcs if gcs is not None else dummy, do,
+            dst if dst is not None else dummy, dhs, dvn, ds0, plan.seqs, plan.T_steps, plan.NT, scale,
+            BK=plan.BK, BV=BV, HAS_G=g is not None, HAS_DST=dsT is not None, GMODE=tdelta.gate_mode(gcs),
+            GATE_V=bool(tdelta.CONFIG["gate_values"]), AFORM=a_form,
+            max_stages=stages, **plan.common(),
+        )
+    if hs is None:
+        _, _, hs, vn = tdelta.state_pass(q, k, v, pp, g, scale, S0, plan, want_o=False, want_final=False, save_h=True)
+    tdelta.join(side)
+    del pp, dst  # U (and the rest, below) freed after its last reader
     # each buffer is dropped after its last reader and each output made just before its
     # writer, so the caching allocator reuses the memory and the peak stays low
     del w, gcs

@@ -10,6 +10,7 @@ tensors under TRITON_INTERPRET=1 (tests), with float32 matrix products.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import os
 import weakref
@@ -132,6 +133,11 @@ CONFIG = {
     # along the whole sequence summed by a scan kernel (cbe9c56 - 38199de), was 1-2% faster than
     # "chunk" and 5e-2 - 1.6e-1 off: removed.
     "dg_form": "decays",
+    # Run the backward's reverse pass on a second stream beside the forward's pass run again (it
+    # reads none of that pass's states): where few (N x H) programs leave SMs idle, the two
+    # latency-bound passes share the GPU rather than run one after the other. No effect with
+    # save_states (no pass to run again) or under the interpreter.
+    "overlap_passes": True,
 }
 CHUNK_SIZES = (16, 32, 64)
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -348,6 +354,38 @@ def fused_backward(dgm: int) -> bool:
     the gate-gradient mode ``dgm`` (``dg_mode``; 0: no gate)."""
     mode = int(CONFIG["fuse_bwd"])
     return mode == 2 or (mode == 1 and dgm != 1)
+
+
+_SIDE_STREAMS: dict = {}
+
+
+def side_stream(device) -> Optional["torch.cuda.Stream"]:
+    """A second stream of ``device`` for launches that may run beside the current stream's, or None
+    (CONFIG["overlap_passes"] off, or no CUDA device: the interpreter runs launches in order)."""
+    device = torch.device(device)
+    if not CONFIG["overlap_passes"] or device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
+    return _SIDE_STREAMS[index]
+
+
+@contextlib.contextmanager
+def forked(side):
+    """Launch the block's kernels on ``side``, after all the current stream's work so far (None: in place)."""
+    if side is None:
+        yield
+        return
+    side.wait_stream(torch.cuda.current_stream(side.device))
+    with torch.cuda.stream(side):
+        yield
+
+
+def join(side) -> None:
+    """Make the current stream's later work wait for everything launched on ``side`` (None: nothing)."""
+    if side is not None:
+        torch.cuda.current_stream(side.device).wait_stream(side)
 
 
 def _g_arg(g, like):
