@@ -516,11 +516,11 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None, dgm=None)
     ds0 = torch.empty((plan.N, H, K, V), dtype=torch.float32, device=dev)
     dst = dsT.contiguous() if dsT is not None else None
     dummy = do  # stands for absent optional tensors; never read
-    BV, stages = plan.reverse_launch(g is not None)
     # The reverse pass reads none of the rerun's states, so where the forward's pass runs again the
     # two sequential passes may run side by side (CONFIG["overlap_passes"]): the reverse pass on a
     # second stream, forked after every buffer it touches was made and joined before any is freed.
     side = tdelta.side_stream(dev) if hs is None else None
+    BV, stages = plan.reverse_launch(g is not None, beside=side is not None)
     with tdelta.forked(side):
         tdelta.launch("bwd_state", bwd_state_kernel, (triton.cdiv(V, BV), plan.N * H),
             q, k, w, aqk, g if g is not None else dummy, gcs if gcs is not None else dummy, do,
