@@ -223,10 +223,11 @@ class _Plan:
     def reverse_launch(self, gated: bool, sms: Optional[int] = None, beside: bool = False) -> tuple:
         """(value columns, stage cap) of the backward's reverse pass; ``beside``: it runs beside the
         forward's pass run again (CONFIG["overlap_passes"])."""
-        # beside the other pass it wants as many programs as the forward's pass before it takes 64
-        # columns: on an H200 at 4 x 8192 (128 programs of 64 columns) 32 took the gated forward+
-        # backward from 3.872 to 3.651 ms (3.743 with the passes one after the other)
-        fill = 1.5 if beside and CONFIG["a_form"] else 0.75
+        # beside the other pass, the gated one wants as many programs as the forward's pass before
+        # it takes 64 columns: on an H200 at 4 x 8192 (128 programs of 64 columns) 32 took the gated
+        # forward+backward from 3.889 to 3.650 ms (3.743 with the passes one after the other); the
+        # plain one there went from 2.492 to 2.673 with 32 and keeps the rule of 3/4 of the SMs
+        fill = 1.5 if beside and gated and CONFIG["a_form"] else 0.75
         BV = self.seq_block(CONFIG["bwd_state_BV"], wide=not gated or bool(CONFIG["a_form"]), sms=sms, fill=fill)
         if self.out_stages == 1 and self.seq_stages is None:
             # half precision at K = 256: double-buffered, the plain reverse pass outgrew shared memory
