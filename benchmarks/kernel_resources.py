@@ -103,14 +103,13 @@ def kernels(K: int, chunk: int):
         dgm = td.dg_mode(torch.zeros(()) if gated else None)
         per_chunk = dict(common, BKP=plan.BKP, BV=plan.BVB, HAS_G=gated, UNROLL=int(td.CONFIG["bwd_unroll"]), DGM=dgm)
         aqk = dict(per_chunk, AQK=bool(td.CONFIG["dg_from_aqk"]))
-        fused = dict(aqk, UNROLL=int(td.CONFIG["fused_unroll"]), BKP=plan.fused_key_block())
+        fused = dict(aqk, UNROLL=int(td.CONFIG["fused_unroll"]))
         splits, KPS = plan.key_splits(td.CONFIG["bwd_dqk_split"])
         for name, fn, meta in (("bwd_dqk", bwd.bwd_dqk_kernel, dict(aqk, KSPLIT=splits, KPS=KPS)),
                                ("bwd_wy", bwd.bwd_wy_kernel, dict(per_chunk, KSPLIT=splits)),
                                ("bwd_fused", bwd.bwd_fused_kernel, fused)):
             warps, stages = td.CONFIG["bwd_fused_gated" if gated and name == "bwd_fused" else name]
-            capped = small or (name == "bwd_fused" and plan.fused_key_block() < 64)
-            yield (name, variant, fn, meta, (min(warps, 4) if capped else warps, stages))
+            yield (name, variant, fn, meta, (min(warps, 4) if small else warps, stages))
 
 
 def main() -> int:

@@ -531,14 +531,12 @@ def test_fused_backward_matches_the_two_kernel_one(rng, monkeypatch, B, T, H, K,
     # unless the gate's gradient takes the decays form, 2 always; the gate's score term from the
     # forward's Aqk or from Q K^T formed again; the block loops rolled or unrolled by 2 -- in either
     # kernel; bwd_dqk's key columns in one program or split (two programs at K = 80: a full 64-wide
-    # block and a partial one); the gate's gradient in each form (both kernels); the fused kernel's
-    # key blocks (fused_BKP) 16 or 32 wide as well as 64 (partial at K = 80). Mode 1 comes last.
-    settings = ((0, False, 2, 1, "decays", None), (2, False, 2, 1, "decays", None), (2, True, 1, 1, "decays", None),
-                (0, True, 1, 2, "decays", None), (0, True, 2, 4, "decays", None), (0, True, 1, 2, "chunk", None),
-                (2, False, 2, 1, "chunk", None), (0, False, 1, 1, "chunk", None), (2, True, 1, 1, "decays", 32),
-                (2, True, 2, 1, "chunk", 16), (1, True, 1, 1, "chunk", None), (1, False, 2, 2, "decays", None))
-    for fused, aqk, unroll, split, form, bkp in settings:
-        monkeypatch.setitem(td.CONFIG, "fused_BKP", bkp)
+    # block and a partial one); the gate's gradient in each form (both kernels). Mode 1 comes last.
+    settings = ((0, False, 2, 1, "decays"), (2, False, 2, 1, "decays"), (2, True, 1, 1, "decays"),
+                (0, True, 1, 2, "decays"), (0, True, 2, 4, "decays"), (0, True, 1, 2, "chunk"),
+                (2, False, 2, 1, "chunk"), (0, False, 1, 1, "chunk"), (1, True, 1, 1, "chunk"),
+                (1, False, 2, 2, "decays"))
+    for fused, aqk, unroll, split, form in settings:
         monkeypatch.setitem(td.CONFIG, "dg_form", form)
         monkeypatch.setitem(td.CONFIG, "fuse_bwd", fused)
         monkeypatch.setitem(td.CONFIG, "dg_from_aqk", aqk)
@@ -558,20 +556,6 @@ def test_fused_backward_matches_the_two_kernel_one(rng, monkeypatch, B, T, H, K,
     # mode 1, the last one above: the plain op fused, the gated one only under the chunk form
     assert td.fused_backward(td.dg_mode(None)) and not td.fused_backward(td.DG_MODES["decays"])
     assert td.fused_backward(td.DG_MODES["chunk"])
-
-
-def test_fused_key_block_must_be_a_tile_width(monkeypatch):
-    from householder.backends import triton_delta as td
-
-    plan = td._Plan(1, 64, 1, 128, 128, 1, 64, None, torch.float32, torch.device("cpu"))
-    for bad in (48, 128, 0, "32"):
-        monkeypatch.setitem(td.CONFIG, "fused_BKP", bad)
-        with pytest.raises(ValueError, match="fused_BKP.*None, 16, 32 or 64"):
-            plan.fused_key_block()
-    monkeypatch.setitem(td.CONFIG, "fused_BKP", 32)
-    assert plan.fused_key_block() == 32
-    monkeypatch.setitem(td.CONFIG, "fused_BKP", None)
-    assert plan.fused_key_block() == 64
 
 
 def test_unknown_gate_gradient_form_is_refused(rng, monkeypatch):

@@ -556,8 +556,6 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None, dgm=None)
     # The fused kernel (8 warps by default with a gate) is held to the same cap.
     small = dict(max_warps=4) if min(plan.BKP, plan.BVB) < 64 else {}
     if tdelta.fused_backward(dgm) and plan.NT_total:
-        if plan.fused_key_block() < 64:
-            small = dict(max_warps=4)
         dq = torch.empty_like(q)
         dk = torch.empty_like(k)
         dv = torch.empty_like(v)
@@ -566,7 +564,7 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None, dgm=None)
         tdelta.launch("bwd_fused_gated" if g is not None else "bwd_fused", bwd_fused_kernel, grid,
             q, k, v, beta, g if g is not None else dummy, xs, hs, dhs, vn, dvn, do, aqk, dq, dk, dv, dbeta,
             dg if g is not None else dummy, plan.chunks, plan.T_steps, plan.NT, scale,
-            **dict(aqk_meta, UNROLL=int(tdelta.CONFIG["fused_unroll"]), BKP=plan.fused_key_block()), DGM=dgm, **small,
+            **dict(aqk_meta, UNROLL=int(tdelta.CONFIG["fused_unroll"])), DGM=dgm, **small,
         )
         return _grads_out(dq, dk, dv, dbeta, dg, ds0, beta, g, S0)
     dq = torch.empty_like(q)  # every token row is written once: at its last step

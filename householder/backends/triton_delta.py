@@ -138,11 +138,6 @@ CONFIG = {
     # latency-bound passes share the GPU rather than run one after the other. No effect with
     # save_states (no pass to run again) or under the interpreter.
     "overlap_passes": True,
-    # Key columns per block of the fused backward kernel's key loops (None: the other per-chunk
-    # kernels' 64, or K's power of two below that). Narrower blocks hold smaller accumulators
-    # (dq, dk and dW of a block, float32) across the value loop inside, for reading dO, Vn and dVn
-    # once per block.
-    "fused_BKP": None,
 }
 CHUNK_SIZES = (16, 32, 64)
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -256,15 +251,6 @@ class _Plan:
             wide = wide and self.N * self.H * triton.cdiv(self.V, 64) >= int(fill * sms)
             setting = 64 if wide else 32
         return min(setting, full)
-
-    def fused_key_block(self) -> int:
-        """Key columns per block of the fused backward kernel: CONFIG["fused_BKP"], or BKP when None."""
-        setting = CONFIG["fused_BKP"]
-        if setting is None:
-            return self.BKP
-        if setting not in (16, 32, 64):
-            raise ValueError(f"CONFIG['fused_BKP'] must be None, 16, 32 or 64; got {setting!r}")
-        return min(setting, self.BK)
 
     def key_splits(self, setting: int) -> tuple:
         """(splits, key columns per split) of bwd_dqk's grid: ``setting`` (CONFIG["bwd_dqk_split"])
