@@ -135,8 +135,9 @@ CONFIG = {
     "dg_form": "decays",
     # Run the backward's reverse pass on a second stream beside the forward's pass run again (it
     # reads none of that pass's states): where few (N x H) programs leave SMs idle, the two
-    # latency-bound passes share the GPU rather than run one after the other. No effect with
-    # save_states (no pass to run again) or under the interpreter.
+    # latency-bound passes share the GPU rather than run one after the other: on an H200 at 2 x 16384
+    # the plain forward+backward went from 3.039 to 2.678 ms and the gated one from 4.335 to 3.912,
+    # level at 16 x 2048. No effect with save_states (no pass to run again) or under the interpreter.
     "overlap_passes": True,
 }
 CHUNK_SIZES = (16, 32, 64)
