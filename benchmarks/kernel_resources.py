@@ -129,7 +129,7 @@ def main() -> int:
     lines = [
         "# Delta-rule Triton kernels compiled for sm_90: registers, spills, shared memory",
         "",
-        f"- triton {triton.__version__} (compiled here, no GPU); householder commit {commit}; "
+        f"- triton {triton.__version__} (compiled here, not launched: no GPU needed); householder commit {commit}; "
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"- bf16 inputs, K = V = {args.dim}, chunk {args.chunk}, H = 16; launch settings of triton_delta.CONFIG: "
         + ", ".join(f"{k}={v}" for k, v in td.CONFIG.items()),
