@@ -141,6 +141,9 @@ CONFIG = {
     "overlap_passes": True,
 }
 CHUNK_SIZES = (16, 32, 64)
+# Programs per SM a sequential pass needs before it takes 64 value columns (_Plan.seq_block): the
+# general rule, and the one of the passes whose chunk step also multiplies by the factor A (a_form)
+_FILL, _FILL_A_FORM = 0.75, 1.5
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -213,7 +216,7 @@ class _Plan:
         # under a_form the forward's pass wants more programs before it takes 64 columns: on an H200
         # at 4 x 8192 (128 programs of 64 columns) 32 took the plain forward from 0.588 to 0.557 ms
         # and the gated one from 0.704 to 0.682
-        fill = 1.5 if CONFIG["a_form"] else 0.75
+        fill = _FILL_A_FORM if CONFIG["a_form"] else _FILL
         BV = self.seq_block(CONFIG["BV"], wide=not gated or not want_o or bool(CONFIG["a_form"]), sms=sms, fill=fill)
         if want_o and CONFIG["a_form"] and self.dtype.itemsize == 2 and self.BK >= 256:
             # half precision at K = 256, single-staged: as in the reverse pass, 64 value columns (the
@@ -228,7 +231,7 @@ class _Plan:
         # it takes 64 columns: on an H200 at 4 x 8192 (128 programs of 64 columns) 32 took the gated
         # forward+backward from 3.889 to 3.650 ms (3.743 with the passes one after the other); the
         # plain one there went from 2.492 to 2.673 with 32 and keeps the rule of 3/4 of the SMs
-        fill = 1.5 if beside and gated and CONFIG["a_form"] else 0.75
+        fill = _FILL_A_FORM if beside and gated and CONFIG["a_form"] else _FILL
         BV = self.seq_block(CONFIG["bwd_state_BV"], wide=not gated or bool(CONFIG["a_form"]), sms=sms, fill=fill)
         if self.out_stages == 1 and self.seq_stages is None:
             # half precision at K = 256: double-buffered, the plain reverse pass outgrew shared memory
@@ -237,7 +240,7 @@ class _Plan:
             BV = max(BV, self.seq_block(64, wide=True))
         return BV, self.out_stages
 
-    def seq_block(self, setting: Optional[int], wide: bool, sms: Optional[int] = None, fill: float = 0.75) -> int:
+    def seq_block(self, setting: Optional[int], wide: bool, sms: Optional[int] = None, fill: float = _FILL) -> int:
         """Value columns per program of a sequential pass: ``setting`` (CONFIG["BV"] or
         CONFIG["bwd_state_BV"]), or when None, 64 if ``wide`` and that still gives ``fill`` times
         the SMs a program, else 32."""
