@@ -97,13 +97,18 @@ def kernels(K: int, chunk: int):
                SAVE_G=False, FPREC=plan.FPREC, SPLITS=td.CONFIG["inverse_splits"], AFORM=a_form), td.CONFIG["prep"])
         seq = dict(common, BK=plan.BK, HAS_G=gated, GMODE=0, GATE_V=bool(td.CONFIG["gate_values"]), AFORM=a_form)
         BV, launch = seq_launch(plan, "state", plan.state_launch(gated, want_o=True, sms=SMS))
-        yield ("state", variant, fwd.state_kernel, dict(seq, BV=BV, HAS_S0=False, STORE_ST=True, WRITE_O=True, SAVE_H=False), launch)
+        yield ("state", variant, fwd.state_kernel, dict(seq, BV=BV, HAS_S0=False, STORE_ST=True, WRITE_O=True, SAVE_H=False,
+                                                      SAVE_R=False), launch)
+        dgm = td.dg_mode(torch.zeros(()) if gated else None)
+        residuals = a_form and td.residuals_wanted(dgm)
+        BV, launch = seq_launch(plan, "state", plan.state_launch(gated, want_o=False, sms=SMS))
+        yield ("state (rerun)", variant, fwd.state_kernel, dict(seq, BV=BV, HAS_S0=False, STORE_ST=False, WRITE_O=False,
+                                                                SAVE_H=True, SAVE_R=residuals), launch)
         BV, launch = seq_launch(plan, "bwd_state", plan.reverse_launch(gated, sms=SMS))
         yield ("bwd_state", variant, bwd.bwd_state_kernel, dict(seq, BV=BV, HAS_DST=False), launch)
-        dgm = td.dg_mode(torch.zeros(()) if gated else None)
         per_chunk = dict(common, BKP=plan.BKP, BV=plan.BVB, HAS_G=gated, UNROLL=int(td.CONFIG["bwd_unroll"]), DGM=dgm)
         aqk = dict(per_chunk, AQK=bool(td.CONFIG["dg_from_aqk"]))
-        fused = dict(aqk, UNROLL=int(td.CONFIG["fused_unroll"]))
+        fused = dict(aqk, UNROLL=int(td.CONFIG["fused_unroll"]), HAS_R=residuals)
         splits, KPS = plan.key_splits(td.CONFIG["bwd_dqk_split"])
         for name, fn, meta in (("bwd_dqk", bwd.bwd_dqk_kernel, dict(aqk, KSPLIT=splits, KPS=KPS)),
                                ("bwd_wy", bwd.bwd_wy_kernel, dict(per_chunk, KSPLIT=splits)),

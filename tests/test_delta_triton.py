@@ -309,6 +309,60 @@ def test_backward_keeps_or_recomputes_the_chunk_quantities_alike(rng, monkeypatc
         assert rel_err(a, d) < 2e-4, name
 
 
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
+@pytest.mark.parametrize("n, cu", [(1, None), (2, [0, 23, 23, 50])], ids=["delta", "product-varlen"])
+def test_fused_backward_takes_the_residuals_or_forms_k_s_alike(rng, monkeypatch, gated, n, cu):
+    # CONFIG["keep_residuals"]: the fused kernel's dA state term from the residuals R = V - e^G K S
+    # written by the pass that writes the states (in the backward's rerun, or kept by the forward
+    # with save_states), or from K S formed again; the same terms summed in another order.
+    from householder.backends import triton_delta as td
+
+    N = 1 if cu is None else len(cu) - 1
+    inp = make_inputs(rng, 1, 50, 2, 16, 24, n=n, gated=gated, state=N)
+    cu_t = None if cu is None else torch.tensor(cu, device=DEVICE)
+    do = torch.tensor(rng.standard_normal((1, 50, 2, 24)), dtype=torch.float32, device=DEVICE)
+    dS = torch.tensor(rng.standard_normal((N, 2, 16, 24)), dtype=torch.float32, device=DEVICE)
+    used = []
+
+    def spy(name, kernel, *args, **meta):
+        if name.startswith("bwd_fused"):
+            used.append(meta["HAS_R"])
+        return launch(name, kernel, *args, **meta)
+
+    launch = td.launch
+    monkeypatch.setattr(td, "launch", spy)
+    monkeypatch.setitem(td.CONFIG, "save_prep", True)
+    runs = []
+    for residuals, states in ((False, False), (True, False), (True, True)):
+        monkeypatch.setitem(td.CONFIG, "keep_residuals", residuals)
+        monkeypatch.setitem(td.CONFIG, "save_states", states)
+        runs.append(_grads(inp, "triton", n, cu_t, do, dS, 16))
+    assert used == [False, True, True]
+    want = _grads({k: x.double() for k, x in inp.items()}, "torch", n, cu_t, do.double(), dS.double(), 64)
+    for name, a, *others, d in zip(["o", "S"] + [f"d{m}" for m in inp], *runs, want):
+        for b in others:
+            assert rel_err(a, b) < 10 * SAME, name
+        assert rel_err(a, d) < 2e-4, name
+
+
+def test_residuals_need_the_factor_form(rng, monkeypatch):
+    # W and U in memory (a_form off): the passes never form R, so the backward falls back to K S
+    from householder.backends import triton_delta as td
+
+    monkeypatch.setitem(td.CONFIG, "a_form", False)
+    assert not td.residuals_wanted(td.dg_mode(None))
+    monkeypatch.setitem(td.CONFIG, "a_form", True)
+    assert td.residuals_wanted(td.dg_mode(None))
+    monkeypatch.setitem(td.CONFIG, "fuse_bwd", 1)  # gated, decays form: two kernels, which read no R
+    assert not td.residuals_wanted(td.DG_MODES["decays"])
+    inp = make_inputs(rng, 1, 20, 1, 16, 16, gated=False)
+    plan = td._Plan(1, 20, 1, 16, 16, 1, 16, None, torch.float32, inp["q"].device)
+    monkeypatch.setitem(td.CONFIG, "a_form", False)
+    pp = td.prep(inp["q"], inp["k"], inp["v"], inp["beta"], None, plan)
+    with pytest.raises(ValueError, match="a_form"):
+        td.state_pass(inp["q"], inp["k"], inp["v"], pp, None, 0.25, None, plan, save_r=True)
+
+
 def test_passes_side_by_side_only_on_a_gpu(monkeypatch):
     # CONFIG["overlap_passes"] puts the reverse pass on a second stream of a CUDA device; the
     # interpreter (CPU tensors) runs every launch in order on none

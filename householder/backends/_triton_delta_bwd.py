@@ -388,11 +388,11 @@ def bwd_wy_kernel(
 
 @triton.jit
 def bwd_fused_kernel(
-    q, k, v, beta, g, xs, h, dh, vn, dvn, do, aqk, dq, dk, dv, dbeta, dg, chunks, T_steps, NT, scale,
+    q, k, v, beta, g, xs, h, dh, vn, vr, dvn, do, aqk, dq, dk, dv, dbeta, dg, chunks, T_steps, NT, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BKP: tl.constexpr, BV: tl.constexpr,
     BC: tl.constexpr, NH: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr,
     DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr, AQK: tl.constexpr, UNROLL: tl.constexpr,
-    DGM: tl.constexpr,
+    DGM: tl.constexpr, HAS_R: tl.constexpr,
 ):
     """Per (chunk, head), ``bwd_dqk_kernel`` and ``bwd_wy_kernel`` in one program: dq, dk, dv, dbeta,
     and dg.
@@ -402,6 +402,8 @@ def bwd_fused_kernel(
     (C x K x V multiply-adds more, S read twice, mostly from L2), so that dL is known before the
     key loop. (An earlier form took that term per key block as dW was formed and parked dk's other
     terms in memory as float32 until dA was complete: 5% slower on an H200, 256 MiB more peak.)
+    HAS_R: the state pass wrote the residuals R = V - diag(e^G) K S at ``vr``, and the two terms
+    are one product, dA = dVn R^T, with neither V nor S read in the first loop.
     """
     i_c, i_h, start, end, r, tok, first, last, valid, qrow, t0 = chunk_program(chunks, T_steps, NT, BC, NH, VARLEN)
     causal = r[:, None] >= r[None, :]
@@ -413,6 +415,7 @@ def bwd_fused_kernel(
     pv = v + (start * H + i_h) * V
     pdv = dv + (start * H + i_h) * V
     pvn = vn + (start * H + i_h) * V
+    pvr = vr + (start * H + i_h) * V
     pdvn = dvn + (start * H + i_h) * V
     pdo = do + (t0 * H + i_h) * V
     ph = h + (i_c * H + i_h) * K * V
@@ -433,23 +436,28 @@ def bwd_fused_kernel(
         dob = tl.load(pdo + tok[:, None] * (H * V) + cv[None, :], mask=qrow[:, None] & (cv[None, :] < V), other=0.0).to(DT)
         vnb = tl.load(pvn + offv, mask=mv, other=0.0).to(DT)
         dvnb = tl.load(pdvn + offv, mask=mv, other=0.0).to(DT)
-        vb = tl.load(pv + offv, mask=mv, other=0.0).to(DT)
         dM += _dot(dob, tl.trans(vnb), F32, PREC)
-        dA += _dot(dvnb, tl.trans(vb), F32, PREC)
         dvb = _dot(At, dvnb, F32, PREC)
         tl.store(pdv + offv, dvb.to(dv.dtype.element_ty), mask=mv)
+        if HAS_R:
+            rb = tl.load(pvr + offv, mask=mv, other=0.0).to(DT)
+            dA += _dot(dvnb, tl.trans(rb), F32, PREC)
+        if DGM == 2 or not HAS_R:
+            vb = tl.load(pv + offv, mask=mv, other=0.0).to(DT)
         if DGM == 2:
             dG -= tl.sum(dvb * vb.to(tl.float32), 1)
-        KS = tl.zeros((BC, BV), dtype=tl.float32)
-        for k0 in tl.range(0, K, BKP, loop_unroll_factor=UNROLL):
-            ck = k0 + tl.arange(0, BKP)
-            kb = tl.load(pk + r[:, None] * (H * K) + ck[None, :], mask=valid[:, None] & (ck[None, :] < K), other=0.0)
-            hb = tl.load(ph + ck[:, None] * V + cv[None, :], mask=(ck[:, None] < K) & (cv[None, :] < V), other=0.0)
-            KS += _dot(kb.to(DT), hb.to(DT), F32, PREC)
-        if HAS_G:
-            KS = KS * eG[:, None]  # diag(e^G) K S, scaled once per value block rather than K per key block
-        # K S in the inputs' precision, as the other kernels take dW
-        dA -= _dot(dvnb, tl.trans(KS.to(DT)), F32, PREC)
+        if not HAS_R:
+            dA += _dot(dvnb, tl.trans(vb), F32, PREC)
+            KS = tl.zeros((BC, BV), dtype=tl.float32)
+            for k0 in tl.range(0, K, BKP, loop_unroll_factor=UNROLL):
+                ck = k0 + tl.arange(0, BKP)
+                kb = tl.load(pk + r[:, None] * (H * K) + ck[None, :], mask=valid[:, None] & (ck[None, :] < K), other=0.0)
+                hb = tl.load(ph + ck[:, None] * V + cv[None, :], mask=(ck[:, None] < K) & (cv[None, :] < V), other=0.0)
+                KS += _dot(kb.to(DT), hb.to(DT), F32, PREC)
+            if HAS_G:
+                KS = KS * eG[:, None]  # diag(e^G) K S, scaled once per value block rather than K per key block
+            # K S in the inputs' precision, as the other kernels take dW
+            dA -= _dot(dvnb, tl.trans(KS.to(DT)), F32, PREC)
     dM = tl.where(causal, dM * scale, 0.0)
     hdh = tl.zeros((BKP,), dtype=tl.float32)  # row sums of S o dS'
     dMg = dM * gam
@@ -512,12 +520,15 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None, dgm=None)
     do = do.contiguous() if do is not None else torch.zeros((plan.B, plan.T, H, V), dtype=q.dtype, device=dev)
     # the forward's chunk quantities and per-chunk states: kept by the forward, or recomputed
     if prepped is not None:
-        pp, hs, vn = prepped
+        pp, hs, vn, vr = prepped
         del prepped  # so that the dels below free each buffer after its last reader
     else:
         pp = tdelta.prep(q, k, v, beta, g, plan, save_x=True)
-        hs = vn = None
+        hs = vn = vr = None
     a_form = pp.a is not None
+    # the gate's gradient: by each chunk's decay terms (1) or from q . dq - v . dv (2)
+    if dgm is None:
+        dgm = tdelta.dg_mode(g)
     w, aqk, xs, gcs = (pp.a if a_form else pp.w), pp.aqk, pp.xs, pp.gcs
     dhs = torch.empty((plan.NT_total, H, K, V), dtype=q.dtype, device=dev)
     dvn = torch.empty_like(v)
@@ -538,7 +549,8 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None, dgm=None)
             max_stages=stages, **plan.common(),
         )
     if hs is None:
-        _, _, hs, vn = tdelta.state_pass(q, k, v, pp, g, scale, S0, plan, want_o=False, want_final=False, save_h=True)
+        _, _, hs, vn, vr = tdelta.state_pass(q, k, v, pp, g, scale, S0, plan, want_o=False, want_final=False, save_h=True,
+                                             save_r=a_form and tdelta.residuals_wanted(dgm))
     tdelta.join(side)
     del pp, dst  # U (and the rest, below) freed after its last reader
     # each buffer is dropped after its last reader and each output made just before its
@@ -548,9 +560,6 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None, dgm=None)
     # the gate's gradient through the scores' decays reads the forward's scores, or forms Q K^T again
     meta = dict(BKP=plan.BKP, BV=plan.BVB, HAS_G=g is not None, UNROLL=int(tdelta.CONFIG["bwd_unroll"]), **plan.common())
     aqk_meta = dict(meta, AQK=bool(tdelta.CONFIG["dg_from_aqk"]))
-    # the gate's gradient: by each chunk's decay terms (1) or from q . dq - v . dv (2)
-    if dgm is None:
-        dgm = tdelta.dg_mode(g)
     # Triton 3.6 on an H200: bwd_dqk and bwd_wy at 8 warps hit an illegal memory access with key or
     # value blocks under 64 wide at chunk 64 (float32, K = V = 16 and 32 seen); 4 warps run right.
     # The fused kernel (8 warps by default with a gate) is held to the same cap.
@@ -562,9 +571,9 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None, dgm=None)
         dbeta = torch.empty(beta.shape, dtype=torch.float32, device=dev)
         dg = torch.empty(g.shape, dtype=torch.float32, device=dev) if g is not None else None
         tdelta.launch("bwd_fused_gated" if g is not None else "bwd_fused", bwd_fused_kernel, grid,
-            q, k, v, beta, g if g is not None else dummy, xs, hs, dhs, vn, dvn, do, aqk, dq, dk, dv, dbeta,
-            dg if g is not None else dummy, plan.chunks, plan.T_steps, plan.NT, scale,
-            **dict(aqk_meta, UNROLL=int(tdelta.CONFIG["fused_unroll"])), DGM=dgm, **small,
+            q, k, v, beta, g if g is not None else dummy, xs, hs, dhs, vn, vr if vr is not None else dummy, dvn, do,
+            aqk, dq, dk, dv, dbeta, dg if g is not None else dummy, plan.chunks, plan.T_steps, plan.NT, scale,
+            **dict(aqk_meta, UNROLL=int(tdelta.CONFIG["fused_unroll"])), DGM=dgm, HAS_R=vr is not None, **small,
         )
         return _grads_out(dq, dk, dv, dbeta, dg, ds0, beta, g, S0)
     dq = torch.empty_like(q)  # every token row is written once: at its last step
@@ -578,7 +587,7 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None, dgm=None)
             dgp if g is not None else dummy, plan.chunks, plan.T_steps, plan.NT, scale,
             **aqk_meta, KSPLIT=splits, KPS=KPS, DGM=dgm, **small,
         )
-    del hs, dhs, vn, aqk
+    del hs, dhs, vn, vr, aqk
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     dbeta = torch.empty(beta.shape, dtype=torch.float32, device=dev)

@@ -208,12 +208,12 @@ def prep_kernel(
 
 @triton.jit
 def state_kernel(
-    q, k, w, u, aqk, g, gcs, o, s0, sT, h, vn, seqs, T_steps, NT, scale,
+    q, k, w, u, aqk, g, gcs, o, s0, sT, h, vn, vr, seqs, T_steps, NT, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BC: tl.constexpr, NH: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr,
     HAS_S0: tl.constexpr, STORE_ST: tl.constexpr, WRITE_O: tl.constexpr, SAVE_H: tl.constexpr,
     DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr, GMODE: tl.constexpr, GATE_V: tl.constexpr,
-    AFORM: tl.constexpr,
+    AFORM: tl.constexpr, SAVE_R: tl.constexpr,
 ):
     """Per (value block, sequence, head): the sequential pass over chunks, with the output.
 
@@ -221,7 +221,9 @@ def state_kernel(
     than the (BC, BK) keys, (diag(d) K)^T Vn: the same product on a smaller tile.
     AFORM: ``w`` holds the chunk factors A (NT_total, H, BC, BC) and ``u`` the values V, and
     Vn = A (V - diag(e^G) K S): one (BC, BC) x (BC, BV) product more per chunk, on the sequential
-    path, for no W and U in memory."""
+    path, for no W and U in memory. SAVE_R (with AFORM): also store the residuals
+    R = V - diag(e^G) K S (the operand of that product, in the inputs' precision) at ``vr``, from
+    which the backward takes dA's state term as dVn R^T rather than forming K S again."""
     i_v = tl.program_id(0)
     i_nh = tl.program_id(1).to(tl.int64)
     i_n = i_nh // H
@@ -256,7 +258,10 @@ def state_kernel(
             ks = _dot(kt.to(DT), Sd, F32, PREC)
             if HAS_G:
                 ks = ks * tl.exp(Gc)[:, None]
-            vnew = _dot(at_, (ut - ks).to(DT), F32, PREC)
+            rt = (ut - ks).to(DT)
+            if SAVE_R:
+                tl.store(vr + (start * H + i_h) * V + offv, rt.to(vr.dtype.element_ty), mask=mv)
+            vnew = _dot(at_, rt, F32, PREC)
         else:
             wt = tl.load(w + (start * H + i_h) * K + offk, mask=mk, other=0.0).to(DT)
             vnew = ut - _dot(wt, Sd, F32, PREC)

@@ -139,6 +139,13 @@ CONFIG = {
     # the plain forward+backward went from 3.039 to 2.678 ms and the gated one from 4.335 to 3.912,
     # level at 16 x 2048. No effect with save_states (no pass to run again) or under the interpreter.
     "overlap_passes": True,
+    # Under a_form and the fused backward, the pass that writes the per-chunk states also writes the
+    # residuals R = V - diag(e^G) K S of each chunk (the operand of Vn = A R, in the inputs'
+    # precision), and the fused kernel takes dA's state term from them, dA = dVn R^T, instead of
+    # forming K S again per value block: C x K x V multiply-adds and a read of S fewer per chunk, and
+    # one (C, C) float32 accumulator fewer live in its first loop, for V columns more written by
+    # that pass and held until the fused kernel has run.
+    "keep_residuals": True,
 }
 CHUNK_SIZES = (16, 32, 64)
 # Programs per SM a sequential pass needs before it takes 64 value columns (_Plan.seq_block): the
@@ -442,8 +449,11 @@ def prep(q, k, v, beta, g, plan: _Plan, save_x: bool = False) -> Prepped:
     return Prepped(w, u, a, aqk, xs, gcs)
 
 
-def state_pass(q, k, v, pp: Prepped, g, scale, S0, plan: _Plan, *, want_o=True, want_final=True, save_h=False):
-    """The sequential pass: o (B, T, H, V), final states (N, H, K, V) float32, and the per-chunk states.
+def state_pass(q, k, v, pp: Prepped, g, scale, S0, plan: _Plan, *, want_o=True, want_final=True, save_h=False,
+               save_r=False):
+    """The sequential pass: o (B, T, H, V), final states (N, H, K, V) float32, the per-chunk states
+    (NT_total, H, K, V) and pseudo-values Vn (like v) when ``save_h``, and the residuals
+    R = V - diag(e^G) K S (like v) when ``save_r`` (a_form only); absent ones None.
 
     ``pp``: the chunk quantities from ``prep`` (its running log-decays None: summed from g here)."""
     a_form = pp.a is not None
@@ -454,18 +464,21 @@ def state_pass(q, k, v, pp: Prepped, g, scale, S0, plan: _Plan, *, want_o=True, 
     sT = torch.empty((plan.N, H, K, V), dtype=torch.float32, device=dev) if want_final else None
     h = torch.empty((plan.NT_total, H, K, V), dtype=q.dtype, device=dev) if save_h else None
     vn = torch.empty_like(u) if save_h else None
+    if save_r and not a_form:
+        raise ValueError("the residuals R = V - diag(e^G) K S are formed only under CONFIG['a_form']")
+    vr = torch.empty_like(v) if save_r else None
     dummy = u
     BV, stages = plan.state_launch(g is not None, want_o)
     launch("state", _fwd.state_kernel, (triton.cdiv(V, BV), plan.N * H),
         q, k, w, u, aqk, _g_arg(g, dummy), _g_arg(gcs, dummy), o if want_o else dummy, S0 if S0 is not None else dummy,
-        sT if want_final else dummy, h if save_h else dummy, vn if save_h else dummy,
+        sT if want_final else dummy, h if save_h else dummy, vn if save_h else dummy, vr if save_r else dummy,
         plan.seqs, plan.T_steps, plan.NT, scale,
         BK=plan.BK, BV=BV, HAS_G=g is not None, HAS_S0=S0 is not None, STORE_ST=want_final,
         WRITE_O=want_o, SAVE_H=save_h, GMODE=gate_mode(gcs), GATE_V=bool(CONFIG["gate_values"]), AFORM=a_form,
-        max_stages=stages,
+        SAVE_R=save_r, max_stages=stages,
         **plan.common(),
     )
-    return o, sT, h, vn
+    return o, sT, h, vn, vr
 
 
 class Kept(NamedTuple):
@@ -474,15 +487,24 @@ class Kept(NamedTuple):
     prepped: Prepped  # with X
     h: Optional[torch.Tensor]  # per-chunk states (None unless CONFIG["save_states"])
     vn: Optional[torch.Tensor]  # pseudo-values (likewise)
+    vr: Optional[torch.Tensor]  # residuals R (likewise, and None unless ``residuals_wanted``)
 
 
-def _forward(q, k, v, beta, g, scale, S0, plan, want_final, keep=False, keep_states=False):
+def residuals_wanted(dgm: int) -> bool:
+    """Whether the pass that writes the per-chunk states also writes the residuals R for the fused
+    kernel (CONFIG["keep_residuals"]), for the gate-gradient mode ``dgm`` (``dg_mode``)."""
+    return bool(CONFIG["keep_residuals"]) and bool(CONFIG["a_form"]) and fused_backward(dgm)
+
+
+def _forward(q, k, v, beta, g, scale, S0, plan, want_final, keep=False, keep_states=False, dgm=0):
     """o and the final states; with ``keep``, also a ``Kept`` for the backward (else None), whose
-    per-chunk states h and pseudo-values Vn are None unless ``keep_states``."""
+    per-chunk states h, pseudo-values Vn and residuals R are None unless ``keep_states`` (R also
+    unless ``residuals_wanted(dgm)``)."""
     pp = prep(q, k, v, beta, g, plan, save_x=keep)
     keep_states = keep and keep_states
-    o, sT, hs, vn = state_pass(q, k, v, pp, g, scale, S0, plan, want_final=want_final, save_h=keep_states)
-    return o, sT, (Kept(pp, hs, vn) if keep else None)
+    o, sT, hs, vn, vr = state_pass(q, k, v, pp, g, scale, S0, plan, want_final=want_final, save_h=keep_states,
+                                   save_r=keep_states and residuals_wanted(dgm))
+    return o, sT, (Kept(pp, hs, vn, vr) if keep else None)
 
 
 # -- autograd -----------------------------------------------------------------------------
@@ -493,9 +515,9 @@ class _DeltaRuleFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, beta, g, S0, scale, plan):
         bplan = _backward_plan(plan)
         keep = CONFIG["save_prep"] and bplan is plan  # another backward chunk size recomputes them anyway
-        o, sT, prepped = _forward(q, k, v, beta, g, scale, S0, plan, want_final=True, keep=keep,
-                                  keep_states=CONFIG["save_states"])
         ctx.dgm = dg_mode(g)  # the gate gradient's form, decided here for the backward
+        o, sT, prepped = _forward(q, k, v, beta, g, scale, S0, plan, want_final=True, keep=keep,
+                                  keep_states=CONFIG["save_states"], dgm=ctx.dgm)
         ctx.save_for_backward(q, k, v, beta, g, S0)
         # Intermediates (never inputs or outputs, so no reference cycle) held on ctx rather than
         # saved: the backward drops each after its last reader, which saved tensors would not allow.
