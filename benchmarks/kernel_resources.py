@@ -91,8 +91,6 @@ def kernels(K: int, chunk: int):
     common = plan.common()
     small = min(plan.BKP, plan.BVB) < 64  # the backward's 4-warp cap (see _triton_delta_bwd.backward)
     a_form = bool(td.CONFIG["a_form"])
-    # the forward keeps checkpoints unless it keeps every state, and the backward runs from them
-    every = 0 if td.CONFIG["save_states"] else td.checkpoint_every()
     for gated in (False, True):
         variant = "gated" if gated else "plain"
         yield ("prep", variant, fwd.prep_kernel, dict(common, BKP=plan.BKP, BV=plan.BVP, HAS_G=gated, SAVE_X=True,
@@ -100,12 +98,12 @@ def kernels(K: int, chunk: int):
         seq = dict(common, BK=plan.BK, HAS_G=gated, GMODE=0, GATE_V=bool(td.CONFIG["gate_values"]), AFORM=a_form)
         BV, launch = seq_launch(plan, "state", plan.state_launch(gated, want_o=True, sms=SMS))
         yield ("state", variant, fwd.state_kernel, dict(seq, BV=BV, HAS_S0=False, STORE_ST=True, WRITE_O=True, SAVE_H=False,
-                                                      SAVE_R=False, CKPT=every, SEG=False), launch)
+                                                      SAVE_R=False), launch)
         dgm = td.dg_mode(torch.zeros(()) if gated else None)
         residuals = a_form and td.residuals_wanted(dgm)
         BV, launch = seq_launch(plan, "state", plan.state_launch(gated, want_o=False, sms=SMS))
         yield ("state (rerun)", variant, fwd.state_kernel, dict(seq, BV=BV, HAS_S0=False, STORE_ST=False, WRITE_O=False,
-                                                                SAVE_H=True, SAVE_R=residuals, CKPT=every, SEG=every > 0), launch)
+                                                                SAVE_H=True, SAVE_R=residuals), launch)
         BV, launch = seq_launch(plan, "bwd_state", plan.reverse_launch(gated, sms=SMS))
         yield ("bwd_state", variant, bwd.bwd_state_kernel, dict(seq, BV=BV, HAS_DST=False), launch)
         per_chunk = dict(common, BKP=plan.BKP, BV=plan.BVB, HAS_G=gated, UNROLL=int(td.CONFIG["bwd_unroll"]), DGM=dgm)

@@ -363,83 +363,6 @@ def test_residuals_need_the_factor_form(rng, monkeypatch):
         td.state_pass(inp["q"], inp["k"], inp["v"], pp, None, 0.25, None, plan, save_r=True)
 
 
-@pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
-@pytest.mark.parametrize("n, cu", [(1, None), (2, [0, 7, 7, 30, 50])], ids=["delta", "product-varlen"])
-def test_rerun_from_checkpoints_matches_the_rerun_along_whole_sequences(rng, monkeypatch, gated, n, cu):
-    # CONFIG["checkpoint_every"]: the backward runs the state pass again as segments of that many
-    # chunks from the forward's float32 checkpoints, or along whole sequences (0); every 1, 2 or 3
-    # chunks of 16 steps (segments of one chunk, a short last segment, a last segment of a short
-    # chunk), with an initial state, an empty sequence and DeltaProduct steps.
-    from householder.backends import triton_delta as td
-
-    B = 2 if cu is None else 1
-    N = B if cu is None else len(cu) - 1
-    inp = make_inputs(rng, B, 50, 2, 16, 24, n=n, gated=gated, state=N)
-    cu_t = None if cu is None else torch.tensor(cu, device=DEVICE)
-    do = torch.tensor(rng.standard_normal((B, 50, 2, 24)), dtype=torch.float32, device=DEVICE)
-    dS = torch.tensor(rng.standard_normal((N, 2, 16, 24)), dtype=torch.float32, device=DEVICE)
-    segmented = []
-
-    def spy(name, kernel, *args, **meta):
-        if kernel is td._fwd.state_kernel and not meta["WRITE_O"]:
-            segmented.append(meta["SEG"])
-        return launch(name, kernel, *args, **meta)
-
-    launch = td.launch
-    monkeypatch.setattr(td, "launch", spy)
-    monkeypatch.setitem(td.CONFIG, "save_prep", True)
-    monkeypatch.setitem(td.CONFIG, "save_states", False)
-    runs = []
-    for every in (0, 1, 2, 3):
-        monkeypatch.setitem(td.CONFIG, "checkpoint_every", every)
-        runs.append(_grads(inp, "triton", n, cu_t, do, dS, 16))
-    assert segmented == [False, True, True, True]
-    want = _grads({k: x.double() for k, x in inp.items()}, "torch", n, cu_t, do.double(), dS.double(), 64)
-    for name, a, *others, d in zip(["o", "S"] + [f"d{m}" for m in inp], *runs, want):
-        for b in others:
-            assert rel_err(a, b) < SAME, name
-        assert rel_err(a, d) < 2e-4, name
-
-
-@pytest.mark.parametrize("every", [1, 3])
-def test_checkpoints_are_the_states_at_their_chunks(rng, monkeypatch, every):
-    # The forward's checkpoint slots hold the state at the start of chunk j of sequence n (the
-    # state save_states keeps there), and the table names each written slot; no slot is written twice.
-    from householder.backends import triton_delta as td
-
-    cu = [0, 7, 7, 30, 95]
-    inp = make_inputs(rng, 1, 95, 2, 16, 16, gated=True, state=len(cu) - 1)
-    plan = td._Plan(1, 95, 2, 16, 16, 1, 16, tuple(cu), torch.float32, inp["q"].device)
-    args = (inp["q"], inp["k"], inp["v"], inp["beta"], inp["g"], 0.25, inp["initial_state"], plan)
-    _, _, kept = td._forward(*args, want_final=True, keep=True, keep_states=True)
-    assert kept.checkpoints is None  # every state kept: no checkpoints
-    monkeypatch.setitem(td.CONFIG, "checkpoint_every", every)
-    _, _, cp = td._forward(*args, want_final=True, keep=True, keep_states=False)
-    ckpt = cp.checkpoints
-    assert ckpt.every == every and ckpt.states.shape == (plan.checkpoint_slots(every), 2, 16, 16)
-    table = ckpt.table.cpu().tolist()
-    expected, c0 = [], 0
-    for n, (a, b) in enumerate(zip(cu[:-1], cu[1:])):
-        chunks = -(-(b - a) // 16)
-        expected += [(n, j, c0 + j) for j in range(0, chunks, every)]
-        c0 += chunks
-    written = [(slot, tuple(row)) for slot, row in enumerate(table) if row != [-1, -1]]
-    assert [row for _, row in written] == [(n, j) for n, j, _ in expected]
-    for (slot, _), (n, j, c) in zip(written, expected):
-        assert slot == c // every + n
-        assert torch.equal(ckpt.states[slot].cpu(), kept.h[c].cpu()), (n, j)
-
-
-def test_checkpoint_setting_is_checked(rng, monkeypatch):
-    from householder.backends import triton_delta as td
-
-    inp = make_inputs(rng, 1, 20, 1, 16, 16, gated=False, state=1)
-    for bad in (-1, 1.5, True, "16"):
-        monkeypatch.setitem(td.CONFIG, "checkpoint_every", bad)
-        with pytest.raises(ValueError, match="checkpoint_every"):
-            hh.delta_rule(**{k: x.requires_grad_() for k, x in inp.items()}, chunk_size=16, backend="triton")
-
-
 def test_passes_side_by_side_only_on_a_gpu(monkeypatch):
     # CONFIG["overlap_passes"] puts the reverse pass on a second stream of a CUDA device; the
     # interpreter (CPU tensors) runs every launch in order on none
@@ -568,8 +491,6 @@ def test_kept_chunk_quantities_are_released_by_the_backward(rng, monkeypatch, fu
         kept["U"] = weakref.ref(pp.u)
     if states and fuse == 1:  # the fused kernel reads h itself
         kept["h"] = weakref.ref(node.prepped.h)
-    if not states:  # the pass run again from the forward's checkpoints
-        kept["checkpoints"] = weakref.ref(node.prepped.checkpoints.states)
     del pp
     alive = {}
     last = "bwd_wy" if fuse == 1 else "bwd_fused_gated"

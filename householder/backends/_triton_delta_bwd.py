@@ -520,11 +520,11 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None, dgm=None)
     do = do.contiguous() if do is not None else torch.zeros((plan.B, plan.T, H, V), dtype=q.dtype, device=dev)
     # the forward's chunk quantities and per-chunk states: kept by the forward, or recomputed
     if prepped is not None:
-        pp, hs, vn, vr, ckpt = prepped
+        pp, hs, vn, vr = prepped
         del prepped  # so that the dels below free each buffer after its last reader
     else:
         pp = tdelta.prep(q, k, v, beta, g, plan, save_x=True)
-        hs = vn = vr = ckpt = None
+        hs = vn = vr = None
     a_form = pp.a is not None
     # the gate's gradient: by each chunk's decay terms (1) or from q . dq - v . dv (2)
     if dgm is None:
@@ -549,11 +549,8 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None, dgm=None)
             max_stages=stages, **plan.common(),
         )
     if hs is None:
-        # from the forward's checkpoints as short segments, or along whole sequences
-        _, _, hs, vn, vr, _ = tdelta.state_pass(q, k, v, pp, g, scale, None if ckpt is not None else S0, plan,
-                                                want_o=False, want_final=False, save_h=True,
-                                                save_r=a_form and tdelta.residuals_wanted(dgm), segments=ckpt)
-    del ckpt
+        _, _, hs, vn, vr = tdelta.state_pass(q, k, v, pp, g, scale, S0, plan, want_o=False, want_final=False, save_h=True,
+                                             save_r=a_form and tdelta.residuals_wanted(dgm))
     tdelta.join(side)
     del pp, dst  # U (and the rest, below) freed after its last reader
     # each buffer is dropped after its last reader and each output made just before its

@@ -208,12 +208,12 @@ def prep_kernel(
 
 @triton.jit
 def state_kernel(
-    q, k, w, u, aqk, g, gcs, o, s0, sT, h, vn, vr, hc, ctab, seqs, T_steps, NT, scale,
+    q, k, w, u, aqk, g, gcs, o, s0, sT, h, vn, vr, seqs, T_steps, NT, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BC: tl.constexpr, NH: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr,
     HAS_S0: tl.constexpr, STORE_ST: tl.constexpr, WRITE_O: tl.constexpr, SAVE_H: tl.constexpr,
     DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr, GMODE: tl.constexpr, GATE_V: tl.constexpr,
-    AFORM: tl.constexpr, SAVE_R: tl.constexpr, CKPT: tl.constexpr, SEG: tl.constexpr,
+    AFORM: tl.constexpr, SAVE_R: tl.constexpr,
 ):
     """Per (value block, sequence, head): the sequential pass over chunks, with the output.
 
@@ -223,42 +223,21 @@ def state_kernel(
     Vn = A (V - diag(e^G) K S): one (BC, BC) x (BC, BV) product more per chunk, on the sequential
     path, for no W and U in memory. SAVE_R (with AFORM): also store the residuals
     R = V - diag(e^G) K S (the operand of that product, in the inputs' precision) at ``vr``, from
-    which the backward takes dA's state term as dVn R^T rather than forming K S again.
-
-    CKPT > 0, SEG off: also store the float32 state at the start of every CKPT-th chunk of a
-    sequence (checkpoints; the first is S_0) at ``hc`` (slots, H, K, V), slot (c0 + j) // CKPT + n
-    for chunk j of sequence n (distinct across sequences), and in ``ctab`` (slots, 2) int32 the
-    (n, j) of each slot written. SEG: the program axis 1 runs over (slot, head) instead of
-    (sequence, head), and each program runs the CKPT chunks from its slot's checkpoint (none for a
-    slot no sequence wrote, n = -1): the pass run again as short independent segments."""
+    which the backward takes dA's state term as dVn R^T rather than forming K S again."""
     i_v = tl.program_id(0)
+    i_nh = tl.program_id(1).to(tl.int64)
+    i_n = i_nh // H
+    i_h = i_nh % H
+    bos, eos, c0 = seq_bounds(i_n, seqs, T_steps, NT, VARLEN)
     ck = tl.arange(0, BK)
     cv = i_v * BV + tl.arange(0, BV)
     mkv = (ck[:, None] < K) & (cv[None, :] < V)
     soff = ck[:, None] * V + cv[None, :]
-    if SEG:
-        i_sh = tl.program_id(1).to(tl.int64)
-        slot = i_sh // H
-        i_h = i_sh % H
-        seg_n = tl.load(ctab + 2 * slot)
-        i_n = tl.maximum(seg_n, 0).to(tl.int64)
-        i_nh = i_n * H + i_h
-        bos, eos, c0 = seq_bounds(i_n, seqs, T_steps, NT, VARLEN)
-        j_lo = tl.load(ctab + 2 * slot + 1)
-        j_hi = tl.where(seg_n >= 0, tl.minimum(j_lo + CKPT, tl.cdiv(eos - bos, BC)), j_lo)
-        S = tl.load(hc + i_sh * K * V + soff, mask=mkv, other=0.0)  # never used unless a sequence wrote it
+    if HAS_S0:
+        S = tl.load(s0 + i_nh * K * V + soff, mask=mkv, other=0.0).to(tl.float32)
     else:
-        i_nh = tl.program_id(1).to(tl.int64)
-        i_n = i_nh // H
-        i_h = i_nh % H
-        bos, eos, c0 = seq_bounds(i_n, seqs, T_steps, NT, VARLEN)
-        j_lo = 0
-        j_hi = tl.cdiv(eos - bos, BC)
-        if HAS_S0:
-            S = tl.load(s0 + i_nh * K * V + soff, mask=mkv, other=0.0).to(tl.float32)
-        else:
-            S = tl.zeros((BK, BV), dtype=tl.float32)
-    for j in range(j_lo, j_hi):
+        S = tl.zeros((BK, BV), dtype=tl.float32)
+    for j in range(0, tl.cdiv(eos - bos, BC)):
         start = bos + j * BC
         r, tok, first, last = chunk_rows(start, NH, BC)
         valid = r < eos - start
@@ -270,13 +249,6 @@ def state_kernel(
         kt = tl.load(k + (start * H + i_h) * K + offk, mask=mk, other=0.0)
         ut = tl.load(u + (start * H + i_h) * V + offv, mask=mv, other=0.0).to(tl.float32)
         Sd = S.to(DT)
-        if CKPT > 0 and not SEG:
-            if j % CKPT == 0:
-                slot = (c0 + j) // CKPT + i_n
-                tl.store(hc + (slot * H + i_h) * K * V + soff, S, mask=mkv)
-                if (i_v == 0) & (i_h == 0):
-                    tl.store(ctab + 2 * slot, i_n.to(tl.int32))
-                    tl.store(ctab + 2 * slot + 1, tl.cast(j, tl.int32))
         if SAVE_H:
             tl.store(h + ((c0 + j) * H + i_h) * K * V + soff, S.to(h.dtype.element_ty), mask=mkv)
         if HAS_G:

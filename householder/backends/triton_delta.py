@@ -146,15 +146,6 @@ CONFIG = {
     # one (C, C) float32 accumulator fewer live in its first loop, for V columns more written by
     # that pass and held until the fused kernel has run.
     "keep_residuals": True,
-    # Without save_states, the forward's pass also keeps its float32 state at the start of every
-    # checkpoint_every-th chunk of each sequence, and the backward runs the pass again as
-    # independent segments of that many chunks from those checkpoints (one program per segment,
-    # head and value block) rather than along each whole sequence: at long T and few sequences the
-    # rerun then has many programs of few chunks instead of few long latency-bound ones. It holds
-    # K * V * 4 bytes per head and checkpoint (1/checkpoint_every of the per-chunk states
-    # save_states keeps, in float32: 32 MiB at 32768 tokens, H = 16, K = V = 128, chunk 64, 16);
-    # the rerun's states are the same bits. 0: the pass runs again along whole sequences.
-    "checkpoint_every": 16,
 }
 CHUNK_SIZES = (16, 32, 64)
 # Programs per SM a sequential pass needs before it takes 64 value columns (_Plan.seq_block): the
@@ -227,15 +218,13 @@ class _Plan:
         self.BVB = min(CONFIG["bwd_BV"], max(16, triton.next_power_of_2(V)))
         self.device = device
 
-    def state_launch(self, gated: bool, want_o: bool, sms: Optional[int] = None, rows: Optional[int] = None) -> tuple:
-        """(value columns, stage cap) of the state pass; ``sms`` stands in for the device's SM count,
-        ``rows`` for its programs per value block (N * H; segments * H when run from checkpoints)."""
+    def state_launch(self, gated: bool, want_o: bool, sms: Optional[int] = None) -> tuple:
+        """(value columns, stage cap) of the state pass; ``sms`` stands in for the device's SM count."""
         # under a_form the forward's pass wants more programs before it takes 64 columns: on an H200
         # at 4 x 8192 (128 programs of 64 columns) 32 took the plain forward from 0.588 to 0.557 ms
         # and the gated one from 0.704 to 0.682
         fill = _FILL_A_FORM if CONFIG["a_form"] else _FILL
-        BV = self.seq_block(CONFIG["BV"], wide=not gated or not want_o or bool(CONFIG["a_form"]), sms=sms, fill=fill,
-                            rows=rows)
+        BV = self.seq_block(CONFIG["BV"], wide=not gated or not want_o or bool(CONFIG["a_form"]), sms=sms, fill=fill)
         if want_o and CONFIG["a_form"] and self.dtype.itemsize == 2 and self.BK >= 256:
             # half precision at K = 256, single-staged: as in the reverse pass, 64 value columns (the
             # gated pass at 32 hit an illegal memory access on an H200 with Triton 3.6; 64 ran right)
@@ -258,11 +247,10 @@ class _Plan:
             BV = max(BV, self.seq_block(64, wide=True))
         return BV, self.out_stages
 
-    def seq_block(self, setting: Optional[int], wide: bool, sms: Optional[int] = None, fill: float = _FILL,
-                  rows: Optional[int] = None) -> int:
+    def seq_block(self, setting: Optional[int], wide: bool, sms: Optional[int] = None, fill: float = _FILL) -> int:
         """Value columns per program of a sequential pass: ``setting`` (CONFIG["BV"] or
         CONFIG["bwd_state_BV"]), or when None, 64 if ``wide`` and that still gives ``fill`` times
-        the SMs a program (``rows`` programs per value block, N * H unless given), else 32."""
+        the SMs a program, else 32."""
         full = max(16, triton.next_power_of_2(self.V))
         if setting is None:
             if interpreting() and sms is None:
@@ -271,15 +259,9 @@ class _Plan:
             # N * H is small: on an H200 (132 SMs), plain, K = V = 128, 64 columns took the forward
             # from 0.96 to 0.76 ms with 128 programs (4 x 8192) and from 0.96 to 1.03 with 64 (2 x 16384)
             sms = sms or _sm_count(self.device)
-            rows = self.N * self.H if rows is None else rows
-            wide = wide and rows * triton.cdiv(self.V, 64) >= int(fill * sms)
+            wide = wide and self.N * self.H * triton.cdiv(self.V, 64) >= int(fill * sms)
             setting = 64 if wide else 32
         return min(setting, full)
-
-    def checkpoint_slots(self, every: int) -> int:
-        """Slots of the state checkpoints at every ``every``-th chunk of each sequence: chunk j of
-        sequence n goes to (c0 + j) // every + n (c0: its first global chunk), below this bound."""
-        return self.NT_total // every + self.N + 1
 
     def key_splits(self, setting: int) -> tuple:
         """(splits, key columns per split) of bwd_dqk's grid: ``setting`` (CONFIG["bwd_dqk_split"])
@@ -467,32 +449,13 @@ def prep(q, k, v, beta, g, plan: _Plan, save_x: bool = False) -> Prepped:
     return Prepped(w, u, a, aqk, xs, gcs)
 
 
-class Checkpoints(NamedTuple):
-    """States kept by the forward's pass at the start of every ``every``-th chunk of each sequence."""
-
-    states: torch.Tensor  # (slots, H, K, V) float32
-    table: torch.Tensor  # (slots, 2) int32: (sequence, chunk) of each slot written, (-1, -1) elsewhere
-    every: int
-
-
-def checkpoint_every() -> int:
-    """CONFIG["checkpoint_every"], checked: 0 (off) or the chunks between state checkpoints."""
-    every = CONFIG["checkpoint_every"]
-    if not isinstance(every, int) or isinstance(every, bool) or every < 0:
-        raise ValueError(f"CONFIG['checkpoint_every'] must be an int >= 0 (0: no checkpoints); got {every!r}")
-    return every
-
-
 def state_pass(q, k, v, pp: Prepped, g, scale, S0, plan: _Plan, *, want_o=True, want_final=True, save_h=False,
-               save_r=False, checkpoint=0, segments: Optional[Checkpoints] = None):
+               save_r=False):
     """The sequential pass: o (B, T, H, V), final states (N, H, K, V) float32, the per-chunk states
-    (NT_total, H, K, V) and pseudo-values Vn (like v) when ``save_h``, the residuals
-    R = V - diag(e^G) K S (like v) when ``save_r`` (a_form only), and ``Checkpoints`` of the state
-    at every ``checkpoint``-th chunk when that is > 0; absent ones None.
+    (NT_total, H, K, V) and pseudo-values Vn (like v) when ``save_h``, and the residuals
+    R = V - diag(e^G) K S (like v) when ``save_r`` (a_form only); absent ones None.
 
-    ``segments``: run the pass again from these checkpoints as independent segments (for h, Vn
-    and R; no output, no final states). ``pp``: the chunk quantities from ``prep`` (its running
-    log-decays None: summed from g here)."""
+    ``pp``: the chunk quantities from ``prep`` (its running log-decays None: summed from g here)."""
     a_form = pp.a is not None
     w, u, aqk, gcs = (pp.a, v, pp.aqk, pp.gcs) if a_form else (pp.w, pp.u, pp.aqk, pp.gcs)
     B, T, H, K, V = plan.B, plan.T, plan.H, plan.K, plan.V
@@ -505,29 +468,17 @@ def state_pass(q, k, v, pp: Prepped, g, scale, S0, plan: _Plan, *, want_o=True, 
         raise ValueError("the residuals R = V - diag(e^G) K S are formed only under CONFIG['a_form']")
     vr = torch.empty_like(v) if save_r else None
     dummy = u
-    if segments is not None:
-        if want_o or want_final or S0 is not None:
-            raise ValueError("a pass from checkpoints writes no output or final states and takes no initial state")
-        ckpt, rows = segments, segments.table.shape[0] * H
-    elif checkpoint:
-        slots = plan.checkpoint_slots(checkpoint)
-        ckpt = Checkpoints(torch.empty((slots, H, K, V), dtype=torch.float32, device=dev),
-                           torch.full((slots, 2), -1, dtype=torch.int32, device=dev), checkpoint)
-        rows = plan.N * H
-    else:
-        ckpt, rows = None, plan.N * H
-    BV, stages = plan.state_launch(g is not None, want_o, rows=rows)
-    launch("state", _fwd.state_kernel, (triton.cdiv(V, BV), rows),
+    BV, stages = plan.state_launch(g is not None, want_o)
+    launch("state", _fwd.state_kernel, (triton.cdiv(V, BV), plan.N * H),
         q, k, w, u, aqk, _g_arg(g, dummy), _g_arg(gcs, dummy), o if want_o else dummy, S0 if S0 is not None else dummy,
         sT if want_final else dummy, h if save_h else dummy, vn if save_h else dummy, vr if save_r else dummy,
-        ckpt.states if ckpt is not None else dummy, ckpt.table if ckpt is not None else dummy,
         plan.seqs, plan.T_steps, plan.NT, scale,
         BK=plan.BK, BV=BV, HAS_G=g is not None, HAS_S0=S0 is not None, STORE_ST=want_final,
         WRITE_O=want_o, SAVE_H=save_h, GMODE=gate_mode(gcs), GATE_V=bool(CONFIG["gate_values"]), AFORM=a_form,
-        SAVE_R=save_r, CKPT=ckpt.every if ckpt is not None else 0, SEG=segments is not None, max_stages=stages,
+        SAVE_R=save_r, max_stages=stages,
         **plan.common(),
     )
-    return o, sT, h, vn, vr, (ckpt if segments is None else None)
+    return o, sT, h, vn, vr
 
 
 class Kept(NamedTuple):
@@ -537,7 +488,6 @@ class Kept(NamedTuple):
     h: Optional[torch.Tensor]  # per-chunk states (None unless CONFIG["save_states"])
     vn: Optional[torch.Tensor]  # pseudo-values (likewise)
     vr: Optional[torch.Tensor]  # residuals R (likewise, and None unless ``residuals_wanted``)
-    checkpoints: Optional[Checkpoints]  # without the states: the pass's checkpoints (CONFIG["checkpoint_every"])
 
 
 def residuals_wanted(dgm: int) -> bool:
@@ -552,10 +502,9 @@ def _forward(q, k, v, beta, g, scale, S0, plan, want_final, keep=False, keep_sta
     unless ``residuals_wanted(dgm)``)."""
     pp = prep(q, k, v, beta, g, plan, save_x=keep)
     keep_states = keep and keep_states
-    every = checkpoint_every() if keep and not keep_states else 0
-    o, sT, hs, vn, vr, ckpt = state_pass(q, k, v, pp, g, scale, S0, plan, want_final=want_final, save_h=keep_states,
-                                         save_r=keep_states and residuals_wanted(dgm), checkpoint=every)
-    return o, sT, (Kept(pp, hs, vn, vr, ckpt) if keep else None)
+    o, sT, hs, vn, vr = state_pass(q, k, v, pp, g, scale, S0, plan, want_final=want_final, save_h=keep_states,
+                                   save_r=keep_states and residuals_wanted(dgm))
+    return o, sT, (Kept(pp, hs, vn, vr) if keep else None)
 
 
 # -- autograd -----------------------------------------------------------------------------
