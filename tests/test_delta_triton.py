@@ -314,7 +314,8 @@ def test_backward_keeps_or_recomputes_the_chunk_quantities_alike(rng, monkeypatc
 def test_fused_backward_takes_the_residuals_or_forms_k_s_alike(rng, monkeypatch, gated, n, cu):
     # CONFIG["keep_residuals"]: the fused kernel's dA state term from the residuals R = V - e^G K S
     # written by the pass that writes the states (in the backward's rerun, or kept by the forward
-    # with save_states), or from K S formed again; the same terms summed in another order.
+    # with save_states), or from K S formed again; CONFIG["dw_from_dv"]: dk's A^T dW as -dV S^T from
+    # the kernel's own dV, or from dW; the same terms summed in another order.
     from householder.backends import triton_delta as td
 
     N = 1 if cu is None else len(cu) - 1
@@ -326,18 +327,20 @@ def test_fused_backward_takes_the_residuals_or_forms_k_s_alike(rng, monkeypatch,
 
     def spy(name, kernel, *args, **meta):
         if name.startswith("bwd_fused"):
-            used.append(meta["HAS_R"])
+            used.append((meta["HAS_R"], meta["DW_FROM_DV"]))
         return launch(name, kernel, *args, **meta)
 
     launch = td.launch
     monkeypatch.setattr(td, "launch", spy)
     monkeypatch.setitem(td.CONFIG, "save_prep", True)
     runs = []
-    for residuals, states in ((False, False), (True, False), (True, True)):
+    settings = ((False, False, False), (True, False, False), (True, True, True), (False, False, True))
+    for residuals, states, from_dv in settings:
         monkeypatch.setitem(td.CONFIG, "keep_residuals", residuals)
         monkeypatch.setitem(td.CONFIG, "save_states", states)
+        monkeypatch.setitem(td.CONFIG, "dw_from_dv", from_dv)
         runs.append(_grads(inp, "triton", n, cu_t, do, dS, 16))
-    assert used == [False, True, True]
+    assert used == [(r, d) for r, _, d in settings]
     want = _grads({k: x.double() for k, x in inp.items()}, "torch", n, cu_t, do.double(), dS.double(), 64)
     for name, a, *others, d in zip(["o", "S"] + [f"d{m}" for m in inp], *runs, want):
         for b in others:

@@ -153,9 +153,10 @@ def _state_grads(ph, pdh, pdo, pvn, pdvn, ck, r, tok, valid, qrow, hdh,
                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BC: tl.constexpr, BKP: tl.constexpr,
                  BV: tl.constexpr, HAS_G: tl.constexpr, DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr,
                  UNROLL: tl.constexpr):
-    """For the key columns ``ck`` of a chunk, over all value blocks: dO S^T, Vn dS'^T, -dVn S^T
+    """For the key columns ``ck`` of a chunk, over all value blocks: dO S^T, Vn dS'^T, -D S^T
     (BC, BKP) float32 each, and ``hdh`` += S o dS' (with a gate; summed elementwise, so that the
-    reduction across warps happens once)."""
+    reduction across warps happens once). D is the tile at ``pdvn``: dVn (then -D S^T = dW), or
+    dV = A^T dVn (then it is A^T dW, what dk takes from dW)."""
     dQ0 = tl.zeros((BC, BKP), dtype=tl.float32)
     dKd = tl.zeros((BC, BKP), dtype=tl.float32)
     dW = tl.zeros((BC, BKP), dtype=tl.float32)
@@ -392,7 +393,7 @@ def bwd_fused_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BKP: tl.constexpr, BV: tl.constexpr,
     BC: tl.constexpr, NH: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr,
     DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr, AQK: tl.constexpr, UNROLL: tl.constexpr,
-    DGM: tl.constexpr, HAS_R: tl.constexpr,
+    DGM: tl.constexpr, HAS_R: tl.constexpr, DW_FROM_DV: tl.constexpr,
 ):
     """Per (chunk, head), ``bwd_dqk_kernel`` and ``bwd_wy_kernel`` in one program: dq, dk, dv, dbeta,
     and dg.
@@ -404,6 +405,8 @@ def bwd_fused_kernel(
     terms in memory as float32 until dA was complete: 5% slower on an H200, 256 MiB more peak.)
     HAS_R: the state pass wrote the residuals R = V - diag(e^G) K S at ``vr``, and the two terms
     are one product, dA = dVn R^T, with neither V nor S read in the first loop.
+    DW_FROM_DV: dk's term A^T dW is taken as -dV S^T from the dV = A^T dVn written in the first
+    loop (read back after a barrier), one (C, C) x (C, BKP) product per key block fewer.
     """
     i_c, i_h, start, end, r, tok, first, last, valid, qrow, t0 = chunk_program(chunks, T_steps, NT, BC, NH, VARLEN)
     causal = r[:, None] >= r[None, :]
@@ -472,18 +475,25 @@ def bwd_fused_kernel(
     db, dXg, dG = _factor_terms(dA, tl.load(px), gam, b, dG, Es, DGM == 1)
     dLd = _factor_dL(dXg, tl.load(px), gam, r, DT, F32, PREC)
     dLtd = tl.trans(dLd)
+    if DW_FROM_DV:
+        tl.debug_barrier()  # dV's stores above are read below by other threads of this program
 
     for k0 in tl.range(0, K, BKP, loop_unroll_factor=UNROLL):
         ck = k0 + tl.arange(0, BKP)
         mk = valid[:, None] & (ck[None, :] < K)
         mq = qrow[:, None] & (ck[None, :] < K)
         offk = r[:, None] * (H * K) + ck[None, :]
-        dQ0, dKd, dW, hdh = _state_grads(ph, pdh, pdo, pvn, pdvn, ck, r, tok, valid, qrow, hdh,
-                                         H, K, V, BC, BKP, BV, HAS_G, DT, F32, PREC, UNROLL)
+        if DW_FROM_DV:
+            # A^T dW = -A^T dVn S^T = -dV S^T, from the dV this program wrote above
+            dQ0, dKd, AtdW, hdh = _state_grads(ph, pdh, pdo, pvn, pdv, ck, r, tok, valid, qrow, hdh,
+                                               H, K, V, BC, BKP, BV, HAS_G, DT, F32, PREC, UNROLL)
+        else:
+            dQ0, dKd, dW, hdh = _state_grads(ph, pdh, pdo, pvn, pdvn, ck, r, tok, valid, qrow, hdh,
+                                             H, K, V, BC, BKP, BV, HAS_G, DT, F32, PREC, UNROLL)
+            AtdW = _dot(At, dW.to(DT), F32, PREC)
         kb = tl.load(pk + offk, mask=mk, other=0.0)
         qb = tl.load(pq + tok[:, None] * (H * K) + ck[None, :], mask=mq, other=0.0)
         kf = kb.to(tl.float32)
-        AtdW = _dot(At, dW.to(DT), F32, PREC)
         dQ0 = dQ0 * (scale * eG[:, None])
         dqb = dQ0 + _dot(dMg.to(DT), kb.to(DT), F32, PREC)
         tl.store(pdq + tok[:, None] * (H * K) + ck[None, :], dqb.to(dq.dtype.element_ty), mask=mq)
@@ -573,7 +583,8 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None, dgm=None)
         tdelta.launch("bwd_fused_gated" if g is not None else "bwd_fused", bwd_fused_kernel, grid,
             q, k, v, beta, g if g is not None else dummy, xs, hs, dhs, vn, vr if vr is not None else dummy, dvn, do,
             aqk, dq, dk, dv, dbeta, dg if g is not None else dummy, plan.chunks, plan.T_steps, plan.NT, scale,
-            **dict(aqk_meta, UNROLL=int(tdelta.CONFIG["fused_unroll"])), DGM=dgm, HAS_R=vr is not None, **small,
+            **dict(aqk_meta, UNROLL=int(tdelta.CONFIG["fused_unroll"])), DGM=dgm, HAS_R=vr is not None,
+            DW_FROM_DV=bool(tdelta.CONFIG["dw_from_dv"]), **small,
         )
         return _grads_out(dq, dk, dv, dbeta, dg, ds0, beta, g, S0)
     dq = torch.empty_like(q)  # every token row is written once: at its last step

@@ -146,6 +146,11 @@ CONFIG = {
     # one (C, C) float32 accumulator fewer live in its first loop, for V columns more written by
     # that pass and held until the fused kernel has run.
     "keep_residuals": True,
+    # The fused kernel takes dk's term A^T dW as -dV S^T, from the dV = A^T dVn it wrote in its first
+    # loop (dW = -dVn S^T), rather than forming dW per key block and multiplying by A^T: one (C, C) x
+    # (C, 64) product per key block fewer, for dV read back in the inputs' precision (dW was
+    # rounded to it too).
+    "dw_from_dv": True,
 }
 CHUNK_SIZES = (16, 32, 64)
 # Programs per SM a sequential pass needs before it takes 64 value columns (_Plan.seq_block): the
