@@ -65,11 +65,13 @@ CONFIG = {
     # per step and head held between the passes (bf16 inputs; 3.5x q's size at K = V = 128 and
     # chunk 64). False: only the inputs are kept, as before.
     "save_prep": True,
-    # With save_prep, also keep the per-chunk states and pseudo-values written by the forward's
-    # state pass, so that the backward skips that pass too: (K * V / BC + V) * 2 more bytes per
-    # step and head (3x q's size at K = V = 128, chunk 64). On the H100 it saved 6-9% of a forward+
-    # backward at the same peak, but holds 384 MiB more per call between the passes (at 32768 tokens,
-    # H = 16): off, because a model holds that for every layer awaiting its backward.
+    # With save_prep, also keep the per-chunk states and pseudo-values (and the residuals, under
+    # keep_residuals) written by the forward's state pass, so that the backward skips that pass
+    # too: (K * V / BC + 2 * V) * 2 more bytes per step and head (4x q's size at K = V = 128, chunk
+    # 64). On the H100 it saved 6-9% of a forward+backward at the same peak; on an H200 with the
+    # passes side by side (ef33ae3) from -1.6% to +6% (gated 4 x 8192: 3.640 -> 3.417 ms). It holds
+    # 512 MiB more per call between the passes (at 32768 tokens, H = 16): off, because a model holds
+    # that for every layer awaiting its backward.
     "save_states": False,
     # One per-chunk backward kernel (bwd_fused_kernel) instead of two (bwd_dqk, then bwd_wy): dW
     # and the second kernel's reloads of dVn, k and the partial dk no longer go through memory.
@@ -143,13 +145,16 @@ CONFIG = {
     # residuals R = V - diag(e^G) K S of each chunk (the operand of Vn = A R, in the inputs'
     # precision), and the fused kernel takes dA's state term from them, dA = dVn R^T, instead of
     # forming K S again per value block: C x K x V multiply-adds and a read of S fewer per chunk, and
-    # one (C, C) float32 accumulator fewer live in its first loop, for V columns more written by
-    # that pass and held until the fused kernel has run.
+    # one (C, BV) float32 accumulator fewer live in its first loop, for V columns more written by
+    # that pass and held until the fused kernel has run. On an H200 (516c767) 3.6-5.6% off every
+    # forward+backward (gated 3.360 -> 3.173 ms at 16 x 2048, plain 2.521 -> 2.426), for 128 MiB
+    # more peak at 32768 tokens, H = 16 (1507 -> 1635 MiB; fla's 1857).
     "keep_residuals": True,
     # The fused kernel takes dk's term A^T dW as -dV S^T, from the dV = A^T dVn it wrote in its first
     # loop (dW = -dVn S^T), rather than forming dW per key block and multiplying by A^T: one (C, C) x
     # (C, 64) product per key block fewer, for dV read back in the inputs' precision (dW was
-    # rounded to it too).
+    # rounded to it too). On an H200 (d5f2e2d) 3-4% off every forward+backward (plain 2.342 ->
+    # 2.244 ms, gated 3.249 -> 3.136 at 16 x 2048); errors against float64 unchanged.
     "dw_from_dv": True,
 }
 CHUNK_SIZES = (16, 32, 64)
