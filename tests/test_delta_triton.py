@@ -34,6 +34,18 @@ def make_inputs(rng, B, T, H, K, V, *, n=1, gated=True, state=None, dtype=torch.
     return {name: a.to(dtype if name in ("q", "k", "v") else torch.float32).to(DEVICE) for name, a in base.items()}
 
 
+def backward_case(rng, B, T, H, K, V, *, n=1, gated=True, cu=None, dtype=torch.float32):
+    """One backward test case on DEVICE: inputs (``make_inputs``, initial states for each of the N
+    sequences), cu_seqlens as a tensor (None for B equal sequences), dO (B, T, H, V) in ``dtype``
+    and the final states' gradient (N, H, K, V) float32."""
+    N = B if cu is None else len(cu) - 1
+    inp = make_inputs(rng, B, T, H, K, V, n=n, gated=gated, state=N, dtype=dtype)
+    cu_t = None if cu is None else torch.tensor(cu, device=DEVICE)
+    do = torch.tensor(rng.standard_normal((B, T, H, V)), dtype=dtype, device=DEVICE)
+    dS = torch.tensor(rng.standard_normal((N, H, K, V)), dtype=torch.float32, device=DEVICE)
+    return inp, cu_t, do, dS
+
+
 def rel_err(a, b) -> float:
     a = a.detach().double().cpu().numpy() if hasattr(a, "detach") else a
     b = b.detach().double().cpu().numpy() if hasattr(b, "detach") else b
@@ -117,11 +129,7 @@ def _grads(inp, backend, n, cu, do, dS, chunk):
     ],
 )
 def test_backward_matches_torch_path(rng, B, T, H, K, V, n, chunk, gated, cu):
-    N = B if cu is None else len(cu) - 1
-    inp = make_inputs(rng, B, T, H, K, V, n=n, gated=gated, state=N)
-    cu_t = None if cu is None else torch.tensor(cu, device=DEVICE)
-    do = torch.tensor(rng.standard_normal((B, T, H, V)), dtype=torch.float32, device=DEVICE)
-    dS = torch.tensor(rng.standard_normal((N, H, K, V)), dtype=torch.float32, device=DEVICE)
+    inp, cu_t, do, dS = backward_case(rng, B, T, H, K, V, n=n, gated=gated, cu=cu)
     got = _grads(inp, "triton", n, cu_t, do, dS, chunk)
     # the torch path in float64 is the reference for gradients (itself gradchecked)
     want = _grads({k: x.double() for k, x in inp.items()}, "torch", n, cu_t, do.double(), dS.double(), 64)
@@ -293,11 +301,7 @@ def test_backward_keeps_or_recomputes_the_chunk_quantities_alike(rng, monkeypatc
     # Both run the same kernels on the same chunks, so the gradients agree to rounding.
     from householder.backends import triton_delta as td
 
-    N = 1 if cu is None else len(cu) - 1
-    inp = make_inputs(rng, 1, 50, 2, 16, 16, n=n, state=N)
-    cu_t = None if cu is None else torch.tensor(cu, device=DEVICE)
-    do = torch.tensor(rng.standard_normal((1, 50, 2, 16)), dtype=torch.float32, device=DEVICE)
-    dS = torch.tensor(rng.standard_normal((N, 2, 16, 16)), dtype=torch.float32, device=DEVICE)
+    inp, cu_t, do, dS = backward_case(rng, 1, 50, 2, 16, 16, n=n, cu=cu)
     runs = []
     for keep, states in ((True, False), (True, True), (False, False)):
         monkeypatch.setitem(td.CONFIG, "save_prep", keep)
@@ -318,11 +322,7 @@ def test_fused_backward_takes_the_residuals_or_forms_k_s_alike(rng, monkeypatch,
     # the kernel's own dV, or from dW; the same terms summed in another order.
     from householder.backends import triton_delta as td
 
-    N = 1 if cu is None else len(cu) - 1
-    inp = make_inputs(rng, 1, 50, 2, 16, 24, n=n, gated=gated, state=N)
-    cu_t = None if cu is None else torch.tensor(cu, device=DEVICE)
-    do = torch.tensor(rng.standard_normal((1, 50, 2, 24)), dtype=torch.float32, device=DEVICE)
-    dS = torch.tensor(rng.standard_normal((N, 2, 16, 24)), dtype=torch.float32, device=DEVICE)
+    inp, cu_t, do, dS = backward_case(rng, 1, 50, 2, 16, 24, n=n, gated=gated, cu=cu)
     used = []
 
     def spy(name, kernel, *args, **meta):
@@ -420,11 +420,7 @@ def test_sequential_passes_take_the_gates_from_any_source_alike(rng, monkeypatch
     # keys and queries or to the value-side tiles; a short last chunk and an empty sequence included
     from householder.backends import triton_delta as td
 
-    N = 1 if cu is None else len(cu) - 1
-    inp = make_inputs(rng, 1, 50, 2, 16, 16, n=n, state=N)
-    cu_t = None if cu is None else torch.tensor(cu, device=DEVICE)
-    do = torch.tensor(rng.standard_normal((1, 50, 2, 16)), dtype=torch.float32, device=DEVICE)
-    dS = torch.tensor(rng.standard_normal((N, 2, 16, 16)), dtype=torch.float32, device=DEVICE)
+    inp, cu_t, do, dS = backward_case(rng, 1, 50, 2, 16, 16, n=n, cu=cu)
     runs = []
     for mode, states, on_values in ((0, False, False), (gates, False, False), (gates, True, True), (0, False, True)):
         monkeypatch.setitem(td.CONFIG, "gates", mode)
@@ -447,11 +443,7 @@ def test_sequential_passes_take_the_factor_or_w_and_u_alike(rng, monkeypatch, ga
     # sequence included. The products are associated differently, so they agree to float32 rounding.
     from householder.backends import triton_delta as td
 
-    N = 1 if cu is None else len(cu) - 1
-    inp = make_inputs(rng, 1, 50, 2, 16, 16, n=n, gated=gated, state=N)
-    cu_t = None if cu is None else torch.tensor(cu, device=DEVICE)
-    do = torch.tensor(rng.standard_normal((1, 50, 2, 16)), dtype=torch.float32, device=DEVICE)
-    dS = torch.tensor(rng.standard_normal((N, 2, 16, 16)), dtype=torch.float32, device=DEVICE)
+    inp, cu_t, do, dS = backward_case(rng, 1, 50, 2, 16, 16, n=n, gated=gated, cu=cu)
     runs = []
     settings = [
         dict(a_form=False),
@@ -578,11 +570,7 @@ def test_fused_backward_matches_the_two_kernel_one(rng, monkeypatch, B, T, H, K,
     # chunks, so the gradients agree to float32 rounding, and both with the float64 torch path
     from householder.backends import triton_delta as td
 
-    N = B if cu is None else len(cu) - 1
-    inp = make_inputs(rng, B, T, H, K, V, n=n, gated=gated, state=N)
-    cu_t = None if cu is None else torch.tensor(cu, device=DEVICE)
-    do = torch.tensor(rng.standard_normal((B, T, H, V)), dtype=torch.float32, device=DEVICE)
-    dS = torch.tensor(rng.standard_normal((N, H, K, V)), dtype=torch.float32, device=DEVICE)
+    inp, cu_t, do, dS = backward_case(rng, B, T, H, K, V, n=n, gated=gated, cu=cu)
     runs = []
     # (fuse_bwd, dg_from_aqk, bwd_unroll and fused_unroll, bwd_dqk_split, dg_form): mode 1 fuses
     # unless the gate's gradient takes the decays form, 2 always; the gate's score term from the
