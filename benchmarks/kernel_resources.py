@@ -93,9 +93,11 @@ def kernels(K: int, chunk: int):
     a_form = bool(td.CONFIG["a_form"])
     for gated in (False, True):
         variant = "gated" if gated else "plain"
-        yield ("prep", variant, fwd.prep_kernel, dict(common, BKP=plan.BKP, BV=plan.BVP, HAS_G=gated, SAVE_X=True,
-               SAVE_G=False, FPREC=plan.FPREC, SPLITS=td.CONFIG["inverse_splits"], AFORM=a_form), td.CONFIG["prep"])
-        seq = dict(common, BK=plan.BK, HAS_G=gated, GMODE=0, GATE_V=bool(td.CONFIG["gate_values"]), AFORM=a_form)
+        gmode = td.CONFIG["gates"] if gated else 0
+        yield ("prep", variant, fwd.prep_kernel, dict(common, BK=plan.BK, BKP=plan.BKP, BV=plan.BVP, HAS_G=gated, SAVE_X=True,
+               SAVE_G=gmode in (1, 2), SAVE_E=gmode == 3, FPREC=plan.FPREC, SPLITS=td.CONFIG["inverse_splits"],
+               AFORM=a_form), td.CONFIG["prep"])
+        seq = dict(common, BK=plan.BK, HAS_G=gated, GMODE=gmode, GATE_V=bool(td.CONFIG["gate_values"]), AFORM=a_form)
         BV, launch = seq_launch(plan, "state", plan.state_launch(gated, want_o=True, sms=SMS))
         yield ("state", variant, fwd.state_kernel, dict(seq, BV=BV, HAS_S0=False, STORE_ST=True, WRITE_O=True, SAVE_H=False,
                                                       SAVE_R=False), launch)

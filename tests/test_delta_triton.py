@@ -412,7 +412,7 @@ def test_passes_side_by_side_give_the_same_gradients(rng, monkeypatch, gated, n,
             assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("gates", [1, 2])
+@pytest.mark.parametrize("gates", [1, 2, 3])
 @pytest.mark.parametrize("n, cu", [(1, None), (2, [0, 7, 7, 30, 50])], ids=["delta", "product-varlen"])
 def test_sequential_passes_take_the_gates_from_any_source_alike(rng, monkeypatch, gates, n, cu):
     # CONFIG["gates"]: the running log-decays summed in the sequential kernels (0) or written by

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from householder.backends._triton_delta_fwd import _dot, chunk_gamma, chunk_gates, chunk_program, chunk_rows, load_gates, seq_bounds
+from householder.backends._triton_delta_fwd import _dot, chunk_gamma, chunk_gates, chunk_program, chunk_rows, seq_bounds, seq_decays
 
 
 @triton.jit
@@ -93,23 +93,23 @@ def bwd_state_kernel(
         at = tl.load(aqk + ((c0 + j) * H + i_h) * BC * BC + r[:, None] * BC + r[None, :]).to(DT)
         dog = dot_
         if HAS_G:
-            Gc, glast = load_gates(gcs + i_h, g + i_h, start, t0, r, tok, valid, first, eos, H, BC, GMODE)
+            eG, ed, egl = seq_decays(gcs, g, i_h, c0 + j, start, t0, r, tok, valid, first, eos, ck, H, BC, BK, GMODE)
             if GATE_V:
-                dog = (dot_.to(tl.float32) * tl.exp(Gc)[:, None]).to(DT)
+                dog = (dot_.to(tl.float32) * eG[:, None]).to(DT)
             else:
-                kt = kt.to(tl.float32) * tl.exp(glast - Gc)[:, None]
-                qt = qt.to(tl.float32) * tl.exp(Gc)[:, None]
+                kt = kt.to(tl.float32) * ed[:, None]
+                qt = qt.to(tl.float32) * eG[:, None]
         kdS = _dot(kt.to(DT), dS.to(DT), F32, PREC)
         if HAS_G and GATE_V:
-            kdS = kdS * tl.exp(glast - Gc)[:, None]
+            kdS = kdS * ed[:, None]
         dvt = _dot(tl.trans(at), dot_, F32, PREC) * scale + kdS
         tl.store(dvn + (start * H + i_h) * V + r[:, None] * (H * V) + cv[None, :], dvt.to(dvn.dtype.element_ty), mask=valid[:, None] & (cv[None, :] < V))
         if HAS_G:
-            dS = dS * tl.exp(glast)
+            dS = dS * egl[:, None]
         if AFORM:
             z = _dot(tl.trans(wt), dvt.to(DT), F32, PREC)
             if HAS_G:
-                z = z * tl.exp(Gc)[:, None]
+                z = z * eG[:, None]
             dS += _dot(tl.trans(qt.to(DT)), dog, F32, PREC) * scale - _dot(tl.trans(kraw), z.to(DT), F32, PREC)
         else:
             dS += _dot(tl.trans(qt.to(DT)), dog, F32, PREC) * scale - _dot(tl.trans(wt), dvt.to(DT), F32, PREC)
@@ -554,7 +554,7 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None, dgm=None)
         tdelta.launch("bwd_state", bwd_state_kernel, (triton.cdiv(V, BV), plan.N * H),
             q, k, w, aqk, g if g is not None else dummy, gcs if gcs is not None else dummy, do,
             dst if dst is not None else dummy, dhs, dvn, ds0, plan.seqs, plan.T_steps, plan.NT, scale,
-            BK=plan.BK, BV=BV, HAS_G=g is not None, HAS_DST=dsT is not None, GMODE=tdelta.gate_mode(gcs),
+            BK=plan.BK, BV=BV, HAS_G=g is not None, HAS_DST=dsT is not None, GMODE=tdelta.gate_mode(pp),
             GATE_V=bool(tdelta.CONFIG["gate_values"]), AFORM=a_form,
             max_stages=stages, **plan.common(),
         )

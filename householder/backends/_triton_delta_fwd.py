@@ -124,6 +124,27 @@ def load_gates(gcs, g, start, t0, r, tok, valid, first, end, H: tl.constexpr, BC
 
 
 @triton.jit
+def seq_decays(gcs, g, i_h, i_c, start, t0, r, tok, valid, first, end, ck,
+               H: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, GMODE: tl.constexpr):
+    """The decays of chunk ``i_c`` for the sequential passes: e^G, e^{G_C - G} (BC,) and e^{G_C}
+    repeated along the state's BK key rows (BK,), float32.
+
+    GMODE 3: loaded as ``prep_kernel`` wrote them (no scan, reduction or exponential on the
+    sequential path); else from ``load_gates``."""
+    if GMODE == 3:
+        pe = gcs + (i_c * H + i_h) * (2 * BC + BK)
+        eG = tl.load(pe + r)
+        ed = tl.load(pe + BC + r)
+        egl = tl.load(pe + 2 * BC + ck)
+    else:
+        Gc, glast = load_gates(gcs + i_h, g + i_h, start, t0, r, tok, valid, first, end, H, BC, GMODE)
+        eG = tl.exp(Gc)
+        ed = tl.exp(glast - Gc)
+        egl = tl.zeros((BK,), dtype=tl.float32) + tl.exp(glast)
+    return eG, ed, egl
+
+
+@triton.jit
 def chunk_gamma(Gc, BC: tl.constexpr, HAS_G: tl.constexpr):
     """Gamma_ts = exp(G_t - G_s) on and below the diagonal, 0 above (all ones there without a gate)."""
     r = tl.arange(0, BC)
@@ -151,13 +172,16 @@ def chunk_factor(Gm, b, Gc, BC: tl.constexpr, HAS_G: tl.constexpr, FPREC: tl.con
 @triton.jit
 def prep_kernel(
     q, k, v, beta, g, w, u, af, aqk, xs, gcs, chunks, T_steps, NT,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BKP: tl.constexpr, BV: tl.constexpr,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BKP: tl.constexpr, BV: tl.constexpr,
     BC: tl.constexpr, NH: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr, SAVE_X: tl.constexpr,
-    SAVE_G: tl.constexpr, DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr, FPREC: tl.constexpr,
+    SAVE_G: tl.constexpr, SAVE_E: tl.constexpr, DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr, FPREC: tl.constexpr,
     SPLITS: tl.constexpr, AFORM: tl.constexpr,
 ):
     """Per (chunk, head): W = A diag(e^G) K, U = A V (AFORM: A, in the inputs' precision, at ``af``)
-    and Aqk = tril(Q K^T) o Gamma (and X and G, float32)."""
+    and Aqk = tril(Q K^T) o Gamma (and X and G, float32).
+
+    SAVE_G: G per step at ``gcs`` (B, T_steps, H); SAVE_E: instead the decays of ``seq_decays``
+    per chunk at ``gcs`` (NT_total, H, 2 BC + BK): e^G, e^{G_C - G}, and e^{G_C} BK times."""
     i_c, i_h, start, end, r, tok, first, last, valid, qrow, t0 = chunk_program(chunks, T_steps, NT, BC, NH, VARLEN)
     # int64 only in these scalar bases; tile offsets below are int32
     pk = k + (start * H + i_h) * K
@@ -179,6 +203,13 @@ def prep_kernel(
         Gc = chunk_gates(g + t0 * H + i_h, tok, valid, first, H)
         if SAVE_G:
             tl.store(gcs + start * H + i_h + r * H, Gc, mask=valid)
+        if SAVE_E:
+            # rows past the sequence's end hold G_C (the running sum adds nothing there): e^{G_C}, 1
+            glast = tl.sum(tl.where(r == BC - 1, Gc, 0.0), 0)
+            pe = gcs + (i_c * H + i_h) * (2 * BC + BK)
+            tl.store(pe + r, tl.exp(Gc))
+            tl.store(pe + BC + r, tl.exp(glast - Gc))
+            tl.store(pe + 2 * BC + tl.arange(0, BK), tl.zeros((BK,), dtype=tl.float32) + tl.exp(glast))
     else:
         Gc = tl.zeros((BC,), dtype=tl.float32)
     A, X, gam = chunk_factor(Gm, b, Gc, BC, HAS_G, FPREC, SPLITS)
@@ -252,12 +283,12 @@ def state_kernel(
         if SAVE_H:
             tl.store(h + ((c0 + j) * H + i_h) * K * V + soff, S.to(h.dtype.element_ty), mask=mkv)
         if HAS_G:
-            Gc, glast = load_gates(gcs + i_h, g + i_h, start, t0, r, tok, valid, first, eos, H, BC, GMODE)
+            eG, ed, egl = seq_decays(gcs, g, i_h, c0 + j, start, t0, r, tok, valid, first, eos, ck, H, BC, BK, GMODE)
         if AFORM:
             at_ = tl.load(w + ((c0 + j) * H + i_h) * BC * BC + r[:, None] * BC + r[None, :]).to(DT)
             ks = _dot(kt.to(DT), Sd, F32, PREC)
             if HAS_G:
-                ks = ks * tl.exp(Gc)[:, None]
+                ks = ks * eG[:, None]
             rt = (ut - ks).to(DT)
             if SAVE_R:
                 tl.store(vr + (start * H + i_h) * V + offv, rt.to(vr.dtype.element_ty), mask=mv)
@@ -274,15 +305,15 @@ def state_kernel(
             at = tl.load(aqk + ((c0 + j) * H + i_h) * BC * BC + r[:, None] * BC + r[None, :]).to(DT)
             ot = _dot(qt, Sd, F32, PREC)
             if HAS_G:
-                ot = ot * tl.exp(Gc)[:, None]
+                ot = ot * eG[:, None]
             ot = (ot + _dot(at, vd, F32, PREC)) * scale
             tl.store(o + (t0 * H + i_h) * V + tok[:, None] * (H * V) + cv[None, :], ot.to(o.dtype.element_ty), mask=qrow[:, None] & (cv[None, :] < V))
         if HAS_G:
-            S = S * tl.exp(glast)
+            S = S * egl[:, None]
             if GATE_V:
-                vd = (vnew * tl.exp(glast - Gc)[:, None]).to(DT)
+                vd = (vnew * ed[:, None]).to(DT)
             else:
-                kt = kt.to(tl.float32) * tl.exp(glast - Gc)[:, None]
+                kt = kt.to(tl.float32) * ed[:, None]
         S += _dot(tl.trans(kt.to(DT)), vd, F32, PREC)
     if STORE_ST:
         tl.store(sT + i_nh * K * V + soff, S, mask=mkv)

@@ -55,10 +55,12 @@ CONFIG = {
     # (8, 4096), (4, 8192), (2, 16384); the plain op at 8 went from 2.488 to 2.770 at 16 x 2048
     "bwd_fused_gated": (8, 1),
     "bwd_chunk": None,  # chunk size of the backward pass (None: the forward's)
-    # How the sequential passes get the running log-decays G of a chunk: 0 sum them from g there,
-    # 1 load them from the prep kernel's output (last row by a scalar load), 2 load them (last row
-    # by a reduction). 0 is the default because loading timed slower on the H100 (gated forward
-    # 0.95 -> 1.27 ms with 1); 2 is untimed. All three agree to float32 rounding.
+    # How the sequential passes get the decays of a chunk: 0 sum the log-decays from g there (a
+    # scan and a reduction across warps, then exponentials, in every chunk step), 1 load the running
+    # log-decays G from the prep kernel's output (last row by a scalar load), 2 load them (last row
+    # by a reduction), 3 load the decays e^G, e^{G_C - G} and e^{G_C} as prep wrote them (no scan,
+    # reduction or exponential left in the step). 1 timed slower than 0 on the H100 (gated forward
+    # 0.95 -> 1.27 ms, before a_form). All agree to float32 rounding.
     "gates": 0,
     # Keep the forward's W, U, Aqk and chunk inverses X for the backward instead of recomputing
     # them there: one per-chunk kernel less in the backward, for (K + V + BC) * 2 + BC * 4 bytes
@@ -357,9 +359,13 @@ def launch(name: str, kernel, grid, *args, max_stages=None, max_warps=None, **me
     kernel[grid](*args, **meta, num_warps=warps, num_stages=stages)
 
 
-def gate_mode(gcs) -> int:
-    """The sequential kernels' GMODE: 0 (sum the gates there) when prep wrote no running log-decays."""
-    return 0 if gcs is None else (CONFIG["gates"] or 1)
+GATE_MODES = (0, 1, 2, 3)
+
+
+def gate_mode(pp: "Prepped") -> int:
+    """The sequential kernels' GMODE for the chunk quantities ``pp``: 0 (sum the gates there) when
+    prep wrote neither the running log-decays nor the decays, else the mode prep wrote them for."""
+    return 0 if pp.gcs is None else pp.gmode
 
 
 DG_MODES = {"decays": 1, "chunk": 2}
@@ -425,9 +431,10 @@ def _g_arg(g, like):
 class Prepped(NamedTuple):
     """The prep kernel's chunk quantities: W (B, T_steps, H, K) and U (B, T_steps, H, V), or with
     CONFIG["a_form"] the chunk factors A (NT_total, H, BC, BC) in their place (the others None);
-    the masked scores Aqk (NT_total, H, BC, BC); X (float32, or None unless asked for) and the
-    running log-decays G inside each chunk (B, T_steps, H) float32 (None without a gate, or when
-    CONFIG["gates"] is 0: then the sequential passes sum them)."""
+    the masked scores Aqk (NT_total, H, BC, BC); X (float32, or None unless asked for) and, for
+    the sequential passes (None without a gate, or when CONFIG["gates"] is 0: then they sum the
+    log-decays themselves), float32: the running log-decays G inside each chunk (B, T_steps, H)
+    under gates 1 and 2, or the chunk's decays (NT_total, H, 2 BC + BK) under 3 (``seq_decays``)."""
 
     w: Optional[torch.Tensor]
     u: Optional[torch.Tensor]
@@ -435,6 +442,7 @@ class Prepped(NamedTuple):
     aqk: torch.Tensor
     xs: Optional[torch.Tensor]
     gcs: Optional[torch.Tensor]
+    gmode: int = 0  # CONFIG["gates"] when prep wrote gcs
 
 
 def prep(q, k, v, beta, g, plan: _Plan, save_x: bool = False) -> Prepped:
@@ -446,17 +454,26 @@ def prep(q, k, v, beta, g, plan: _Plan, save_x: bool = False) -> Prepped:
     a = torch.empty(chunk_tiles, dtype=q.dtype, device=q.device) if a_form else None
     aqk = torch.empty(chunk_tiles, dtype=q.dtype, device=q.device)
     xs = torch.empty((plan.NT_total, plan.H, plan.BC, plan.BC), dtype=torch.float32, device=q.device) if save_x else None
-    gcs = torch.empty(beta.shape, dtype=torch.float32, device=q.device) if g is not None and CONFIG["gates"] else None
+    mode = CONFIG["gates"]
+    if mode not in GATE_MODES:
+        raise ValueError(f"CONFIG['gates'] must be one of {GATE_MODES}, got {mode!r}")
+    if g is None or not mode:
+        gcs = None
+    elif mode == 3:  # per chunk: e^G, e^{G_C - G} and e^{G_C} repeated along the state's key rows
+        gcs = torch.empty((plan.NT_total, plan.H, 2 * plan.BC + plan.BK), dtype=torch.float32, device=q.device)
+    else:
+        gcs = torch.empty(beta.shape, dtype=torch.float32, device=q.device)
     if plan.NT_total:
         launch("prep", _fwd.prep_kernel, (plan.NT_total, plan.H),
             q, k, v, beta, _g_arg(g, beta), aqk if a_form else w, aqk if a_form else u, a if a_form else aqk,
             aqk, xs if save_x else aqk, gcs if gcs is not None else aqk,
             plan.chunks, plan.T_steps, plan.NT,
-            BKP=plan.BKP, BV=plan.BVP, HAS_G=g is not None, SAVE_X=save_x, SAVE_G=gcs is not None, FPREC=plan.FPREC,
+            BK=plan.BK, BKP=plan.BKP, BV=plan.BVP, HAS_G=g is not None, SAVE_X=save_x,
+            SAVE_G=gcs is not None and mode != 3, SAVE_E=gcs is not None and mode == 3, FPREC=plan.FPREC,
             SPLITS=CONFIG["inverse_splits"], AFORM=a_form,
             **plan.common(),
         )
-    return Prepped(w, u, a, aqk, xs, gcs)
+    return Prepped(w, u, a, aqk, xs, gcs, mode if gcs is not None else 0)
 
 
 def state_pass(q, k, v, pp: Prepped, g, scale, S0, plan: _Plan, *, want_o=True, want_final=True, save_h=False,
@@ -484,7 +501,7 @@ def state_pass(q, k, v, pp: Prepped, g, scale, S0, plan: _Plan, *, want_o=True, 
         sT if want_final else dummy, h if save_h else dummy, vn if save_h else dummy, vr if save_r else dummy,
         plan.seqs, plan.T_steps, plan.NT, scale,
         BK=plan.BK, BV=BV, HAS_G=g is not None, HAS_S0=S0 is not None, STORE_ST=want_final,
-        WRITE_O=want_o, SAVE_H=save_h, GMODE=gate_mode(gcs), GATE_V=bool(CONFIG["gate_values"]), AFORM=a_form,
+        WRITE_O=want_o, SAVE_H=save_h, GMODE=gate_mode(pp), GATE_V=bool(CONFIG["gate_values"]), AFORM=a_form,
         SAVE_R=save_r, max_stages=stages,
         **plan.common(),
     )
