@@ -416,16 +416,20 @@ def test_passes_side_by_side_give_the_same_gradients(rng, monkeypatch, gated, n,
 @pytest.mark.parametrize("n, cu", [(1, None), (2, [0, 7, 7, 30, 50])], ids=["delta", "product-varlen"])
 def test_sequential_passes_take_the_gates_from_any_source_alike(rng, monkeypatch, gates, n, cu):
     # CONFIG["gates"]: the running log-decays summed in the sequential kernels (0) or written by
-    # the prep kernel and loaded there (1, 2); CONFIG["gate_values"]: the decays applied to the
-    # keys and queries or to the value-side tiles; a short last chunk and an empty sequence included
+    # the prep kernel and loaded there (1, 2), or the decays written by it (3); CONFIG["gate_values"]:
+    # the decays applied to the keys and queries or to the value-side tiles; CONFIG["prefetch_gates"]:
+    # loaded a chunk ahead (modes 0 and 3); a short last chunk and an empty sequence included
     from householder.backends import triton_delta as td
 
     inp, cu_t, do, dS = backward_case(rng, 1, 50, 2, 16, 16, n=n, cu=cu)
     runs = []
-    for mode, states, on_values in ((0, False, False), (gates, False, False), (gates, True, True), (0, False, True)):
+    settings = ((0, False, False, False), (gates, False, False, False), (gates, True, True, False), (0, False, True, False),
+                (0, False, False, True), (gates, False, True, True))
+    for mode, states, on_values, prefetch in settings:
         monkeypatch.setitem(td.CONFIG, "gates", mode)
         monkeypatch.setitem(td.CONFIG, "save_states", states)
         monkeypatch.setitem(td.CONFIG, "gate_values", on_values)
+        monkeypatch.setitem(td.CONFIG, "prefetch_gates", prefetch)
         runs.append(_grads(inp, "triton", n, cu_t, do, dS, 32))
     want = _grads({k: x.double() for k, x in inp.items()}, "torch", n, cu_t, do.double(), dS.double(), 64)
     for name, a, *others, d in zip(["o", "S"] + [f"d{m}" for m in inp], *runs, want):

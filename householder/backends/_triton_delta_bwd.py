@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from householder.backends._triton_delta_fwd import _dot, chunk_gamma, chunk_gates, chunk_program, chunk_rows, seq_bounds, seq_decays
+from householder.backends._triton_delta_fwd import _dot, chunk_gamma, chunk_gates, chunk_program, chunk_rows, decay_inputs, decays_of, seq_bounds, seq_decays
 
 
 @triton.jit
@@ -50,7 +50,7 @@ def bwd_state_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BC: tl.constexpr, NH: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr, HAS_DST: tl.constexpr,
     DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr, GMODE: tl.constexpr, GATE_V: tl.constexpr,
-    AFORM: tl.constexpr,
+    AFORM: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """Reverse pass over chunks: dS' of each chunk (into dh), dVn, and dS_0.
 
@@ -72,9 +72,19 @@ def bwd_state_kernel(
     else:
         dS = tl.zeros((BK, BV), dtype=tl.float32)
     nch = tl.cdiv(eos - bos, BC)
+    if HAS_G and PREFETCH:
+        jl = tl.maximum(nch - 1, 0)
+        ga, gb, gc = decay_inputs(gcs, g, i_h, c0 + jl, bos + jl * BC, eos, ck, H, BC, BK, NH, GMODE)
+    else:
+        ga, gb, gc = tl.zeros((BC,), dtype=tl.float32), tl.zeros((BC,), dtype=tl.float32), tl.zeros((BK,), dtype=tl.float32)
     for jj in range(0, nch):
         j = nch - 1 - jj
         start = bos + j * BC
+        if HAS_G and PREFETCH:
+            eG, ed, egl = decays_of(ga, gb, gc, BC, BK, GMODE)
+            # the previous chunk's (the first one's again at the end: in bounds, unused)
+            jn = tl.maximum(j - 1, 0)
+            ga, gb, gc = decay_inputs(gcs, g, i_h, c0 + jn, bos + jn * BC, eos, ck, H, BC, BK, NH, GMODE)
         r, tok, first, last = chunk_rows(start, NH, BC)
         valid = r < eos - start
         mk = valid[:, None] & (ck[None, :] < K)
@@ -93,7 +103,8 @@ def bwd_state_kernel(
         at = tl.load(aqk + ((c0 + j) * H + i_h) * BC * BC + r[:, None] * BC + r[None, :]).to(DT)
         dog = dot_
         if HAS_G:
-            eG, ed, egl = seq_decays(gcs, g, i_h, c0 + j, start, t0, r, tok, valid, first, eos, ck, H, BC, BK, GMODE)
+            if not PREFETCH:
+                eG, ed, egl = seq_decays(gcs, g, i_h, c0 + j, start, t0, r, tok, valid, first, eos, ck, H, BC, BK, GMODE)
             if GATE_V:
                 dog = (dot_.to(tl.float32) * eG[:, None]).to(DT)
             else:
@@ -555,7 +566,7 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None, dgm=None)
             q, k, w, aqk, g if g is not None else dummy, gcs if gcs is not None else dummy, do,
             dst if dst is not None else dummy, dhs, dvn, ds0, plan.seqs, plan.T_steps, plan.NT, scale,
             BK=plan.BK, BV=BV, HAS_G=g is not None, HAS_DST=dsT is not None, GMODE=tdelta.gate_mode(pp),
-            GATE_V=bool(tdelta.CONFIG["gate_values"]), AFORM=a_form,
+            GATE_V=bool(tdelta.CONFIG["gate_values"]), AFORM=a_form, PREFETCH=tdelta.prefetch_gates(pp),
             max_stages=stages, **plan.common(),
         )
     if hs is None:

@@ -144,6 +144,38 @@ def seq_decays(gcs, g, i_h, i_c, start, t0, r, tok, valid, first, end, ck,
     return eG, ed, egl
 
 
+
+@triton.jit
+def decay_inputs(gcs, g, i_h, i_c, st, end, ck, H: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                 NH: tl.constexpr, GMODE: tl.constexpr):
+    """What ``decays_of`` needs of the chunk ``i_c`` that starts at row ``st``, as loaded: GMODE 3 the
+    decays prep wrote; else the log-decays g of its rows (0 past ``end``) and two unused zero tiles.
+
+    The sequential passes load these one chunk ahead (CONFIG["prefetch_gates"]): the loads' latency
+    is then spent beside a whole chunk step rather than on the step that uses them."""
+    r, tok, first, last = chunk_rows(st, NH, BC)
+    valid = r < end - st  # none in an empty sequence, whose i_c may be past the last chunk
+    if GMODE == 3:
+        pe = gcs + (i_c * H + i_h) * (2 * BC + BK)
+        some = tl.zeros((BK,), dtype=tl.int32) < end - st
+        return (tl.load(pe + r, mask=valid, other=0.0), tl.load(pe + BC + r, mask=valid, other=0.0),
+                tl.load(pe + 2 * BC + ck, mask=some, other=0.0))
+    else:
+        gr = tl.load(g + i_h + (st // NH + tok) * H, mask=valid & first, other=0.0).to(tl.float32)
+        return gr, tl.zeros((BC,), dtype=tl.float32), tl.zeros((BK,), dtype=tl.float32)
+
+
+@triton.jit
+def decays_of(a, b, c, BC: tl.constexpr, BK: tl.constexpr, GMODE: tl.constexpr):
+    """e^G, e^{G_C - G} (BC,) and e^{G_C} (BK,) of a chunk from its ``decay_inputs``."""
+    if GMODE == 3:
+        return a, b, c
+    else:
+        Gc = tl.cumsum(a, 0)
+        glast = tl.sum(tl.where(tl.arange(0, BC) == BC - 1, Gc, 0.0), 0)
+        return tl.exp(Gc), tl.exp(glast - Gc), tl.zeros((BK,), dtype=tl.float32) + tl.exp(glast)
+
+
 @triton.jit
 def chunk_gamma(Gc, BC: tl.constexpr, HAS_G: tl.constexpr):
     """Gamma_ts = exp(G_t - G_s) on and below the diagonal, 0 above (all ones there without a gate)."""
@@ -244,7 +276,7 @@ def state_kernel(
     BC: tl.constexpr, NH: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr,
     HAS_S0: tl.constexpr, STORE_ST: tl.constexpr, WRITE_O: tl.constexpr, SAVE_H: tl.constexpr,
     DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr, GMODE: tl.constexpr, GATE_V: tl.constexpr,
-    AFORM: tl.constexpr, SAVE_R: tl.constexpr,
+    AFORM: tl.constexpr, SAVE_R: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """Per (value block, sequence, head): the sequential pass over chunks, with the output.
 
@@ -268,8 +300,18 @@ def state_kernel(
         S = tl.load(s0 + i_nh * K * V + soff, mask=mkv, other=0.0).to(tl.float32)
     else:
         S = tl.zeros((BK, BV), dtype=tl.float32)
-    for j in range(0, tl.cdiv(eos - bos, BC)):
+    nch = tl.cdiv(eos - bos, BC)
+    if HAS_G and PREFETCH:
+        ga, gb, gc = decay_inputs(gcs, g, i_h, c0, bos, eos, ck, H, BC, BK, NH, GMODE)
+    else:
+        ga, gb, gc = tl.zeros((BC,), dtype=tl.float32), tl.zeros((BC,), dtype=tl.float32), tl.zeros((BK,), dtype=tl.float32)
+    for j in range(0, nch):
         start = bos + j * BC
+        if HAS_G and PREFETCH:
+            eG, ed, egl = decays_of(ga, gb, gc, BC, BK, GMODE)
+            # the next chunk's (the last one's again at the end: in bounds, unused)
+            jn = tl.minimum(j + 1, nch - 1)
+            ga, gb, gc = decay_inputs(gcs, g, i_h, c0 + jn, bos + jn * BC, eos, ck, H, BC, BK, NH, GMODE)
         r, tok, first, last = chunk_rows(start, NH, BC)
         valid = r < eos - start
         mk = valid[:, None] & (ck[None, :] < K)
@@ -282,7 +324,7 @@ def state_kernel(
         Sd = S.to(DT)
         if SAVE_H:
             tl.store(h + ((c0 + j) * H + i_h) * K * V + soff, S.to(h.dtype.element_ty), mask=mkv)
-        if HAS_G:
+        if HAS_G and not PREFETCH:
             eG, ed, egl = seq_decays(gcs, g, i_h, c0 + j, start, t0, r, tok, valid, first, eos, ck, H, BC, BK, GMODE)
         if AFORM:
             at_ = tl.load(w + ((c0 + j) * H + i_h) * BC * BC + r[:, None] * BC + r[None, :]).to(DT)

@@ -62,6 +62,10 @@ CONFIG = {
     # reduction or exponential left in the step). 1 timed slower than 0 on the H100 (gated forward
     # 0.95 -> 1.27 ms, before a_form). All agree to float32 rounding.
     "gates": 0,
+    # Under gates 0 and 3, the sequential passes load what a chunk's decays are made of (g, or the
+    # decays) one chunk ahead, in the step before, so that the loads' latency is not on the step
+    # that uses them (Triton's pipeliner stages the loads that feed tl.dot, not these).
+    "prefetch_gates": False,
     # Keep the forward's W, U, Aqk and chunk inverses X for the backward instead of recomputing
     # them there: one per-chunk kernel less in the backward, for (K + V + BC) * 2 + BC * 4 bytes
     # per step and head held between the passes (bf16 inputs; 3.5x q's size at K = V = 128 and
@@ -362,6 +366,11 @@ def launch(name: str, kernel, grid, *args, max_stages=None, max_warps=None, **me
 GATE_MODES = (0, 1, 2, 3)
 
 
+def prefetch_gates(pp: "Prepped") -> bool:
+    """The sequential kernels' PREFETCH: CONFIG["prefetch_gates"] where the gate mode allows it (0, 3)."""
+    return bool(CONFIG["prefetch_gates"]) and gate_mode(pp) in (0, 3)
+
+
 def gate_mode(pp: "Prepped") -> int:
     """The sequential kernels' GMODE for the chunk quantities ``pp``: 0 (sum the gates there) when
     prep wrote neither the running log-decays nor the decays, else the mode prep wrote them for."""
@@ -502,7 +511,7 @@ def state_pass(q, k, v, pp: Prepped, g, scale, S0, plan: _Plan, *, want_o=True, 
         plan.seqs, plan.T_steps, plan.NT, scale,
         BK=plan.BK, BV=BV, HAS_G=g is not None, HAS_S0=S0 is not None, STORE_ST=want_final,
         WRITE_O=want_o, SAVE_H=save_h, GMODE=gate_mode(pp), GATE_V=bool(CONFIG["gate_values"]), AFORM=a_form,
-        SAVE_R=save_r, max_stages=stages,
+        SAVE_R=save_r, PREFETCH=prefetch_gates(pp), max_stages=stages,
         **plan.common(),
     )
     return o, sT, h, vn, vr
