@@ -251,7 +251,8 @@ def apply_settings(items) -> None:
         if key not in td.CONFIG:
             raise SystemExit(f"--set: unknown key {key!r}; known: {sorted(td.CONFIG)}")
         if isinstance(td.CONFIG[key], bool):
-            td.CONFIG[key] = val in ("1", "True", "true")
+            # a word other than these is kept as it is (e.g. prefetch_gates=output)
+            td.CONFIG[key] = {"1": True, "True": True, "true": True, "0": False, "False": False, "false": False}.get(val, val)
         elif isinstance(td.CONFIG[key], str):
             td.CONFIG[key] = val
         elif isinstance(td.CONFIG[key], tuple):

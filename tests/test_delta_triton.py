@@ -418,13 +418,14 @@ def test_sequential_passes_take_the_gates_from_any_source_alike(rng, monkeypatch
     # CONFIG["gates"]: the running log-decays summed in the sequential kernels (0) or written by
     # the prep kernel and loaded there (1, 2), or the decays written by it (3); CONFIG["gate_values"]:
     # the decays applied to the keys and queries or to the value-side tiles; CONFIG["prefetch_gates"]:
-    # loaded a chunk ahead (modes 0 and 3); a short last chunk and an empty sequence included
+    # loaded a chunk ahead (modes 0 and 3) in every pass or in the output's; a short last chunk and
+    # an empty sequence included
     from householder.backends import triton_delta as td
 
     inp, cu_t, do, dS = backward_case(rng, 1, 50, 2, 16, 16, n=n, cu=cu)
     runs = []
     settings = ((0, False, False, False), (gates, False, False, False), (gates, True, True, False), (0, False, True, False),
-                (0, False, False, True), (gates, False, True, True))
+                (0, False, False, True), (gates, False, True, True), (gates, False, False, "output"))
     for mode, states, on_values, prefetch in settings:
         monkeypatch.setitem(td.CONFIG, "gates", mode)
         monkeypatch.setitem(td.CONFIG, "save_states", states)

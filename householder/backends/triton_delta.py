@@ -64,7 +64,8 @@ CONFIG = {
     "gates": 0,
     # Under gates 0 and 3, the sequential passes load what a chunk's decays are made of (g, or the
     # decays) one chunk ahead, in the step before, so that the loads' latency is not on the step
-    # that uses them (Triton's pipeliner stages the loads that feed tl.dot, not these).
+    # that uses them (Triton's pipeliner stages the loads that feed tl.dot, not these). True: in
+    # every pass; "output": in the forward's pass that writes the output only; False: in none.
     "prefetch_gates": False,
     # Keep the forward's W, U, Aqk and chunk inverses X for the backward instead of recomputing
     # them there: one per-chunk kernel less in the backward, for (K + V + BC) * 2 + BC * 4 bytes
@@ -366,9 +367,17 @@ def launch(name: str, kernel, grid, *args, max_stages=None, max_warps=None, **me
 GATE_MODES = (0, 1, 2, 3)
 
 
-def prefetch_gates(pp: "Prepped") -> bool:
-    """The sequential kernels' PREFETCH: CONFIG["prefetch_gates"] where the gate mode allows it (0, 3)."""
-    return bool(CONFIG["prefetch_gates"]) and gate_mode(pp) in (0, 3)
+PREFETCH_SETTINGS = (False, "output", True)
+
+
+def prefetch_gates(pp: "Prepped", output: bool) -> bool:
+    """The sequential kernels' PREFETCH for the pass that writes the output (``output``) or another:
+    CONFIG["prefetch_gates"] (True: every pass, "output": that one only) where the gate mode allows it (0, 3)."""
+    setting = CONFIG["prefetch_gates"]
+    if setting not in PREFETCH_SETTINGS:
+        raise ValueError(f"CONFIG['prefetch_gates'] must be one of {PREFETCH_SETTINGS}, got {setting!r}")
+    wanted = setting is True or (setting == "output" and output)
+    return wanted and gate_mode(pp) in (0, 3)
 
 
 def gate_mode(pp: "Prepped") -> int:
@@ -511,7 +520,7 @@ def state_pass(q, k, v, pp: Prepped, g, scale, S0, plan: _Plan, *, want_o=True, 
         plan.seqs, plan.T_steps, plan.NT, scale,
         BK=plan.BK, BV=BV, HAS_G=g is not None, HAS_S0=S0 is not None, STORE_ST=want_final,
         WRITE_O=want_o, SAVE_H=save_h, GMODE=gate_mode(pp), GATE_V=bool(CONFIG["gate_values"]), AFORM=a_form,
-        SAVE_R=save_r, PREFETCH=prefetch_gates(pp), max_stages=stages,
+        SAVE_R=save_r, PREFETCH=prefetch_gates(pp, want_o), max_stages=stages,
         **plan.common(),
     )
     return o, sT, h, vn, vr
