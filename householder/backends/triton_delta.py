@@ -66,7 +66,7 @@ CONFIG = {
     # decays) one chunk ahead, in the step before, so that the loads' latency is not on the step
     # that uses them (Triton's pipeliner stages the loads that feed tl.dot, not these). True: in
     # every pass; "output": in the forward's pass that writes the output only; False: in none.
-    "prefetch_gates": False,
+    "prefetch_gates": "output",
     # Keep the forward's W, U, Aqk and chunk inverses X for the backward instead of recomputing
     # them there: one per-chunk kernel less in the backward, for (K + V + BC) * 2 + BC * 4 bytes
     # per step and head held between the passes (bf16 inputs; 3.5x q's size at K = V = 128 and
