@@ -191,16 +191,16 @@ def _state_grads(ph, pdh, pdo, pvn, pdvn, ck, r, tok, valid, qrow, hdh,
 
 
 @triton.jit
-def _factor_terms(dA, X, gam, b, dG, E0, E1, HAS_G: tl.constexpr):
+def _factor_terms(dA, X, gam, b, dG, E0, HAS_G: tl.constexpr):
     """From dA: dbeta's direct term (BC,), dXg = dA diag(beta) (BC, BC) and dG with the factor's decay
-    terms, rowsum(E) - colsum(E) of E = dXg o X o Gamma + E0, and rowsum(E1) (E0, E1: other such
-    tiles, or 0.0: their terms join the same two reductions)."""
+    terms, rowsum(E) - colsum(E) of E = dXg o X o Gamma + E0 (E0: another such tile, or 0.0: its
+    terms join the same two reductions)."""
     Xg = X * gam
     db = tl.sum(Xg * dA, 0)
     dXg = dA * b[None, :]
     if HAS_G:
         E = dXg * Xg + E0
-        dG += tl.sum(E + E1, 1) - tl.sum(E, 0)
+        dG += tl.sum(E, 1) - tl.sum(E, 0)
     return db, dXg, dG
 
 
@@ -386,7 +386,7 @@ def bwd_wy_kernel(
         dA += _dot(dWb, tl.trans(Kg.to(DT)), F32, PREC)
 
     # through the factor: dX = (dA diag(beta)) o Gamma, dL = -X^T dX X^T (strictly lower)
-    db, dXg, dG = _factor_terms(dA, X, gam, b, dG, 0.0, 0.0, DGM == 1)
+    db, dXg, dG = _factor_terms(dA, X, gam, b, dG, 0.0, DGM == 1)
     if DGM == 1:
         dG += db * b  # db is colsum((X o Gamma) o dA) here
     if HAS_G:
@@ -418,12 +418,6 @@ def bwd_fused_kernel(
     are one product, dA = dVn R^T, with neither V nor S read in the first loop.
     DW_FROM_DV: dk's term A^T dW is taken as -dV S^T from the dV = A^T dVn written in the first
     loop (read back after a barrier), one (C, C) x (C, BKP) product per key block fewer.
-    DGM 1: two of the log-decays' terms that read dk's state parts, rowsum(dKd o K) with
-    dKd = diag(e^{G_C - G}) Vn dS'^T and rowsum(A^T dW o diag(e^G) K), are taken in the first loop
-    from tiles it holds anyway: diag(e^{G_C - G}) K dS' = dVn - scale M^T dO gives the first as
-    rowsum(Vn o dVn) - colsum(dM o M), and diag(e^G) K S = V - R the second as rowsum(dV o (R - V)).
-    In the key loop (where they were) their reductions and live tiles cost 15% of the kernel's time
-    on an H200; the colsum(dM o M) cancels the scores' own column term.
     """
     i_c, i_h, start, end, r, tok, first, last, valid, qrow, t0 = chunk_program(chunks, T_steps, NT, BC, NH, VARLEN)
     causal = r[:, None] >= r[None, :]
@@ -449,7 +443,6 @@ def bwd_fused_kernel(
     dM = tl.zeros((BC, BC), dtype=tl.float32)
     dA = tl.zeros((BC, BC), dtype=tl.float32)
     dG = tl.zeros((BC,), dtype=tl.float32)
-    vdv = tl.zeros((BC,), dtype=tl.float32)  # rowsum(Vn o dVn) (DGM 1)
     for v0 in tl.range(0, V, BV, loop_unroll_factor=UNROLL):
         cv = v0 + tl.arange(0, BV)
         mv = valid[:, None] & (cv[None, :] < V)
@@ -463,14 +456,10 @@ def bwd_fused_kernel(
         if HAS_R:
             rb = tl.load(pvr + offv, mask=mv, other=0.0).to(DT)
             dA += _dot(dvnb, tl.trans(rb), F32, PREC)
-        if DGM != 0 or not HAS_R:
+        if DGM == 2 or not HAS_R:
             vb = tl.load(pv + offv, mask=mv, other=0.0).to(DT)
         if DGM == 2:
             dG -= tl.sum(dvb * vb.to(tl.float32), 1)
-        if DGM == 1:
-            vdv += tl.sum(vnb.to(tl.float32) * dvnb.to(tl.float32), 1)
-            if HAS_R:
-                dG += tl.sum(dvb * (rb.to(tl.float32) - vb.to(tl.float32)), 1)
         if not HAS_R:
             dA += _dot(dvnb, tl.trans(vb), F32, PREC)
             KS = tl.zeros((BC, BV), dtype=tl.float32)
@@ -481,27 +470,20 @@ def bwd_fused_kernel(
                 KS += _dot(kb.to(DT), hb.to(DT), F32, PREC)
             if HAS_G:
                 KS = KS * eG[:, None]  # diag(e^G) K S, scaled once per value block rather than K per key block
-            if DGM == 1:
-                dG -= tl.sum(dvb * KS, 1)
             # K S in the inputs' precision, as the other kernels take dW
             dA -= _dot(dvnb, tl.trans(KS.to(DT)), F32, PREC)
     dM = tl.where(causal, dM * scale, 0.0)
     hdh = tl.zeros((BKP,), dtype=tl.float32)  # row sums of S o dS'
     dMg = dM * gam
     # through the factor, before the key loop: dX = (dA diag(beta)) o Gamma, dL = -X^T dX X^T; the
-    # scores' decay term joins the factor's row reduction (their column terms cancel, see above; on an
-    # H200 at 8 warps, one pair of reductions for both took the kernel from 2.096 to 2.031 ms at
-    # 16 x 2048 against two pairs)
+    # scores' decay terms join the factor's in one pair of reductions (on an H200 at 8 warps the
+    # kernel went from 2.096 to 2.031 ms at 16 x 2048 against two pairs)
     if DGM == 1:
         Es = _scores_decay_tile(dM, gam, aqk + (i_c * H + i_h) * BC * BC, pk, pq, r, tok, valid, qrow,
                                 H, K, BC, BKP, DT, F32, PREC, AQK, UNROLL)
     else:
         Es = 0.0
-    db, dXg, dG = _factor_terms(dA, tl.load(px), gam, b, dG, 0.0, Es, DGM == 1)
-    if DGM == 1:
-        # rowsum(dKd o K) = vdv - colsum(Es): its column term cancels the scores' own in E; the
-        # chunk-end row takes its sum over the rows
-        dG += tl.where(is_end, tl.sum(vdv, 0) - tl.sum(tl.sum(Es, 1), 0), 0.0) - vdv
+    db, dXg, dG = _factor_terms(dA, tl.load(px), gam, b, dG, Es, DGM == 1)
     dLd = _factor_dL(dXg, tl.load(px), gam, r, DT, F32, PREC)
     dLtd = tl.trans(dLd)
     if DW_FROM_DV:
@@ -533,7 +515,9 @@ def bwd_fused_kernel(
         dkb += _dot(dLtd, (kf * b[:, None]).to(DT), F32, PREC)
         tl.store(pdk + offk, dkb.to(dk.dtype.element_ty), mask=mk)
         if DGM == 1:
-            dG += tl.sum(dQ0 * qb.to(tl.float32), 1)
+            dKdKd = tl.sum(dKd * kf, 1)
+            dG += tl.sum(dQ0 * qb.to(tl.float32), 1) - dKdKd + tl.sum(AtdW * (kf * eG[:, None]), 1)
+            dG += tl.where(is_end, tl.sum(dKdKd, 0), 0.0)
         if DGM == 2:
             dG += tl.sum(dqb * qb.to(tl.float32), 1)
             dG += tl.where(is_end, tl.sum(tl.sum(dKd * kf, 1), 0), 0.0)
