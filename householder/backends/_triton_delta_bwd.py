@@ -583,7 +583,7 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None, dgm=None)
     aqk_meta = dict(meta, AQK=bool(tdelta.CONFIG["dg_from_aqk"]))
     # Triton 3.6 on an H200: bwd_dqk and bwd_wy at 8 warps hit an illegal memory access with key or
     # value blocks under 64 wide at chunk 64 (float32, K = V = 16 and 32 seen); 4 warps run right.
-    # The fused kernel (8 warps by default with a gate) is held to the same cap.
+    # The fused kernel is held to the same cap.
     small = dict(max_warps=4) if min(plan.BKP, plan.BVB) < 64 else {}
     if tdelta.fused_backward(dgm) and plan.NT_total:
         dq = torch.empty_like(q)

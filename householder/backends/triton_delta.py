@@ -52,20 +52,28 @@ CONFIG = {
     "bwd_fused": (4, 1),
     # the fused kernel with a gate: on an H200 (38199de, fused) 8 warps took the gated forward+backward
     # from 3.488 / 3.476 / 3.890 / 4.476 ms at 4 to 3.364 / 3.347 / 3.770 / 4.364 at (16, 2048),
-    # (8, 4096), (4, 8192), (2, 16384); the plain op at 8 went from 2.488 to 2.770 at 16 x 2048
-    "bwd_fused_gated": (8, 1),
+    # (8, 4096), (4, 8192), (2, 16384); the plain op at 8 went from 2.488 to 2.770 at 16 x 2048.
+    # Since the residuals and dV's reuse (516c767, d5f2e2d) 4 warps are the faster again (f8525b5:
+    # 3.117 / 3.099 / 3.431 / 3.625 ms at 8 against 3.064 / 3.061 / 3.364 / 3.574 at 4).
+    "bwd_fused_gated": (4, 1),
     "bwd_chunk": None,  # chunk size of the backward pass (None: the forward's)
     # How the sequential passes get the decays of a chunk: 0 sum the log-decays from g there (a
     # scan and a reduction across warps, then exponentials, in every chunk step), 1 load the running
     # log-decays G from the prep kernel's output (last row by a scalar load), 2 load them (last row
     # by a reduction), 3 load the decays e^G, e^{G_C - G} and e^{G_C} as prep wrote them (no scan,
     # reduction or exponential left in the step). 1 timed slower than 0 on the H100 (gated forward
-    # 0.95 -> 1.27 ms, before a_form). All agree to float32 rounding.
+    # 0.95 -> 1.27 ms, before a_form), and 1, 2 and 3 on an H200 (2bb074a, no prefetching: gated
+    # forward+backward 3.153 / 3.328 / 3.401 / 3.252 ms at 16 x 2048, 3.488 / 3.536 / 3.598 / 3.543
+    # at 4 x 8192): loads on the step's path cost more than the scan. All agree to float32 rounding.
     "gates": 0,
     # Under gates 0 and 3, the sequential passes load what a chunk's decays are made of (g, or the
     # decays) one chunk ahead, in the step before, so that the loads' latency is not on the step
     # that uses them (Triton's pipeliner stages the loads that feed tl.dot, not these). True: in
-    # every pass; "output": in the forward's pass that writes the output only; False: in none.
+    # every pass; "output": in the forward's pass that writes the output only; False: in none. On an
+    # H200 (b7a0da7, gates 0), every pass: gated forward 0.976 -> 0.895 ms at 2 x 16384 but its
+    # forward+backward 3.758 -> 4.267 (the backward's passes slower); the output's pass only (9ddfa62):
+    # forward+backward 3.118 / 3.097 / 3.444 / 3.690 -> 3.100 / 3.093 / 3.416 / 3.610 at the four
+    # shapes. Gates 3 with prefetching, every pass: 3.275 / 3.255 / 3.407 / 3.648 (b7a0da7).
     "prefetch_gates": "output",
     # Keep the forward's W, U, Aqk and chunk inverses X for the backward instead of recomputing
     # them there: one per-chunk kernel less in the backward, for (K + V + BC) * 2 + BC * 4 bytes
