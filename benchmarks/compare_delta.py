@@ -250,11 +250,12 @@ def apply_settings(items) -> None:
         key, _, val = item.partition("=")
         if key not in td.CONFIG:
             raise SystemExit(f"--set: unknown key {key!r}; known: {sorted(td.CONFIG)}")
+        words = {"True": True, "true": True, "False": False, "false": False}
         if isinstance(td.CONFIG[key], bool):
             # a word other than these is kept as it is (e.g. prefetch_gates=output)
-            td.CONFIG[key] = {"1": True, "True": True, "true": True, "0": False, "False": False, "false": False}.get(val, val)
+            td.CONFIG[key] = {"1": True, "0": False, **words}.get(val, val)
         elif isinstance(td.CONFIG[key], str):
-            td.CONFIG[key] = val
+            td.CONFIG[key] = words.get(val, val)  # (prefetch_gates takes True, False or "output")
         elif isinstance(td.CONFIG[key], tuple):
             td.CONFIG[key] = tuple(int(x) for x in val.split(","))
         else:

@@ -98,11 +98,10 @@ def kernels(K: int, chunk: int):
                SAVE_G=gmode in (1, 2), SAVE_E=gmode == 3, FPREC=plan.FPREC, SPLITS=td.CONFIG["inverse_splits"],
                AFORM=a_form), td.CONFIG["prep"])
         seq = dict(common, BK=plan.BK, HAS_G=gated, GMODE=gmode, GATE_V=bool(td.CONFIG["gate_values"]), AFORM=a_form,
-                   PREFETCH=td.CONFIG["prefetch_gates"] is True and gmode in (0, 3))
+                   PREFETCH=td.prefetch_gates(gmode, output=False))
         BV, launch = seq_launch(plan, "state", plan.state_launch(gated, want_o=True, sms=SMS))
         yield ("state", variant, fwd.state_kernel, dict(seq, BV=BV, HAS_S0=False, STORE_ST=True, WRITE_O=True, SAVE_H=False,
-                                                      SAVE_R=False, PREFETCH=bool(td.CONFIG["prefetch_gates"]) and gmode in (0, 3)),
-               launch)
+                                                      SAVE_R=False, PREFETCH=td.prefetch_gates(gmode, output=True)), launch)
         dgm = td.dg_mode(torch.zeros(()) if gated else None)
         residuals = a_form and td.residuals_wanted(dgm)
         BV, launch = seq_launch(plan, "state", plan.state_launch(gated, want_o=False, sms=SMS))

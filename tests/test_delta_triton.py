@@ -366,6 +366,32 @@ def test_residuals_need_the_factor_form(rng, monkeypatch):
         td.state_pass(inp["q"], inp["k"], inp["v"], pp, None, 0.25, None, plan, save_r=True)
 
 
+@pytest.mark.parametrize("key, bad", [("gates", 4), ("prefetch_gates", "yes")])
+def test_gate_settings_refuse_unknown_values(rng, monkeypatch, key, bad):
+    from householder.backends import triton_delta as td
+
+    monkeypatch.setitem(td.CONFIG, key, bad)
+    inp = make_inputs(rng, 1, 20, 1, 16, 16)
+    with pytest.raises(ValueError, match=rf"CONFIG\['{key}'\] must be one of .*got {bad!r}"):
+        hh.delta_rule(**inp, chunk_size=16, backend="triton")
+
+
+def test_benchmark_settings_parse_by_the_kind_of_each_entry(monkeypatch):
+    # compare_delta.py --set / --ab: words, numbers, (warps, stages) pairs and None, by the entry's
+    # current kind; prefetch_gates takes True, False or "output"
+    from benchmarks.compare_delta import apply_settings
+    from householder.backends import triton_delta as td
+
+    cases = [("prefetch_gates", "False", False), ("prefetch_gates", "True", True), ("prefetch_gates", "output", "output"),
+             ("gates", "3", 3), ("save_states", "1", True), ("keep_residuals", "False", False),
+             ("bwd_fused_gated", "8,1", (8, 1)), ("BV", "None", None), ("BV", "32", 32), ("dg_form", "chunk", "chunk")]
+    for key, text, want in cases:
+        monkeypatch.setitem(td.CONFIG, key, td.CONFIG[key])  # restored after the test
+        apply_settings([f"{key}={text}"])
+        assert td.CONFIG[key] == want and type(td.CONFIG[key]) is type(want), (key, text)
+        monkeypatch.undo()
+
+
 def test_passes_side_by_side_only_on_a_gpu(monkeypatch):
     # CONFIG["overlap_passes"] puts the reverse pass on a second stream of a CUDA device; the
     # interpreter (CPU tensors) runs every launch in order on none

@@ -104,7 +104,7 @@ def bwd_state_kernel(
         dog = dot_
         if HAS_G:
             if not PREFETCH:
-                eG, ed, egl = seq_decays(gcs, g, i_h, c0 + j, start, t0, r, tok, valid, first, eos, ck, H, BC, BK, GMODE)
+                eG, ed, egl = seq_decays(gcs, g, i_h, c0 + j, start, eos, ck, H, BC, BK, NH, GMODE)
             if GATE_V:
                 dog = (dot_.to(tl.float32) * eG[:, None]).to(DT)
             else:
@@ -566,7 +566,7 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None, dgm=None)
             q, k, w, aqk, g if g is not None else dummy, gcs if gcs is not None else dummy, do,
             dst if dst is not None else dummy, dhs, dvn, ds0, plan.seqs, plan.T_steps, plan.NT, scale,
             BK=plan.BK, BV=BV, HAS_G=g is not None, HAS_DST=dsT is not None, GMODE=tdelta.gate_mode(pp),
-            GATE_V=bool(tdelta.CONFIG["gate_values"]), AFORM=a_form, PREFETCH=tdelta.prefetch_gates(pp, False),
+            GATE_V=bool(tdelta.CONFIG["gate_values"]), AFORM=a_form, PREFETCH=tdelta.prefetch_gates(tdelta.gate_mode(pp), False),
             max_stages=stages, **plan.common(),
         )
     if hs is None:

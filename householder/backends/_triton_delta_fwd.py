@@ -103,56 +103,36 @@ def chunk_gates(gp, tok, valid, first, H: tl.constexpr):
 
 
 @triton.jit
-def load_gates(gcs, g, start, t0, r, tok, valid, first, end, H: tl.constexpr, BC: tl.constexpr, GMODE: tl.constexpr):
-    """The running log-decay G of a chunk (BC,) and G at its last row, for the sequential passes.
+def load_gates(gcs, start, r, valid, end, H: tl.constexpr, BC: tl.constexpr, GMODE: tl.constexpr):
+    """The running log-decay G of a chunk (BC,) and G at its last row, as ``prep_kernel`` wrote them.
 
-    ``gcs``/``g`` point at this head's column. GMODE 0: summed here from g; 1: loaded (written by
-    ``prep_kernel``), the last row's value by a scalar load; 2: loaded, the last row's value by a
+    ``gcs`` points at this head's column. GMODE 1: the last row's value by a scalar load; 2: by a
     reduction. Rows past the sequence's end get the last row's value, as the running sum would."""
-    if GMODE == 0:
-        Gc = chunk_gates(g + t0 * H, tok, valid, first, H)
-        glast = tl.sum(tl.where(r == BC - 1, Gc, 0.0), 0)
+    Gc = tl.load(gcs + start * H + r * H, mask=valid, other=0.0)
+    if GMODE == 1:
+        glast = tl.load(gcs + (start + tl.minimum(end - start, BC) - 1) * H)
     else:
-        Gc = tl.load(gcs + start * H + r * H, mask=valid, other=0.0)
-        if GMODE == 1:
-            glast = tl.load(gcs + (start + tl.minimum(end - start, BC) - 1) * H)
-        else:
-            nv = tl.minimum(end - start, BC).to(tl.int32)
-            glast = tl.sum(tl.where(r == nv - 1, Gc, 0.0), 0)
-        Gc = tl.where(valid, Gc, glast)
-    return Gc, glast
+        nv = tl.minimum(end - start, BC).to(tl.int32)
+        glast = tl.sum(tl.where(r == nv - 1, Gc, 0.0), 0)
+    return tl.where(valid, Gc, glast), glast
 
 
 @triton.jit
-def seq_decays(gcs, g, i_h, i_c, start, t0, r, tok, valid, first, end, ck,
-               H: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, GMODE: tl.constexpr):
-    """The decays of chunk ``i_c`` for the sequential passes: e^G, e^{G_C - G} (BC,) and e^{G_C}
-    repeated along the state's BK key rows (BK,), float32.
-
-    GMODE 3: loaded as ``prep_kernel`` wrote them (no scan, reduction or exponential on the
-    sequential path); else from ``load_gates``."""
-    if GMODE == 3:
-        pe = gcs + (i_c * H + i_h) * (2 * BC + BK)
-        eG = tl.load(pe + r)
-        ed = tl.load(pe + BC + r)
-        egl = tl.load(pe + 2 * BC + ck)
-    else:
-        Gc, glast = load_gates(gcs + i_h, g + i_h, start, t0, r, tok, valid, first, end, H, BC, GMODE)
-        eG = tl.exp(Gc)
-        ed = tl.exp(glast - Gc)
-        egl = tl.zeros((BK,), dtype=tl.float32) + tl.exp(glast)
-    return eG, ed, egl
-
+def decays_from(Gc, glast, BK: tl.constexpr):
+    """e^G, e^{G_C - G} (BC,) and e^{G_C} repeated along the state's BK key rows (BK,), float32, of
+    a chunk's running log-decays G and G_C = ``glast`` of its last row."""
+    return tl.exp(Gc), tl.exp(glast - Gc), tl.zeros((BK,), dtype=tl.float32) + tl.exp(glast)
 
 
 @triton.jit
 def decay_inputs(gcs, g, i_h, i_c, st, end, ck, H: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                  NH: tl.constexpr, GMODE: tl.constexpr):
-    """What ``decays_of`` needs of the chunk ``i_c`` that starts at row ``st``, as loaded: GMODE 3 the
-    decays prep wrote; else the log-decays g of its rows (0 past ``end``) and two unused zero tiles.
+    """What ``decays_of`` needs of the chunk ``i_c`` that starts at row ``st``, as loaded (GMODE 0
+    or 3): under 3 the decays prep wrote; under 0 the log-decays g of its rows (0 past ``end``) and
+    two unused zero tiles.
 
-    The sequential passes load these one chunk ahead (CONFIG["prefetch_gates"]): the loads' latency
-    is then spent beside a whole chunk step rather than on the step that uses them."""
+    The sequential passes may load these one chunk ahead (CONFIG["prefetch_gates"]): the loads'
+    latency is then spent beside a whole chunk step rather than on the step that uses them."""
     r, tok, first, last = chunk_rows(st, NH, BC)
     valid = r < end - st  # none in an empty sequence, whose i_c may be past the last chunk
     if GMODE == 3:
@@ -172,8 +152,22 @@ def decays_of(a, b, c, BC: tl.constexpr, BK: tl.constexpr, GMODE: tl.constexpr):
         return a, b, c
     else:
         Gc = tl.cumsum(a, 0)
-        glast = tl.sum(tl.where(tl.arange(0, BC) == BC - 1, Gc, 0.0), 0)
-        return tl.exp(Gc), tl.exp(glast - Gc), tl.zeros((BK,), dtype=tl.float32) + tl.exp(glast)
+        return decays_from(Gc, tl.sum(tl.where(tl.arange(0, BC) == BC - 1, Gc, 0.0), 0), BK)
+
+
+@triton.jit
+def seq_decays(gcs, g, i_h, i_c, start, end, ck, H: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+               NH: tl.constexpr, GMODE: tl.constexpr):
+    """The decays (``decays_from``) of chunk ``i_c``, starting at row ``start``, for the sequential
+    passes. GMODE 0: summed here from g; 1, 2: from the running log-decays prep wrote
+    (``load_gates``); 3: loaded as prep wrote them (no scan, reduction or exponential here)."""
+    if GMODE == 1 or GMODE == 2:
+        r = tl.arange(0, BC)
+        Gc, glast = load_gates(gcs + i_h, start, r, r < end - start, end, H, BC, GMODE)
+        return decays_from(Gc, glast, BK)
+    else:
+        a, b, c = decay_inputs(gcs, g, i_h, i_c, start, end, ck, H, BC, BK, NH, GMODE)
+        return decays_of(a, b, c, BC, BK, GMODE)
 
 
 @triton.jit
@@ -237,11 +231,11 @@ def prep_kernel(
             tl.store(gcs + start * H + i_h + r * H, Gc, mask=valid)
         if SAVE_E:
             # rows past the sequence's end hold G_C (the running sum adds nothing there): e^{G_C}, 1
-            glast = tl.sum(tl.where(r == BC - 1, Gc, 0.0), 0)
+            eG, ed, egl = decays_from(Gc, tl.sum(tl.where(r == BC - 1, Gc, 0.0), 0), BK)
             pe = gcs + (i_c * H + i_h) * (2 * BC + BK)
-            tl.store(pe + r, tl.exp(Gc))
-            tl.store(pe + BC + r, tl.exp(glast - Gc))
-            tl.store(pe + 2 * BC + tl.arange(0, BK), tl.zeros((BK,), dtype=tl.float32) + tl.exp(glast))
+            tl.store(pe + r, eG)
+            tl.store(pe + BC + r, ed)
+            tl.store(pe + 2 * BC + tl.arange(0, BK), egl)
     else:
         Gc = tl.zeros((BC,), dtype=tl.float32)
     A, X, gam = chunk_factor(Gm, b, Gc, BC, HAS_G, FPREC, SPLITS)
@@ -325,7 +319,7 @@ def state_kernel(
         if SAVE_H:
             tl.store(h + ((c0 + j) * H + i_h) * K * V + soff, S.to(h.dtype.element_ty), mask=mkv)
         if HAS_G and not PREFETCH:
-            eG, ed, egl = seq_decays(gcs, g, i_h, c0 + j, start, t0, r, tok, valid, first, eos, ck, H, BC, BK, GMODE)
+            eG, ed, egl = seq_decays(gcs, g, i_h, c0 + j, start, eos, ck, H, BC, BK, NH, GMODE)
         if AFORM:
             at_ = tl.load(w + ((c0 + j) * H + i_h) * BC * BC + r[:, None] * BC + r[None, :]).to(DT)
             ks = _dot(kt.to(DT), Sd, F32, PREC)

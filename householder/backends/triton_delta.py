@@ -378,14 +378,15 @@ GATE_MODES = (0, 1, 2, 3)
 PREFETCH_SETTINGS = (False, "output", True)
 
 
-def prefetch_gates(pp: "Prepped", output: bool) -> bool:
-    """The sequential kernels' PREFETCH for the pass that writes the output (``output``) or another:
-    CONFIG["prefetch_gates"] (True: every pass, "output": that one only) where the gate mode allows it (0, 3)."""
+def prefetch_gates(gmode: int, output: bool) -> bool:
+    """The sequential kernels' PREFETCH for the pass that writes the output (``output``) or another,
+    under the gate mode ``gmode`` (``gate_mode``): CONFIG["prefetch_gates"] (True: every pass,
+    "output": that one only) where the mode allows it (0, 3)."""
     setting = CONFIG["prefetch_gates"]
     if setting not in PREFETCH_SETTINGS:
         raise ValueError(f"CONFIG['prefetch_gates'] must be one of {PREFETCH_SETTINGS}, got {setting!r}")
     wanted = setting is True or (setting == "output" and output)
-    return wanted and gate_mode(pp) in (0, 3)
+    return wanted and gmode in (0, 3)
 
 
 def gate_mode(pp: "Prepped") -> int:
@@ -528,7 +529,7 @@ def state_pass(q, k, v, pp: Prepped, g, scale, S0, plan: _Plan, *, want_o=True, 
         plan.seqs, plan.T_steps, plan.NT, scale,
         BK=plan.BK, BV=BV, HAS_G=g is not None, HAS_S0=S0 is not None, STORE_ST=want_final,
         WRITE_O=want_o, SAVE_H=save_h, GMODE=gate_mode(pp), GATE_V=bool(CONFIG["gate_values"]), AFORM=a_form,
-        SAVE_R=save_r, PREFETCH=prefetch_gates(pp, want_o), max_stages=stages,
+        SAVE_R=save_r, PREFETCH=prefetch_gates(gate_mode(pp), want_o), max_stages=stages,
         **plan.common(),
     )
     return o, sT, h, vn, vr
