@@ -319,7 +319,8 @@ def test_fused_backward_takes_the_residuals_or_forms_k_s_alike(rng, monkeypatch,
     # CONFIG["keep_residuals"]: the fused kernel's dA state term from the residuals R = V - e^G K S
     # written by the pass that writes the states (in the backward's rerun, or kept by the forward
     # with save_states), or from K S formed again; CONFIG["dw_from_dv"]: dk's A^T dW as -dV S^T from
-    # the kernel's own dV, or from dW; the same terms summed in another order.
+    # the kernel's own dV, or from dW; CONFIG["dg_rows_mma"]: the gate's row sums with K and Q taken
+    # through products with the identity; the same terms summed in another order.
     from householder.backends import triton_delta as td
 
     inp, cu_t, do, dS = backward_case(rng, 1, 50, 2, 16, 24, n=n, gated=gated, cu=cu)
@@ -327,20 +328,21 @@ def test_fused_backward_takes_the_residuals_or_forms_k_s_alike(rng, monkeypatch,
 
     def spy(name, kernel, *args, **meta):
         if name.startswith("bwd_fused"):
-            used.append((meta["HAS_R"], meta["DW_FROM_DV"]))
+            used.append((meta["HAS_R"], meta["DW_FROM_DV"], meta["DG_MMA"]))
         return launch(name, kernel, *args, **meta)
 
     launch = td.launch
     monkeypatch.setattr(td, "launch", spy)
     monkeypatch.setitem(td.CONFIG, "save_prep", True)
     runs = []
-    settings = ((False, False, False), (True, False, False), (True, True, True), (False, False, True))
-    for residuals, states, from_dv in settings:
+    settings = ((False, False, False, False), (True, False, False, True), (True, True, True, False), (False, False, True, True))
+    for residuals, states, from_dv, rows_mma in settings:
         monkeypatch.setitem(td.CONFIG, "keep_residuals", residuals)
         monkeypatch.setitem(td.CONFIG, "save_states", states)
         monkeypatch.setitem(td.CONFIG, "dw_from_dv", from_dv)
+        monkeypatch.setitem(td.CONFIG, "dg_rows_mma", rows_mma)
         runs.append(_grads(inp, "triton", n, cu_t, do, dS, 16))
-    assert used == [(r, d) for r, _, d in settings]
+    assert used == [(r, d, m) for r, _, d, m in settings]
     want = _grads({k: x.double() for k, x in inp.items()}, "torch", n, cu_t, do.double(), dS.double(), 64)
     for name, a, *others, d in zip(["o", "S"] + [f"d{m}" for m in inp], *runs, want):
         for b in others:

@@ -404,7 +404,7 @@ def bwd_fused_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BKP: tl.constexpr, BV: tl.constexpr,
     BC: tl.constexpr, NH: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr,
     DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr, AQK: tl.constexpr, UNROLL: tl.constexpr,
-    DGM: tl.constexpr, HAS_R: tl.constexpr, DW_FROM_DV: tl.constexpr,
+    DGM: tl.constexpr, HAS_R: tl.constexpr, DW_FROM_DV: tl.constexpr, DG_MMA: tl.constexpr,
 ):
     """Per (chunk, head), ``bwd_dqk_kernel`` and ``bwd_wy_kernel`` in one program: dq, dk, dv, dbeta,
     and dg.
@@ -418,6 +418,10 @@ def bwd_fused_kernel(
     are one product, dA = dVn R^T, with neither V nor S read in the first loop.
     DW_FROM_DV: dk's term A^T dW is taken as -dV S^T from the dV = A^T dVn written in the first
     loop (read back after a barrier), one (C, C) x (C, BKP) product per key block fewer.
+    DG_MMA (DGM 1): the key loop's dg row sums take K and Q as products with the identity (exact),
+    which leave them in the matrix units' layout: with the loaded tiles, Triton (sm_90 TTGIR) first
+    converts each (C, BKP) float32 product to the tiles' layout through shared memory, three per key
+    block; for two (C, C) x (C, BKP) products more.
     """
     i_c, i_h, start, end, r, tok, first, last, valid, qrow, t0 = chunk_program(chunks, T_steps, NT, BC, NH, VARLEN)
     causal = r[:, None] >= r[None, :]
@@ -488,6 +492,8 @@ def bwd_fused_kernel(
     dLtd = tl.trans(dLd)
     if DW_FROM_DV:
         tl.debug_barrier()  # dV's stores above are read below by other threads of this program
+    if DGM == 1 and DG_MMA:
+        eye = tl.where(r[:, None] == r[None, :], 1.0, 0.0).to(DT)
 
     for k0 in tl.range(0, K, BKP, loop_unroll_factor=UNROLL):
         ck = k0 + tl.arange(0, BKP)
@@ -515,8 +521,16 @@ def bwd_fused_kernel(
         dkb += _dot(dLtd, (kf * b[:, None]).to(DT), F32, PREC)
         tl.store(pdk + offk, dkb.to(dk.dtype.element_ty), mask=mk)
         if DGM == 1:
-            dKdKd = tl.sum(dKd * kf, 1)
-            dG += tl.sum(dQ0 * qb.to(tl.float32), 1) - dKdKd + tl.sum(AtdW * (kf * eG[:, None]), 1)
+            if DG_MMA:
+                km = _dot(eye, kb.to(DT), F32, PREC)
+            else:
+                km = kf
+            dKdKd = tl.sum(dKd * km, 1)
+            if DG_MMA:
+                qm = _dot(eye, qb.to(DT), F32, PREC)
+            else:
+                qm = qb.to(tl.float32)
+            dG += tl.sum(dQ0 * qm, 1) - dKdKd + tl.sum(AtdW * (km * eG[:, None]), 1)
             dG += tl.where(is_end, tl.sum(dKdKd, 0), 0.0)
         if DGM == 2:
             dG += tl.sum(dqb * qb.to(tl.float32), 1)
@@ -595,7 +609,7 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None, dgm=None)
             q, k, v, beta, g if g is not None else dummy, xs, hs, dhs, vn, vr if vr is not None else dummy, dvn, do,
             aqk, dq, dk, dv, dbeta, dg if g is not None else dummy, plan.chunks, plan.T_steps, plan.NT, scale,
             **dict(aqk_meta, UNROLL=int(tdelta.CONFIG["fused_unroll"])), DGM=dgm, HAS_R=vr is not None,
-            DW_FROM_DV=bool(tdelta.CONFIG["dw_from_dv"]), **small,
+            DW_FROM_DV=bool(tdelta.CONFIG["dw_from_dv"]), DG_MMA=bool(tdelta.CONFIG["dg_rows_mma"]), **small,
         )
         return _grads_out(dq, dk, dv, dbeta, dg, ds0, beta, g, S0)
     dq = torch.empty_like(q)  # every token row is written once: at its last step

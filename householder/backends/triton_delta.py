@@ -171,6 +171,13 @@ CONFIG = {
     # rounded to it too). On an H200 (d5f2e2d) 3-4% off every forward+backward (plain 2.342 ->
     # 2.244 ms, gated 3.249 -> 3.136 at 16 x 2048); errors against float64 unchanged.
     "dw_from_dv": True,
+    # The gated fused kernel's key loop takes K and Q for its dg row sums as products with the
+    # identity (exact), so that the sums stay in the matrix units' layout rather than being converted
+    # to the loaded tiles' layout through shared memory, three (C, 64) float32 tiles per key block (in
+    # the sm_90 TTGIR that Triton 3.9 builds, the conversions go; two (C, C) x (C, 64) products per key
+    # block come, and 112 B more spills per thread). Cutting the key loop's dg sums out took the kernel
+    # from 1.760 to 1.389 ms at 16 x 2048 (H200, 4 warps). Untimed: off.
+    "dg_rows_mma": False,
 }
 CHUNK_SIZES = (16, 32, 64)
 # Programs per SM a sequential pass needs before it takes 64 value columns (_Plan.seq_block): the
