@@ -46,6 +46,28 @@ def backward_case(rng, B, T, H, K, V, *, n=1, gated=True, cu=None, dtype=torch.f
     return inp, cu_t, do, dS
 
 
+def grads_under(monkeypatch, settings, inp, n, cu_t, do, dS, chunk):
+    """``_grads`` of the Triton path once under each dict of triton_delta.CONFIG entries in ``settings``."""
+    from householder.backends import triton_delta as td
+
+    runs = []
+    for setting in settings:
+        for key, value in setting.items():
+            monkeypatch.setitem(td.CONFIG, key, value)
+        runs.append(_grads(inp, "triton", n, cu_t, do, dS, chunk))
+    return runs
+
+
+def assert_alike(runs, inp, n, cu_t, do, dS, same):
+    """Every run of ``grads_under`` within ``same`` of the first, and each within 2e-4 of the float64 torch path."""
+    want = _grads({k: x.double() for k, x in inp.items()}, "torch", n, cu_t, do.double(), dS.double(), 64)
+    for name, a, *others, d in zip(["o", "S"] + [f"d{m}" for m in inp], *runs, want):
+        for b in others:
+            assert rel_err(a, b) < same, name
+        for b in (a, *others):
+            assert rel_err(b, d) < 2e-4, name
+
+
 def rel_err(a, b) -> float:
     a = a.detach().double().cpu().numpy() if hasattr(a, "detach") else a
     b = b.detach().double().cpu().numpy() if hasattr(b, "detach") else b
@@ -334,20 +356,11 @@ def test_fused_backward_takes_the_residuals_or_forms_k_s_alike(rng, monkeypatch,
     launch = td.launch
     monkeypatch.setattr(td, "launch", spy)
     monkeypatch.setitem(td.CONFIG, "save_prep", True)
-    runs = []
     settings = ((False, False, False, False), (True, False, False, True), (True, True, True, False), (False, False, True, True))
-    for residuals, states, from_dv, rows_mma in settings:
-        monkeypatch.setitem(td.CONFIG, "keep_residuals", residuals)
-        monkeypatch.setitem(td.CONFIG, "save_states", states)
-        monkeypatch.setitem(td.CONFIG, "dw_from_dv", from_dv)
-        monkeypatch.setitem(td.CONFIG, "dg_rows_mma", rows_mma)
-        runs.append(_grads(inp, "triton", n, cu_t, do, dS, 16))
+    keys = ("keep_residuals", "save_states", "dw_from_dv", "dg_rows_mma")
+    runs = grads_under(monkeypatch, [dict(zip(keys, s)) for s in settings], inp, n, cu_t, do, dS, 16)
     assert used == [(r, d, m) for r, _, d, m in settings]
-    want = _grads({k: x.double() for k, x in inp.items()}, "torch", n, cu_t, do.double(), dS.double(), 64)
-    for name, a, *others, d in zip(["o", "S"] + [f"d{m}" for m in inp], *runs, want):
-        for b in others:
-            assert rel_err(a, b) < 10 * SAME, name
-        assert rel_err(a, d) < 2e-4, name
+    assert_alike(runs, inp, n, cu_t, do, dS, 10 * SAME)
 
 
 def test_residuals_need_the_factor_form(rng, monkeypatch):
@@ -448,23 +461,12 @@ def test_sequential_passes_take_the_gates_from_any_source_alike(rng, monkeypatch
     # the decays applied to the keys and queries or to the value-side tiles; CONFIG["prefetch_gates"]:
     # loaded a chunk ahead (modes 0 and 3) in every pass or in the output's; a short last chunk and
     # an empty sequence included
-    from householder.backends import triton_delta as td
-
     inp, cu_t, do, dS = backward_case(rng, 1, 50, 2, 16, 16, n=n, cu=cu)
-    runs = []
     settings = ((0, False, False, False), (gates, False, False, False), (gates, True, True, False), (0, False, True, False),
                 (0, False, False, True), (gates, False, True, True), (gates, False, False, "output"))
-    for mode, states, on_values, prefetch in settings:
-        monkeypatch.setitem(td.CONFIG, "gates", mode)
-        monkeypatch.setitem(td.CONFIG, "save_states", states)
-        monkeypatch.setitem(td.CONFIG, "gate_values", on_values)
-        monkeypatch.setitem(td.CONFIG, "prefetch_gates", prefetch)
-        runs.append(_grads(inp, "triton", n, cu_t, do, dS, 32))
-    want = _grads({k: x.double() for k, x in inp.items()}, "torch", n, cu_t, do.double(), dS.double(), 64)
-    for name, a, *others, d in zip(["o", "S"] + [f"d{m}" for m in inp], *runs, want):
-        for b in others:
-            assert rel_err(a, b) < SAME, name
-        assert rel_err(a, d) < 2e-4, name
+    keys = ("gates", "save_states", "gate_values", "prefetch_gates")
+    runs = grads_under(monkeypatch, [dict(zip(keys, s)) for s in settings], inp, n, cu_t, do, dS, 32)
+    assert_alike(runs, inp, n, cu_t, do, dS, SAME)
 
 
 @pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
@@ -474,26 +476,16 @@ def test_sequential_passes_take_the_factor_or_w_and_u_alike(rng, monkeypatch, ga
     # or Vn = U - W S from the prep kernel's W and U; kept, recomputed, with the states kept, and
     # with the gates loaded and applied to the value-side tiles; a short last chunk and an empty
     # sequence included. The products are associated differently, so they agree to float32 rounding.
-    from householder.backends import triton_delta as td
-
     inp, cu_t, do, dS = backward_case(rng, 1, 50, 2, 16, 16, n=n, gated=gated, cu=cu)
-    runs = []
     settings = [
         dict(a_form=False),
         dict(a_form=True),
         dict(a_form=True, save_prep=False),
         dict(a_form=True, save_states=True, gates=1, gate_values=True),
     ]
-    for setting in settings:
-        for key, value in {**dict(save_prep=True, save_states=False, gates=0, gate_values=False), **setting}.items():
-            monkeypatch.setitem(td.CONFIG, key, value)
-        runs.append(_grads(inp, "triton", n, cu_t, do, dS, 32))
-    want = _grads({k: x.double() for k, x in inp.items()}, "torch", n, cu_t, do.double(), dS.double(), 64)
-    for name, a, *others, d in zip(["o", "S"] + [f"d{m}" for m in inp], *runs, want):
-        for b in others:
-            assert rel_err(a, b) < 10 * SAME, name
-        assert rel_err(a, d) < 2e-4, name
-        assert rel_err(others[0], d) < 2e-4, name
+    base = dict(save_prep=True, save_states=False, gates=0, gate_values=False)
+    runs = grads_under(monkeypatch, [{**base, **setting} for setting in settings], inp, n, cu_t, do, dS, 32)
+    assert_alike(runs, inp, n, cu_t, do, dS, 10 * SAME)
 
 
 @pytest.mark.parametrize("a_form", [False, True], ids=["w-u", "a-form"])
