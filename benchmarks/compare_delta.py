@@ -255,7 +255,7 @@ def apply_settings(items) -> None:
             # a word other than these is kept as it is (e.g. prefetch_gates=output)
             td.CONFIG[key] = {"1": True, "0": False, **words}.get(val, val)
         elif isinstance(td.CONFIG[key], str):
-            td.CONFIG[key] = words.get(val, val)  # (prefetch_gates takes True, False or "output")
+            td.CONFIG[key] = words.get(val, val)  # (prefetch_gates takes True, False or pass names)
         elif isinstance(td.CONFIG[key], tuple):
             td.CONFIG[key] = tuple(int(x) for x in val.split(","))
         else:

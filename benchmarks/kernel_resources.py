@@ -98,15 +98,16 @@ def kernels(K: int, chunk: int):
                SAVE_G=gmode in (1, 2), SAVE_E=gmode == 3, FPREC=plan.FPREC, SPLITS=td.CONFIG["inverse_splits"],
                AFORM=a_form), td.CONFIG["prep"])
         seq = dict(common, BK=plan.BK, HAS_G=gated, GMODE=gmode, GATE_V=bool(td.CONFIG["gate_values"]), AFORM=a_form,
-                   PREFETCH=td.prefetch_gates(gmode, output=False))
+                   PREFETCH=td.prefetch_gates(gmode, "reverse"))
         BV, launch = seq_launch(plan, "state", plan.state_launch(gated, want_o=True, sms=SMS))
         yield ("state", variant, fwd.state_kernel, dict(seq, BV=BV, HAS_S0=False, STORE_ST=True, WRITE_O=True, SAVE_H=False,
-                                                      SAVE_R=False, PREFETCH=td.prefetch_gates(gmode, output=True)), launch)
+                                                      SAVE_R=False, PREFETCH=td.prefetch_gates(gmode, "output")), launch)
         dgm = td.dg_mode(torch.zeros(()) if gated else None)
         residuals = a_form and td.residuals_wanted(dgm)
         BV, launch = seq_launch(plan, "state", plan.state_launch(gated, want_o=False, sms=SMS))
         yield ("state (rerun)", variant, fwd.state_kernel, dict(seq, BV=BV, HAS_S0=False, STORE_ST=False, WRITE_O=False,
-                                                                SAVE_H=True, SAVE_R=residuals), launch)
+                                                                SAVE_H=True, SAVE_R=residuals,
+                                                                PREFETCH=td.prefetch_gates(gmode, "rerun")), launch)
         BV, launch = seq_launch(plan, "bwd_state", plan.reverse_launch(gated, sms=SMS))
         yield ("bwd_state", variant, bwd.bwd_state_kernel, dict(seq, BV=BV, HAS_DST=False), launch)
         per_chunk = dict(common, BKP=plan.BKP, BV=plan.BVB, HAS_G=gated, UNROLL=int(td.CONFIG["bwd_unroll"]), DGM=dgm)

@@ -381,7 +381,7 @@ def test_residuals_need_the_factor_form(rng, monkeypatch):
         td.state_pass(inp["q"], inp["k"], inp["v"], pp, None, 0.25, None, plan, save_r=True)
 
 
-@pytest.mark.parametrize("key, bad", [("gates", 4), ("prefetch_gates", "yes")])
+@pytest.mark.parametrize("key, bad", [("gates", 4), ("prefetch_gates", "yes"), ("prefetch_gates", 1)])
 def test_gate_settings_refuse_unknown_values(rng, monkeypatch, key, bad):
     from householder.backends import triton_delta as td
 
@@ -391,13 +391,24 @@ def test_gate_settings_refuse_unknown_values(rng, monkeypatch, key, bad):
         hh.delta_rule(**inp, chunk_size=16, backend="triton")
 
 
+def test_prefetch_names_its_passes(monkeypatch):
+    from householder.backends import triton_delta as td
+
+    monkeypatch.setitem(td.CONFIG, "prefetch_gates", "output+reverse")
+    assert [td.prefetch_gates(0, p) for p in td.SEQUENTIAL_PASSES] == [True, False, True]
+    assert [td.prefetch_gates(1, p) for p in td.SEQUENTIAL_PASSES] == [False] * 3  # mode 1 loads G, not ahead
+    with pytest.raises(ValueError, match=r"which must be one of \('output', 'rerun', 'reverse'\), got 'forward'"):
+        td.prefetch_gates(0, "forward")
+
+
 def test_benchmark_settings_parse_by_the_kind_of_each_entry(monkeypatch):
     # compare_delta.py --set / --ab: words, numbers, (warps, stages) pairs and None, by the entry's
-    # current kind; prefetch_gates takes True, False or "output"
+    # current kind; prefetch_gates takes True, False or the names of passes
     from benchmarks.compare_delta import apply_settings
     from householder.backends import triton_delta as td
 
     cases = [("prefetch_gates", "False", False), ("prefetch_gates", "True", True), ("prefetch_gates", "output", "output"),
+             ("prefetch_gates", "output+reverse", "output+reverse"),
              ("gates", "3", 3), ("save_states", "1", True), ("keep_residuals", "False", False),
              ("bwd_fused_gated", "8,1", (8, 1)), ("BV", "None", None), ("BV", "32", 32), ("dg_form", "chunk", "chunk")]
     for key, text, want in cases:
@@ -459,11 +470,12 @@ def test_sequential_passes_take_the_gates_from_any_source_alike(rng, monkeypatch
     # CONFIG["gates"]: the running log-decays summed in the sequential kernels (0) or written by
     # the prep kernel and loaded there (1, 2), or the decays written by it (3); CONFIG["gate_values"]:
     # the decays applied to the keys and queries or to the value-side tiles; CONFIG["prefetch_gates"]:
-    # loaded a chunk ahead (modes 0 and 3) in every pass or in the output's; a short last chunk and
-    # an empty sequence included
+    # loaded a chunk ahead (modes 0 and 3) in every pass, in the output's, or there and in the
+    # backward's rerun or reverse pass; a short last chunk and an empty sequence included
     inp, cu_t, do, dS = backward_case(rng, 1, 50, 2, 16, 16, n=n, cu=cu)
     settings = ((0, False, False, False), (gates, False, False, False), (gates, True, True, False), (0, False, True, False),
-                (0, False, False, True), (gates, False, True, True), (gates, False, False, "output"))
+                (0, False, False, True), (gates, False, True, True), (gates, False, False, "output"),
+                (gates, False, False, "output+rerun"), (0, False, False, "output+reverse"))
     keys = ("gates", "save_states", "gate_values", "prefetch_gates")
     runs = grads_under(monkeypatch, [dict(zip(keys, s)) for s in settings], inp, n, cu_t, do, dS, 32)
     assert_alike(runs, inp, n, cu_t, do, dS, SAME)

@@ -580,7 +580,7 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None, dgm=None)
             q, k, w, aqk, g if g is not None else dummy, gcs if gcs is not None else dummy, do,
             dst if dst is not None else dummy, dhs, dvn, ds0, plan.seqs, plan.T_steps, plan.NT, scale,
             BK=plan.BK, BV=BV, HAS_G=g is not None, HAS_DST=dsT is not None, GMODE=tdelta.gate_mode(pp),
-            GATE_V=bool(tdelta.CONFIG["gate_values"]), AFORM=a_form, PREFETCH=tdelta.prefetch_gates(tdelta.gate_mode(pp), False),
+            GATE_V=bool(tdelta.CONFIG["gate_values"]), AFORM=a_form, PREFETCH=tdelta.prefetch_gates(tdelta.gate_mode(pp), "reverse"),
             max_stages=stages, **plan.common(),
         )
     if hs is None:

@@ -69,7 +69,9 @@ CONFIG = {
     # Under gates 0 and 3, the sequential passes load what a chunk's decays are made of (g, or the
     # decays) one chunk ahead, in the step before, so that the loads' latency is not on the step
     # that uses them (Triton's pipeliner stages the loads that feed tl.dot, not these). True: in
-    # every pass; "output": in the forward's pass that writes the output only; False: in none. On an
+    # every pass; "output": in the forward's pass that writes the output only; "output+rerun",
+    # "output+reverse": there and in the backward's rerun of it, or its reverse pass; False: in none
+    # (PREFETCH_SETTINGS). On an
     # H200 (b7a0da7, gates 0), every pass: gated forward 0.976 -> 0.895 ms at 2 x 16384 but its
     # forward+backward 3.758 -> 4.267 (the backward's passes slower); the output's pass only (9ddfa62):
     # forward+backward 3.118 / 3.097 / 3.444 / 3.690 -> 3.100 / 3.093 / 3.416 / 3.610 at the four
@@ -382,18 +384,28 @@ def launch(name: str, kernel, grid, *args, max_stages=None, max_warps=None, **me
 GATE_MODES = (0, 1, 2, 3)
 
 
-PREFETCH_SETTINGS = (False, "output", True)
+# the passes each setting of CONFIG["prefetch_gates"] prefetches in: the forward's pass that writes
+# the output, the backward's run of that pass again (without the output), and its reverse pass
+PREFETCH_SETTINGS = {
+    False: (),
+    "output": ("output",),
+    "output+rerun": ("output", "rerun"),
+    "output+reverse": ("output", "reverse"),
+    True: ("output", "rerun", "reverse"),
+}
+SEQUENTIAL_PASSES = ("output", "rerun", "reverse")
 
 
-def prefetch_gates(gmode: int, output: bool) -> bool:
-    """The sequential kernels' PREFETCH for the pass that writes the output (``output``) or another,
-    under the gate mode ``gmode`` (``gate_mode``): CONFIG["prefetch_gates"] (True: every pass,
-    "output": that one only) where the mode allows it (0, 3)."""
+def prefetch_gates(gmode: int, which: str) -> bool:
+    """The sequential kernels' PREFETCH for the pass ``which`` (one of ``SEQUENTIAL_PASSES``) under
+    the gate mode ``gmode`` (``gate_mode``): CONFIG["prefetch_gates"] names the passes
+    (``PREFETCH_SETTINGS``), where the mode allows it (0, 3)."""
+    if which not in SEQUENTIAL_PASSES:
+        raise ValueError(f"which must be one of {SEQUENTIAL_PASSES}, got {which!r}")
     setting = CONFIG["prefetch_gates"]
-    if setting not in PREFETCH_SETTINGS:
-        raise ValueError(f"CONFIG['prefetch_gates'] must be one of {PREFETCH_SETTINGS}, got {setting!r}")
-    wanted = setting is True or (setting == "output" and output)
-    return wanted and gmode in (0, 3)
+    if not any(setting is key or (isinstance(key, str) and setting == key) for key in PREFETCH_SETTINGS):
+        raise ValueError(f"CONFIG['prefetch_gates'] must be one of {tuple(PREFETCH_SETTINGS)}, got {setting!r}")
+    return which in PREFETCH_SETTINGS[setting] and gmode in (0, 3)
 
 
 def gate_mode(pp: "Prepped") -> int:
@@ -536,7 +548,7 @@ def state_pass(q, k, v, pp: Prepped, g, scale, S0, plan: _Plan, *, want_o=True, 
         plan.seqs, plan.T_steps, plan.NT, scale,
         BK=plan.BK, BV=BV, HAS_G=g is not None, HAS_S0=S0 is not None, STORE_ST=want_final,
         WRITE_O=want_o, SAVE_H=save_h, GMODE=gate_mode(pp), GATE_V=bool(CONFIG["gate_values"]), AFORM=a_form,
-        SAVE_R=save_r, PREFETCH=prefetch_gates(gate_mode(pp), want_o), max_stages=stages,
+        SAVE_R=save_r, PREFETCH=prefetch_gates(gate_mode(pp), "output" if want_o else "rerun"), max_stages=stages,
         **plan.common(),
     )
     return o, sT, h, vn, vr
