@@ -178,8 +178,14 @@ CONFIG = {
     # to the loaded tiles' layout through shared memory, three (C, 64) float32 tiles per key block (in
     # the sm_90 TTGIR that Triton 3.9 builds, the conversions go; two (C, C) x (C, 64) products per key
     # block come, and 112 B more spills per thread). Cutting the key loop's dg sums out took the kernel
-    # from 1.760 to 1.389 ms at 16 x 2048 (H200, 4 warps). Untimed: off.
-    "dg_rows_mma": False,
+    # from 1.760 to 1.389 ms at 16 x 2048 (H200, 4 warps); this took 0.3-0.5% off the gated
+    # forward+backward at every shape (H200, 0fe442e: 3.129 / 3.113 / 3.384 / 3.577 -> 3.112 /
+    # 3.103 / 3.375 / 3.565 ms), with the same errors against float64 to two digits.
+    "dg_rows_mma": True,
+    # The fused kernel's key loop takes dO S^T (dq's state term) in a value loop of its own and
+    # finishes dq before the value loop of dk's two state terms, so that two (C, 64) float32
+    # accumulators are live at once rather than three (S read twice per key block, mostly from L2).
+    "fused_split_q": False,
 }
 CHUNK_SIZES = (16, 32, 64)
 # Programs per SM a sequential pass needs before it takes 64 value columns (_Plan.seq_block): the
