@@ -113,7 +113,7 @@ def kernels(K: int, chunk: int):
         per_chunk = dict(common, BKP=plan.BKP, BV=plan.BVB, HAS_G=gated, UNROLL=int(td.CONFIG["bwd_unroll"]), DGM=dgm)
         aqk = dict(per_chunk, AQK=bool(td.CONFIG["dg_from_aqk"]))
         fused = dict(aqk, UNROLL=int(td.CONFIG["fused_unroll"]), HAS_R=residuals, DW_FROM_DV=bool(td.CONFIG["dw_from_dv"]),
-                     DG_MMA=bool(td.CONFIG["dg_rows_mma"]), SPLIT_Q=bool(td.CONFIG["fused_split_q"]))
+                     DG_MMA=bool(td.CONFIG["dg_rows_mma"]))
         splits, KPS = plan.key_splits(td.CONFIG["bwd_dqk_split"])
         for name, fn, meta in (("bwd_dqk", bwd.bwd_dqk_kernel, dict(aqk, KSPLIT=splits, KPS=KPS)),
                                ("bwd_wy", bwd.bwd_wy_kernel, dict(per_chunk, KSPLIT=splits)),

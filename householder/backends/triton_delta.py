@@ -54,8 +54,11 @@ CONFIG = {
     # from 3.488 / 3.476 / 3.890 / 4.476 ms at 4 to 3.364 / 3.347 / 3.770 / 4.364 at (16, 2048),
     # (8, 4096), (4, 8192), (2, 16384); the plain op at 8 went from 2.488 to 2.770 at 16 x 2048.
     # Since the residuals and dV's reuse (516c767, d5f2e2d) 4 warps are the faster again (f8525b5:
-    # 3.117 / 3.099 / 3.431 / 3.625 ms at 8 against 3.064 / 3.061 / 3.364 / 3.574 at 4).
-    "bwd_fused_gated": (4, 1),
+    # 3.117 / 3.099 / 3.431 / 3.625 ms at 8 against 3.064 / 3.061 / 3.364 / 3.574 at 4). Two
+    # pipeline stages (Triton 3.6; 41a9639): 2.858 / 2.857 / 3.126 / 3.326 -> 2.753 / 2.753 / 3.021 /
+    # 3.225 ms (8 warps, 2 stages: 3.025 / 3.026 / 3.290 / 3.489). Triton 3.9 builds the same
+    # registers, spills and shared memory for sm_90 at 1 and 2 stages.
+    "bwd_fused_gated": (4, 2),
     "bwd_chunk": None,  # chunk size of the backward pass (None: the forward's)
     # How the sequential passes get the decays of a chunk: 0 sum the log-decays from g there (a
     # scan and a reduction across warps, then exponentials, in every chunk step), 1 load the running
@@ -182,10 +185,6 @@ CONFIG = {
     # forward+backward at every shape (H200, 0fe442e: 3.129 / 3.113 / 3.384 / 3.577 -> 3.112 /
     # 3.103 / 3.375 / 3.565 ms), with the same errors against float64 to two digits.
     "dg_rows_mma": True,
-    # The fused kernel's key loop takes dO S^T (dq's state term) in a value loop of its own and
-    # finishes dq before the value loop of dk's two state terms, so that two (C, 64) float32
-    # accumulators are live at once rather than three (S read twice per key block, mostly from L2).
-    "fused_split_q": False,
 }
 CHUNK_SIZES = (16, 32, 64)
 # Programs per SM a sequential pass needs before it takes 64 value columns (_Plan.seq_block): the
