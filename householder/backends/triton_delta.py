@@ -49,15 +49,18 @@ CONFIG = {
     "bwd_state": (4, 2),
     "bwd_dqk": (8, 2),
     "bwd_wy": (8, 1),
-    "bwd_fused": (4, 1),
+    # the fused backward (plain): 2 pipeline stages took the plain forward+backward from 2.174 /
+    # 2.174 / 2.202 / 2.407 to 2.034 / 2.035 / 2.060 / 2.273 ms on an H200 (43738ca, Triton 3.6)
+    "bwd_fused": (4, 2),
     # the fused kernel with a gate: on an H200 (38199de, fused) 8 warps took the gated forward+backward
     # from 3.488 / 3.476 / 3.890 / 4.476 ms at 4 to 3.364 / 3.347 / 3.770 / 4.364 at (16, 2048),
     # (8, 4096), (4, 8192), (2, 16384); the plain op at 8 went from 2.488 to 2.770 at 16 x 2048.
     # Since the residuals and dV's reuse (516c767, d5f2e2d) 4 warps are the faster again (f8525b5:
     # 3.117 / 3.099 / 3.431 / 3.625 ms at 8 against 3.064 / 3.061 / 3.364 / 3.574 at 4). Two
     # pipeline stages (Triton 3.6; 41a9639): 2.858 / 2.857 / 3.126 / 3.326 -> 2.753 / 2.753 / 3.021 /
-    # 3.225 ms (8 warps, 2 stages: 3.025 / 3.026 / 3.290 / 3.489). Triton 3.9 builds the same
-    # registers, spills and shared memory for sm_90 at 1 and 2 stages.
+    # 3.225 ms (8 warps, 2 stages: 3.025 / 3.026 / 3.290 / 3.489); at 0fe442e's order of loads,
+    # 3.067 / 3.068 / 3.336 / 3.537 -> 2.729 / 2.727 / 2.999 / 3.195 (43738ca's run). Triton 3.9
+    # builds the same registers, spills and shared memory for sm_90 at 1 and 2 stages.
     "bwd_fused_gated": (4, 2),
     "bwd_chunk": None,  # chunk size of the backward pass (None: the forward's)
     # How the sequential passes get the decays of a chunk: 0 sum the log-decays from g there (a
