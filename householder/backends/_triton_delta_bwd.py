@@ -180,9 +180,9 @@ def _state_grads(ph, pdh, pdo, pvn, pdvn, ck, r, tok, valid, qrow, hdh,
         hT = tl.trans(hb.to(DT))
         # (dq's product straight after its loads: built for sm_90 by Triton 3.9, the gated fused
         # kernel at 4 warps spills 496 B per thread less, and takes 8 KiB less shared memory, than
-        # with every tile loaded first; the plain one is unchanged. On an H200 at 1 stage that took
-        # the gated forward+backward from 3.067 to 2.828 ms at 16 x 2048; at 2 stages, the default,
-        # the two orders time alike)
+        # with every tile loaded first; the plain one is unchanged. On an H200 at 1 stage this and
+        # the two-step dg sums of bwd_fused_kernel took the gated forward+backward from 3.067 to
+        # 2.828 ms at 16 x 2048; at 2 stages, the default, the two orders time alike)
         dob = tl.load(pdo + tok[:, None] * (H * V) + cv[None, :], mask=qrow[:, None] & (cv[None, :] < V), other=0.0).to(DT)
         dQ0 += _dot(dob, hT, F32, PREC)
         dhb = tl.load(pdh + ck[:, None] * V + cv[None, :], mask=mkv, other=0.0)

@@ -392,16 +392,17 @@ def launch(name: str, kernel, grid, *args, max_stages=None, max_warps=None, **me
 GATE_MODES = (0, 1, 2, 3)
 
 
-# the passes each setting of CONFIG["prefetch_gates"] prefetches in: the forward's pass that writes
-# the output, the backward's run of that pass again (without the output), and its reverse pass
+# the sequential passes: the forward's pass that writes the output, the backward's run of that pass
+# again (without the output), and its reverse pass; and those each setting of
+# CONFIG["prefetch_gates"] prefetches in
+SEQUENTIAL_PASSES = ("output", "rerun", "reverse")
 PREFETCH_SETTINGS = {
     False: (),
     "output": ("output",),
     "output+rerun": ("output", "rerun"),
     "output+reverse": ("output", "reverse"),
-    True: ("output", "rerun", "reverse"),
+    True: SEQUENTIAL_PASSES,
 }
-SEQUENTIAL_PASSES = ("output", "rerun", "reverse")
 
 
 def prefetch_gates(gmode: int, which: str) -> bool:
@@ -411,7 +412,8 @@ def prefetch_gates(gmode: int, which: str) -> bool:
     if which not in SEQUENTIAL_PASSES:
         raise ValueError(f"which must be one of {SEQUENTIAL_PASSES}, got {which!r}")
     setting = CONFIG["prefetch_gates"]
-    if not any(setting is key or (isinstance(key, str) and setting == key) for key in PREFETCH_SETTINGS):
+    # (a bool or str only: 1 would match the key True)
+    if not (isinstance(setting, (bool, str)) and setting in PREFETCH_SETTINGS):
         raise ValueError(f"CONFIG['prefetch_gates'] must be one of {tuple(PREFETCH_SETTINGS)}, got {setting!r}")
     return which in PREFETCH_SETTINGS[setting] and gmode in (0, 3)
 
