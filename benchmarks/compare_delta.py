@@ -465,10 +465,10 @@ def sweep(H, D, shapes):
     variants = [
         ("default", {}),
         ("state BV=64", {"BV": 64}),
-        ("state stages=3", {"state": (4, 3)}),
+        ("state stages=3", {"state_gated": (4, 3)}),
         ("prep warps=8", {"prep": (8, 1)}),
         ("state BV=16", {"BV": 16}),
-        ("bwd_state stages=3", {"bwd_state": (4, 3)}),
+        ("bwd_state stages=3", {"bwd_state_gated": (4, 3)}),
         ("bwd_dqk warps=4", {"bwd_dqk": (4, 1)}),
         ("bwd_wy warps=4", {"bwd_wy": (4, 1)}),
         ("bwd BV=64", {"bwd_BV": 64}),

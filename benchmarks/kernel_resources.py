@@ -96,19 +96,19 @@ def kernels(K: int, chunk: int):
         gmode = td.CONFIG["gates"] if gated else 0
         yield ("prep", variant, fwd.prep_kernel, dict(common, BK=plan.BK, BKP=plan.BKP, BV=plan.BVP, HAS_G=gated, SAVE_X=True,
                SAVE_G=gmode in (1, 2), SAVE_E=gmode == 3, FPREC=plan.FPREC, SPLITS=td.CONFIG["inverse_splits"],
-               AFORM=a_form), td.CONFIG["prep"])
+               AFORM=a_form, QK_OUT=not td.scores_in_passes(None if not gated else 0.0)), td.CONFIG["prep"])
         seq = dict(common, BK=plan.BK, HAS_G=gated, GMODE=gmode, GATE_V=bool(td.CONFIG["gate_values"]), AFORM=a_form,
-                   PREFETCH=td.prefetch_gates(gmode, "reverse"))
-        BV, launch = seq_launch(plan, "state", plan.state_launch(gated, want_o=True, sms=SMS))
+                   PREFETCH=td.prefetch_gates(gmode, "reverse"), QK_IN=td.scores_in_passes(None if not gated else 0.0))
+        BV, launch = seq_launch(plan, td.setting_name("state", gated), plan.state_launch(gated, want_o=True, sms=SMS))
         yield ("state", variant, fwd.state_kernel, dict(seq, BV=BV, HAS_S0=False, STORE_ST=True, WRITE_O=True, SAVE_H=False,
                                                       SAVE_R=False, PREFETCH=td.prefetch_gates(gmode, "output")), launch)
         dgm = td.dg_mode(torch.zeros(()) if gated else None)
         residuals = a_form and td.residuals_wanted(dgm)
-        BV, launch = seq_launch(plan, "state", plan.state_launch(gated, want_o=False, sms=SMS))
+        BV, launch = seq_launch(plan, td.setting_name("state", gated), plan.state_launch(gated, want_o=False, sms=SMS))
         yield ("state (rerun)", variant, fwd.state_kernel, dict(seq, BV=BV, HAS_S0=False, STORE_ST=False, WRITE_O=False,
                                                                 SAVE_H=True, SAVE_R=residuals,
                                                                 PREFETCH=td.prefetch_gates(gmode, "rerun")), launch)
-        BV, launch = seq_launch(plan, "bwd_state", plan.reverse_launch(gated, sms=SMS))
+        BV, launch = seq_launch(plan, td.setting_name("bwd_state", gated), plan.reverse_launch(gated, sms=SMS))
         yield ("bwd_state", variant, bwd.bwd_state_kernel, dict(seq, BV=BV, HAS_DST=False), launch)
         per_chunk = dict(common, BKP=plan.BKP, BV=plan.BVB, HAS_G=gated, UNROLL=int(td.CONFIG["bwd_unroll"]), DGM=dgm)
         aqk = dict(per_chunk, AQK=bool(td.CONFIG["dg_from_aqk"]))
@@ -118,7 +118,7 @@ def kernels(K: int, chunk: int):
         for name, fn, meta in (("bwd_dqk", bwd.bwd_dqk_kernel, dict(aqk, KSPLIT=splits, KPS=KPS)),
                                ("bwd_wy", bwd.bwd_wy_kernel, dict(per_chunk, KSPLIT=splits)),
                                ("bwd_fused", bwd.bwd_fused_kernel, fused)):
-            warps, stages = td.CONFIG["bwd_fused_gated" if gated and name == "bwd_fused" else name]
+            warps, stages = td.CONFIG[td.setting_name(name, gated)]
             yield (name, variant, fn, meta, (min(warps, 4) if small else warps, stages))
 
 

@@ -500,6 +500,34 @@ def test_sequential_passes_take_the_factor_or_w_and_u_alike(rng, monkeypatch, ga
     assert_alike(runs, inp, n, cu_t, do, dS, 10 * SAME)
 
 
+@pytest.mark.parametrize("n, cu", [(1, None), (2, [0, 7, 7, 30, 50])], ids=["delta", "product-varlen"])
+def test_plain_passes_form_the_scores_or_read_them_alike(rng, monkeypatch, n, cu):
+    # CONFIG["scores_in_passes"]: without a gate the sequential passes form tril(Q K^T) from their
+    # own tiles and prep writes no Aqk; or they read prep's. Forward, backward (with the factor or
+    # W and U, kept or recomputed, with the states kept), a short last chunk and an empty sequence.
+    from householder.backends import triton_delta as td
+
+    inp, cu_t, do, dS = backward_case(rng, 1, 50, 2, 16, 16, n=n, gated=False, cu=cu)
+    settings = [
+        dict(scores_in_passes=False),
+        dict(scores_in_passes=True),
+        dict(scores_in_passes=True, save_prep=False),
+        dict(scores_in_passes=True, save_states=True),
+        dict(scores_in_passes=True, a_form=False),
+    ]
+    base = dict(save_prep=True, save_states=False, a_form=True)
+    runs = grads_under(monkeypatch, [{**base, **setting} for setting in settings], inp, n, cu_t, do, dS, 32)
+    assert_alike(runs, inp, n, cu_t, do, dS, 10 * SAME)
+    # the setting took effect: no scores from prep without a gate, and the gated op's still there
+    if n == 1:
+        q, k, v, beta = (inp[key] for key in ("q", "k", "v", "beta"))
+        plan = td._Plan(1, 50, 2, 16, 16, 1, 32, None, q.dtype, q.device)
+        assert td.prep(q, k, v, beta, None, plan).aqk is None
+        assert td.prep(q, k, v, beta, torch.zeros_like(beta), plan).aqk is not None
+        monkeypatch.setitem(td.CONFIG, "scores_in_passes", False)
+        assert td.prep(q, k, v, beta, None, plan).aqk is not None
+
+
 @pytest.mark.parametrize("a_form", [False, True], ids=["w-u", "a-form"])
 @pytest.mark.parametrize("states", [False, True])
 @pytest.mark.parametrize("fuse", [1, 2], ids=["two-kernels", "fused"])

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from householder.backends._triton_delta_fwd import _dot, chunk_gamma, chunk_gates, chunk_program, chunk_rows, decay_inputs, decays_of, seq_bounds, seq_decays
+from householder.backends._triton_delta_fwd import _dot, chunk_gamma, chunk_scores, chunk_gates, chunk_program, chunk_rows, decay_inputs, decays_of, seq_bounds, seq_decays
 
 
 @triton.jit
@@ -50,14 +50,15 @@ def bwd_state_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BC: tl.constexpr, NH: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr, HAS_DST: tl.constexpr,
     DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr, GMODE: tl.constexpr, GATE_V: tl.constexpr,
-    AFORM: tl.constexpr, PREFETCH: tl.constexpr,
+    AFORM: tl.constexpr, PREFETCH: tl.constexpr, QK_IN: tl.constexpr,
 ):
     """Reverse pass over chunks: dS' of each chunk (into dh), dVn, and dS_0.
 
     GATE_V: the decays scale the (BC, BV) tiles, diag(d) (K dS) and Q^T (diag(e^G) dO), rather
     than the (BC, BK) keys and queries, which then stay in the inputs' precision.
     AFORM: ``w`` holds the chunk factors A (NT_total, H, BC, BC), and W^T dVn is taken as
-    K^T diag(e^G) (A^T dVn)."""
+    K^T diag(e^G) (A^T dVn). QK_IN (no gate): the masked scores are formed here from the loaded
+    query and key tiles rather than read from ``aqk`` (``chunk_scores``)."""
     i_v = tl.program_id(0)
     i_nh = tl.program_id(1).to(tl.int64)
     i_n = i_nh // H
@@ -100,7 +101,8 @@ def bwd_state_kernel(
         else:
             wt = tl.load(w + (start * H + i_h) * K + offk, mask=mk, other=0.0).to(DT)
         dot_ = tl.load(do + (t0 * H + i_h) * V + tok[:, None] * (H * V) + cv[None, :], mask=qrow[:, None] & (cv[None, :] < V), other=0.0).to(DT)
-        at = tl.load(aqk + ((c0 + j) * H + i_h) * BC * BC + r[:, None] * BC + r[None, :]).to(DT)
+        # (before the gate scales kt and qt: QK_IN has no gate)
+        at = chunk_scores(aqk, qt, kt, r, c0 + j, i_h, H, BC, DT, F32, PREC, QK_IN)
         dog = dot_
         if HAS_G:
             if not PREFETCH:
@@ -584,12 +586,12 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None, dgm=None)
     side = tdelta.side_stream(dev) if hs is None else None
     BV, stages = plan.reverse_launch(g is not None, beside=side is not None)
     with tdelta.forked(side):
-        tdelta.launch("bwd_state", bwd_state_kernel, (triton.cdiv(V, BV), plan.N * H),
-            q, k, w, aqk, g if g is not None else dummy, gcs if gcs is not None else dummy, do,
+        tdelta.launch(tdelta.setting_name("bwd_state", g is not None), bwd_state_kernel, (triton.cdiv(V, BV), plan.N * H),
+            q, k, w, aqk if aqk is not None else dummy, g if g is not None else dummy, gcs if gcs is not None else dummy, do,
             dst if dst is not None else dummy, dhs, dvn, ds0, plan.seqs, plan.T_steps, plan.NT, scale,
             BK=plan.BK, BV=BV, HAS_G=g is not None, HAS_DST=dsT is not None, GMODE=tdelta.gate_mode(pp),
             GATE_V=bool(tdelta.CONFIG["gate_values"]), AFORM=a_form, PREFETCH=tdelta.prefetch_gates(tdelta.gate_mode(pp), "reverse"),
-            max_stages=stages, **plan.common(),
+            QK_IN=aqk is None, max_stages=stages, **plan.common(),
         )
     if hs is None:
         _, _, hs, vn, vr = tdelta.state_pass(q, k, v, pp, g, scale, S0, plan, want_o=False, want_final=False, save_h=True,
@@ -613,9 +615,9 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None, dgm=None)
         dv = torch.empty_like(v)
         dbeta = torch.empty(beta.shape, dtype=torch.float32, device=dev)
         dg = torch.empty(g.shape, dtype=torch.float32, device=dev) if g is not None else None
-        tdelta.launch("bwd_fused_gated" if g is not None else "bwd_fused", bwd_fused_kernel, grid,
+        tdelta.launch(tdelta.setting_name("bwd_fused", g is not None), bwd_fused_kernel, grid,
             q, k, v, beta, g if g is not None else dummy, xs, hs, dhs, vn, vr if vr is not None else dummy, dvn, do,
-            aqk, dq, dk, dv, dbeta, dg if g is not None else dummy, plan.chunks, plan.T_steps, plan.NT, scale,
+            aqk if aqk is not None else dummy, dq, dk, dv, dbeta, dg if g is not None else dummy, plan.chunks, plan.T_steps, plan.NT, scale,
             **dict(aqk_meta, UNROLL=int(tdelta.CONFIG["fused_unroll"])), DGM=dgm, HAS_R=vr is not None,
             DW_FROM_DV=bool(tdelta.CONFIG["dw_from_dv"]), DG_MMA=bool(tdelta.CONFIG["dg_rows_mma"]), **small,
         )
@@ -627,7 +629,7 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None, dgm=None)
     dgp = torch.empty((*beta.shape, splits), dtype=torch.float32, device=dev) if g is not None else None
     if plan.NT_total:
         tdelta.launch("bwd_dqk", bwd_dqk_kernel, (*grid, splits),
-            q, k, g if g is not None else dummy, hs, dhs, vn, dvn, do, aqk, dq, dkp, dw,
+            q, k, g if g is not None else dummy, hs, dhs, vn, dvn, do, aqk if aqk is not None else dummy, dq, dkp, dw,
             dgp if g is not None else dummy, plan.chunks, plan.T_steps, plan.NT, scale,
             **aqk_meta, KSPLIT=splits, KPS=KPS, DGM=dgm, **small,
         )

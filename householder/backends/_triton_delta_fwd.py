@@ -182,6 +182,17 @@ def chunk_gamma(Gc, BC: tl.constexpr, HAS_G: tl.constexpr):
 
 
 @triton.jit
+def chunk_scores(aqk, qt, kt, r, i_c, i_h, H: tl.constexpr, BC: tl.constexpr, DT: tl.constexpr, F32: tl.constexpr,
+                 PREC: tl.constexpr, QK_IN: tl.constexpr):
+    """The masked scores (BC, BC) of chunk ``i_c`` in the inputs' precision: tril(Q K^T) of its
+    query and key tiles qt, kt (QK_IN; no gate), or prep's Aqk read from ``aqk``."""
+    if QK_IN:
+        return tl.where(r[:, None] >= r[None, :], _dot(qt.to(DT), tl.trans(kt.to(DT)), F32, PREC), 0.0).to(DT)
+    else:
+        return tl.load(aqk + (i_c * H + i_h) * BC * BC + r[:, None] * BC + r[None, :]).to(DT)
+
+
+@triton.jit
 def chunk_factor(Gm, b, Gc, BC: tl.constexpr, HAS_G: tl.constexpr, FPREC: tl.constexpr, SPLITS: tl.constexpr):
     """The gated chunk factor A = (X o Gamma) diag(beta), X = (I + tril(diag(beta) K K^T, -1))^{-1}.
 
@@ -201,10 +212,10 @@ def prep_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BKP: tl.constexpr, BV: tl.constexpr,
     BC: tl.constexpr, NH: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr, SAVE_X: tl.constexpr,
     SAVE_G: tl.constexpr, SAVE_E: tl.constexpr, DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr, FPREC: tl.constexpr,
-    SPLITS: tl.constexpr, AFORM: tl.constexpr,
+    SPLITS: tl.constexpr, AFORM: tl.constexpr, QK_OUT: tl.constexpr,
 ):
     """Per (chunk, head): W = A diag(e^G) K, U = A V (AFORM: A, in the inputs' precision, at ``af``)
-    and Aqk = tril(Q K^T) o Gamma (and X and G, float32).
+    and Aqk = tril(Q K^T) o Gamma (QK_OUT; else q is not read) (and X and G, float32).
 
     SAVE_G: G per step at ``gcs`` (B, T_steps, H); SAVE_E: instead the decays of ``seq_decays``
     per chunk at ``gcs`` (NT_total, H, 2 BC + BK): e^G, e^{G_C - G}, and e^{G_C} BK times."""
@@ -222,9 +233,10 @@ def prep_kernel(
         ck = k0 + tl.arange(0, BKP)
         mk = ck[None, :] < K
         kb = tl.load(pk + r[:, None] * (H * K) + ck[None, :], mask=valid[:, None] & mk, other=0.0).to(DT)
-        qb = tl.load(pq + tok[:, None] * (H * K) + ck[None, :], mask=qrow[:, None] & mk, other=0.0).to(DT)
         Gm += _dot(kb, tl.trans(kb), F32, PREC)
-        QK += _dot(qb, tl.trans(kb), F32, PREC)
+        if QK_OUT:
+            qb = tl.load(pq + tok[:, None] * (H * K) + ck[None, :], mask=qrow[:, None] & mk, other=0.0).to(DT)
+            QK += _dot(qb, tl.trans(kb), F32, PREC)
     if HAS_G:
         Gc = chunk_gates(g + t0 * H + i_h, tok, valid, first, H)
         if SAVE_G:
@@ -239,8 +251,9 @@ def prep_kernel(
     else:
         Gc = tl.zeros((BC,), dtype=tl.float32)
     A, X, gam = chunk_factor(Gm, b, Gc, BC, HAS_G, FPREC, SPLITS)
-    QK = QK * gam
-    tl.store(aqk + (i_c * H + i_h) * BC * BC + r[:, None] * BC + r[None, :], QK.to(aqk.dtype.element_ty))
+    if QK_OUT:
+        QK = QK * gam
+        tl.store(aqk + (i_c * H + i_h) * BC * BC + r[:, None] * BC + r[None, :], QK.to(aqk.dtype.element_ty))
     if SAVE_X:
         tl.store(xs + (i_c * H + i_h) * BC * BC + r[:, None] * BC + r[None, :], X)
     Ad = A.to(DT)
@@ -270,9 +283,12 @@ def state_kernel(
     BC: tl.constexpr, NH: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr,
     HAS_S0: tl.constexpr, STORE_ST: tl.constexpr, WRITE_O: tl.constexpr, SAVE_H: tl.constexpr,
     DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr, GMODE: tl.constexpr, GATE_V: tl.constexpr,
-    AFORM: tl.constexpr, SAVE_R: tl.constexpr, PREFETCH: tl.constexpr,
+    AFORM: tl.constexpr, SAVE_R: tl.constexpr, PREFETCH: tl.constexpr, QK_IN: tl.constexpr,
 ):
     """Per (value block, sequence, head): the sequential pass over chunks, with the output.
+
+    QK_IN (no gate): the masked scores tril(Q K^T) are formed here from the loaded tiles rather
+    than read from ``aqk`` (``chunk_scores``).
 
     GATE_V: the state update's decays scale the (BC, BV) pseudo-values, K^T (diag(d) Vn), rather
     than the (BC, BK) keys, (diag(d) K)^T Vn: the same product on a smaller tile.
@@ -338,7 +354,7 @@ def state_kernel(
         if WRITE_O:
             qrow = valid & last
             qt = tl.load(q + (t0 * H + i_h) * K + tok[:, None] * (H * K) + ck[None, :], mask=qrow[:, None] & (ck[None, :] < K), other=0.0).to(DT)
-            at = tl.load(aqk + ((c0 + j) * H + i_h) * BC * BC + r[:, None] * BC + r[None, :]).to(DT)
+            at = chunk_scores(aqk, qt, kt, r, c0 + j, i_h, H, BC, DT, F32, PREC, QK_IN)
             ot = _dot(qt, Sd, F32, PREC)
             if HAS_G:
                 ot = ot * eG[:, None]

@@ -45,8 +45,12 @@ CONFIG = {
     "bwd_state_BV": None,
     "bwd_BV": 64,
     "prep": (2, 1),
+    # the sequential passes, plain and gated (PASS_SETTINGS below: the *_gated entries are the gated
+    # op's)
     "state": (4, 2),
+    "state_gated": (4, 2),
     "bwd_state": (4, 2),
+    "bwd_state_gated": (4, 2),
     "bwd_dqk": (8, 2),
     "bwd_wy": (8, 1),
     # the fused backward (plain): 2 pipeline stages took the plain forward+backward from 2.174 /
@@ -113,6 +117,12 @@ CONFIG = {
     # in the inputs' precision) rather than from Q K^T formed again in the backward: 1.5% off the
     # gated forward+backward on an H200.
     "dg_from_aqk": True,
+    # Without a gate, the sequential passes (the forward's, its rerun has no output, and the reverse
+    # pass) form the masked scores tril(Q K^T) from the query and key tiles they load anyway, one
+    # (C, K) x (K, C) product per chunk off the state's dependency chain, and prep neither reads q
+    # nor writes Aqk: per step and head, K + 2 C bytes less read and C written in the forward (bf16).
+    # The gated op keeps Aqk: its scores carry the decays, and dg's scores term reads them.
+    "scores_in_passes": True,
     # Quadrant splits (0, 1, 2) of the chunk factor's triangular inverse in the prep kernel: 0
     # inverts the whole chunk by doubling, which at chunk 64 is 4.3x (1 split) or 15x (2) the
     # multiply-adds of the split forms. H200, forward at 16 x 2048: 0.984 / 1.022 / 0.948 ms.
@@ -374,6 +384,12 @@ def _device_varlen_tables(cu: torch.Tensor, NH: int, BC: int, slots: int):
     return seq_t, torch.stack((start, end), 1).reshape(-1)
 
 
+def setting_name(name: str, gated: bool) -> str:
+    """The CONFIG entry of kernel ``name``'s launch settings for the gated op or the plain one: the
+    ``_gated`` entry where there is one."""
+    return name + "_gated" if gated and name + "_gated" in CONFIG else name
+
+
 def launch(name: str, kernel, grid, *args, max_stages=None, max_warps=None, **meta) -> None:
     """Launch ``kernel`` with the (num_warps, num_stages) of CONFIG[name], capped at ``max_warps`` and ``max_stages``."""
     # a GPU launch refuses keywords the kernel lacks, the interpreter ignores them: check here,
@@ -438,6 +454,13 @@ def dg_mode(g) -> int:
     return DG_MODES[form]
 
 
+def scores_in_passes(g) -> bool:
+    """Whether the sequential passes form the masked scores tril(Q K^T) themselves rather than read
+    prep's Aqk (CONFIG["scores_in_passes"]): only without a gate (the gated ones carry the decays
+    Gamma, and the gate's gradient reads them in the per-chunk backward)."""
+    return bool(CONFIG["scores_in_passes"]) and g is None
+
+
 def fused_backward(dgm: int) -> bool:
     """Whether the backward runs its per-chunk gradients in one kernel (CONFIG["fuse_bwd"]) for
     the gate-gradient mode ``dgm`` (``dg_mode``; 0: no gate)."""
@@ -487,7 +510,8 @@ def _g_arg(g, like):
 class Prepped(NamedTuple):
     """The prep kernel's chunk quantities: W (B, T_steps, H, K) and U (B, T_steps, H, V), or with
     CONFIG["a_form"] the chunk factors A (NT_total, H, BC, BC) in their place (the others None);
-    the masked scores Aqk (NT_total, H, BC, BC); X (float32, or None unless asked for) and, for
+    the masked scores Aqk (NT_total, H, BC, BC; None where the sequential passes form them,
+    ``scores_in_passes``); X (float32, or None unless asked for) and, for
     the sequential passes (None without a gate, or when CONFIG["gates"] is 0: then they sum the
     log-decays themselves), float32: the running log-decays G inside each chunk (B, T_steps, H)
     under gates 1 and 2, or the chunk's decays (NT_total, H, 2 BC + BK) under 3 (``seq_decays``)."""
@@ -495,7 +519,7 @@ class Prepped(NamedTuple):
     w: Optional[torch.Tensor]
     u: Optional[torch.Tensor]
     a: Optional[torch.Tensor]
-    aqk: torch.Tensor
+    aqk: Optional[torch.Tensor]
     xs: Optional[torch.Tensor]
     gcs: Optional[torch.Tensor]
     gmode: int = 0  # CONFIG["gates"] when prep wrote gcs
@@ -508,7 +532,8 @@ def prep(q, k, v, beta, g, plan: _Plan, save_x: bool = False) -> Prepped:
     u = None if a_form else torch.empty_like(v)
     chunk_tiles = (plan.NT_total, plan.H, plan.BC, plan.BC)
     a = torch.empty(chunk_tiles, dtype=q.dtype, device=q.device) if a_form else None
-    aqk = torch.empty(chunk_tiles, dtype=q.dtype, device=q.device)
+    qk_out = not scores_in_passes(g)
+    aqk = torch.empty(chunk_tiles, dtype=q.dtype, device=q.device) if qk_out else None
     xs = torch.empty((plan.NT_total, plan.H, plan.BC, plan.BC), dtype=torch.float32, device=q.device) if save_x else None
     mode = CONFIG["gates"]
     if mode not in GATE_MODES:
@@ -519,14 +544,15 @@ def prep(q, k, v, beta, g, plan: _Plan, save_x: bool = False) -> Prepped:
         gcs = torch.empty((plan.NT_total, plan.H, 2 * plan.BC + plan.BK), dtype=torch.float32, device=q.device)
     else:
         gcs = torch.empty(beta.shape, dtype=torch.float32, device=q.device)
+    dummy = beta  # stands for absent tensors; never read or written
     if plan.NT_total:
         launch("prep", _fwd.prep_kernel, (plan.NT_total, plan.H),
-            q, k, v, beta, _g_arg(g, beta), aqk if a_form else w, aqk if a_form else u, a if a_form else aqk,
-            aqk, xs if save_x else aqk, gcs if gcs is not None else aqk,
+            q, k, v, beta, _g_arg(g, beta), dummy if a_form else w, dummy if a_form else u, a if a_form else dummy,
+            aqk if qk_out else dummy, xs if save_x else dummy, gcs if gcs is not None else dummy,
             plan.chunks, plan.T_steps, plan.NT,
             BK=plan.BK, BKP=plan.BKP, BV=plan.BVP, HAS_G=g is not None, SAVE_X=save_x,
             SAVE_G=gcs is not None and mode != 3, SAVE_E=gcs is not None and mode == 3, FPREC=plan.FPREC,
-            SPLITS=CONFIG["inverse_splits"], AFORM=a_form,
+            SPLITS=CONFIG["inverse_splits"], AFORM=a_form, QK_OUT=qk_out,
             **plan.common(),
         )
     return Prepped(w, u, a, aqk, xs, gcs, mode if gcs is not None else 0)
@@ -552,14 +578,14 @@ def state_pass(q, k, v, pp: Prepped, g, scale, S0, plan: _Plan, *, want_o=True, 
     vr = torch.empty_like(v) if save_r else None
     dummy = u
     BV, stages = plan.state_launch(g is not None, want_o)
-    launch("state", _fwd.state_kernel, (triton.cdiv(V, BV), plan.N * H),
-        q, k, w, u, aqk, _g_arg(g, dummy), _g_arg(gcs, dummy), o if want_o else dummy, S0 if S0 is not None else dummy,
+    launch(setting_name("state", g is not None), _fwd.state_kernel, (triton.cdiv(V, BV), plan.N * H),
+        q, k, w, u, aqk if aqk is not None else dummy, _g_arg(g, dummy), _g_arg(gcs, dummy), o if want_o else dummy, S0 if S0 is not None else dummy,
         sT if want_final else dummy, h if save_h else dummy, vn if save_h else dummy, vr if save_r else dummy,
         plan.seqs, plan.T_steps, plan.NT, scale,
         BK=plan.BK, BV=BV, HAS_G=g is not None, HAS_S0=S0 is not None, STORE_ST=want_final,
         WRITE_O=want_o, SAVE_H=save_h, GMODE=gate_mode(pp), GATE_V=bool(CONFIG["gate_values"]), AFORM=a_form,
-        SAVE_R=save_r, PREFETCH=prefetch_gates(gate_mode(pp), "output" if want_o else "rerun"), max_stages=stages,
-        **plan.common(),
+        SAVE_R=save_r, PREFETCH=prefetch_gates(gate_mode(pp), "output" if want_o else "rerun"), QK_IN=aqk is None,
+        max_stages=stages, **plan.common(),
     )
     return o, sT, h, vn, vr
 
