@@ -99,12 +99,13 @@ def kernels(K: int, chunk: int):
                AFORM=a_form, QK_OUT=not td.scores_in_passes(None if not gated else 0.0)), td.CONFIG["prep"])
         seq = dict(common, BK=plan.BK, HAS_G=gated, GMODE=gmode, GATE_V=bool(td.CONFIG["gate_values"]), AFORM=a_form,
                    PREFETCH=td.prefetch_gates(gmode, "reverse"), QK_IN=td.scores_in_passes(None if not gated else 0.0))
-        BV, launch = seq_launch(plan, td.setting_name("state", gated), plan.state_launch(gated, want_o=True, sms=SMS))
+        BV, cap = plan.state_launch(gated, want_o=True, sms=SMS)
+        BV, launch = seq_launch(plan, td.state_setting(gated, True, plan.N * plan.H * -(-plan.V // BV), SMS), (BV, cap))
         yield ("state", variant, fwd.state_kernel, dict(seq, BV=BV, HAS_S0=False, STORE_ST=True, WRITE_O=True, SAVE_H=False,
                                                       SAVE_R=False, PREFETCH=td.prefetch_gates(gmode, "output")), launch)
         dgm = td.dg_mode(torch.zeros(()) if gated else None)
         residuals = a_form and td.residuals_wanted(dgm)
-        BV, launch = seq_launch(plan, td.setting_name("state", gated), plan.state_launch(gated, want_o=False, sms=SMS))
+        BV, launch = seq_launch(plan, td.state_setting(gated, False, 0, SMS), plan.state_launch(gated, want_o=False, sms=SMS))
         yield ("state (rerun)", variant, fwd.state_kernel, dict(seq, BV=BV, HAS_S0=False, STORE_ST=False, WRITE_O=False,
                                                                 SAVE_H=True, SAVE_R=residuals,
                                                                 PREFETCH=td.prefetch_gates(gmode, "rerun")), launch)

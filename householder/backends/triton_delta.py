@@ -45,9 +45,18 @@ CONFIG = {
     "bwd_state_BV": None,
     "bwd_BV": 64,
     "prep": (2, 1),
-    # the sequential passes, plain and gated (PASS_SETTINGS below: the *_gated entries are the gated
-    # op's)
+    # The sequential passes, plain and gated (state_setting, setting_name). The plain forward's pass
+    # that writes the output (state; state_few where its programs do not outnumber the SMs) and the
+    # backward's run of it again (state_rerun); the gated op's, both (state_gated). On an H200
+    # (scores_in_passes), 3 stages instead of 2 in both plain passes took the forward+backward from
+    # 1.885 / 2.018 / 2.047 / 2.267 to 1.878 / 1.874 / 2.004 / 2.094 ms at 16 x 2048 / 8 x 4096 /
+    # 4 x 8192 / 2 x 16384, but the forward from 0.413 / 0.411 / 0.523 to 0.427 / 0.422 / 0.557 ms at
+    # the first three, where 256 and more programs share the SMs; at 2 x 16384 (128 programs, 32
+    # value columns) from 0.742 to 0.556. The gated passes at 3 stages: 0.553 -> 0.710 ms forward at
+    # 16 x 2048.
     "state": (4, 2),
+    "state_few": (4, 3),
+    "state_rerun": (4, 3),
     "state_gated": (4, 2),
     "bwd_state": (4, 2),
     "bwd_state_gated": (4, 2),
@@ -384,6 +393,16 @@ def _device_varlen_tables(cu: torch.Tensor, NH: int, BC: int, slots: int):
     return seq_t, torch.stack((start, end), 1).reshape(-1)
 
 
+def state_setting(gated: bool, want_o: bool, programs: int, sms: Optional[int]) -> str:
+    """The CONFIG entry of the forward's sequential pass launched as ``programs`` programs: see
+    CONFIG["state"]; ``sms``: the device's SM count (None under the interpreter)."""
+    if gated:
+        return "state_gated"
+    if not want_o:
+        return "state_rerun"
+    return "state_few" if sms is not None and programs <= sms else "state"
+
+
 def setting_name(name: str, gated: bool) -> str:
     """The CONFIG entry of kernel ``name``'s launch settings for the gated op or the plain one: the
     ``_gated`` entry where there is one."""
@@ -578,7 +597,9 @@ def state_pass(q, k, v, pp: Prepped, g, scale, S0, plan: _Plan, *, want_o=True, 
     vr = torch.empty_like(v) if save_r else None
     dummy = u
     BV, stages = plan.state_launch(g is not None, want_o)
-    launch(setting_name("state", g is not None), _fwd.state_kernel, (triton.cdiv(V, BV), plan.N * H),
+    grid = (triton.cdiv(V, BV), plan.N * H)
+    sms = None if interpreting() else _sm_count(dev)
+    launch(state_setting(g is not None, want_o, grid[0] * grid[1], sms), _fwd.state_kernel, grid,
         q, k, w, u, aqk if aqk is not None else dummy, _g_arg(g, dummy), _g_arg(gcs, dummy), o if want_o else dummy, S0 if S0 is not None else dummy,
         sT if want_final else dummy, h if save_h else dummy, vn if save_h else dummy, vr if save_r else dummy,
         plan.seqs, plan.T_steps, plan.NT, scale,
