@@ -45,19 +45,23 @@ CONFIG = {
     "bwd_state_BV": None,
     "bwd_BV": 64,
     "prep": (2, 1),
-    # The sequential passes, plain and gated (state_setting, setting_name). The plain forward's pass
-    # that writes the output (state; state_few where its programs do not outnumber the SMs) and the
-    # backward's run of it again (state_rerun); the gated op's, both (state_gated). On an H200
-    # (scores_in_passes), 3 stages instead of 2 in both plain passes took the forward+backward from
-    # 1.885 / 2.018 / 2.047 / 2.267 to 1.878 / 1.874 / 2.004 / 2.094 ms at 16 x 2048 / 8 x 4096 /
-    # 4 x 8192 / 2 x 16384, but the forward from 0.413 / 0.411 / 0.523 to 0.427 / 0.422 / 0.557 ms at
-    # the first three, where 256 and more programs share the SMs; at 2 x 16384 (128 programs, 32
-    # value columns) from 0.742 to 0.556. The gated passes at 3 stages: 0.553 -> 0.710 ms forward at
-    # 16 x 2048.
+    # The sequential passes, plain and gated (state_setting, setting_name): the forward's pass that
+    # writes the output (state, state_gated; state_few, state_few_gated where its programs do not
+    # outnumber the SMs) and the backward's run of it again (state_rerun; the gated op's is
+    # state_gated too). On an H200 (scores_in_passes), 3 stages instead of 2 in both plain passes took
+    # the forward+backward from 1.885 / 2.018 / 2.047 / 2.267 to 1.878 / 1.874 / 2.004 / 2.094 ms at
+    # 16 x 2048 / 8 x 4096 / 4 x 8192 / 2 x 16384, but the forward from 0.413 / 0.411 / 0.523 to
+    # 0.427 / 0.422 / 0.557 ms at the first three, where 256 and more programs share the SMs; at
+    # 2 x 16384 (128 programs of 32 value columns) from 0.742 to 0.556. The rerun alone at 3 stages:
+    # 1.884 / 1.878 / 2.049 / 2.072 -> 1.862 / 1.861 / 1.969 / 2.092. The gated passes at 3 stages:
+    # forward 0.546 / 0.543 / 0.664 / 0.885 -> 0.705 / 0.702 / 0.770 / 0.769 ms, forward+backward
+    # 3.211 -> 3.085 at 2 x 16384 and no faster elsewhere. (At 1 stage and 32 value columns the
+    # gated passes hit an illegal memory access on an H200 with Triton 3.6, at 4 x 8192.)
     "state": (4, 2),
     "state_few": (4, 3),
     "state_rerun": (4, 3),
     "state_gated": (4, 2),
+    "state_few_gated": (4, 3),
     "bwd_state": (4, 2),
     "bwd_state_gated": (4, 2),
     "bwd_dqk": (8, 2),
@@ -396,11 +400,9 @@ def _device_varlen_tables(cu: torch.Tensor, NH: int, BC: int, slots: int):
 def state_setting(gated: bool, want_o: bool, programs: int, sms: Optional[int]) -> str:
     """The CONFIG entry of the forward's sequential pass launched as ``programs`` programs: see
     CONFIG["state"]; ``sms``: the device's SM count (None under the interpreter)."""
-    if gated:
-        return "state_gated"
     if not want_o:
-        return "state_rerun"
-    return "state_few" if sms is not None and programs <= sms else "state"
+        return "state_gated" if gated else "state_rerun"
+    return setting_name("state_few" if sms is not None and programs <= sms else "state", gated)
 
 
 def setting_name(name: str, gated: bool) -> str:
