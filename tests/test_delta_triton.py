@@ -542,10 +542,37 @@ def test_plain_passes_form_the_scores_or_read_them_alike(rng, monkeypatch, n, cu
     if n == 1:
         q, k, v, beta = (inp[key] for key in ("q", "k", "v", "beta"))
         plan = td._Plan(1, 50, 2, 16, 16, 1, 32, None, q.dtype, q.device)
-        assert td.prep(q, k, v, beta, None, plan).aqk is None
-        assert td.prep(q, k, v, beta, torch.zeros_like(beta), plan).aqk is not None
+        for save_x in (False, True):
+            assert td.prep(q, k, v, beta, None, plan, save_x=save_x).aqk is None
+        assert td.prep(q, k, v, beta, torch.zeros_like(beta), plan, save_x=True).aqk is not None
         monkeypatch.setitem(td.CONFIG, "scores_in_passes", False)
         assert td.prep(q, k, v, beta, None, plan).aqk is not None
+
+
+@pytest.mark.parametrize("n, cu", [(1, None), (2, [0, 7, 7, 30, 50])], ids=["delta", "product-varlen"])
+def test_gated_forward_without_backward_forms_the_scores_alike(rng, monkeypatch, n, cu):
+    # CONFIG["scores_in_passes"] with a gate: a forward that no backward follows forms
+    # tril(Q K^T) o Gamma in its pass (prep writes no Aqk); decays down to e^-30 per token, so that
+    # Gamma spans far below float32's smallest normal number inside a chunk
+    from householder.backends import triton_delta as td
+
+    N = 1 if cu is None else len(cu) - 1
+    inp = make_inputs(rng, 1, 50, 2, 16, 16, n=n, gated=True, state=N)
+    inp["g"] = inp["g"] * torch.linspace(0.0, 30.0, 50, device=DEVICE)[None, :, None]
+    cu_t = None if cu is None else torch.tensor(cu, device=DEVICE)
+    outs = []
+    for setting in (False, True):
+        monkeypatch.setitem(td.CONFIG, "scores_in_passes", setting)
+        outs.append(hh.delta_product(**inp, num_householder=n, cu_seqlens=cu_t, output_final_state=True,
+                                     chunk_size=32, backend="triton"))
+    ro, rS = ref_of(inp, n, cu=cu)
+    for o, S in outs:
+        assert rel_err(o, ro) < 1e-4 and rel_err(S, rS) < 1e-4
+    assert rel_err(outs[0][0], outs[1][0]) < SAME and rel_err(outs[0][1], outs[1][1]) < SAME
+    q, k, v, beta, g = (inp[key] for key in ("q", "k", "v", "beta", "g"))
+    plan = td._Plan(1, 50, 2, 16, 16, n, 32, None, q.dtype, q.device)
+    assert td.prep(q, k, v, beta, g, plan, save_x=False).aqk is None
+    assert td.prep(q, k, v, beta, g, plan, save_x=True).aqk is not None
 
 
 @pytest.mark.parametrize("a_form", [False, True], ids=["w-u", "a-form"])

@@ -57,8 +57,8 @@ def bwd_state_kernel(
     GATE_V: the decays scale the (BC, BV) tiles, diag(d) (K dS) and Q^T (diag(e^G) dO), rather
     than the (BC, BK) keys and queries, which then stay in the inputs' precision.
     AFORM: ``w`` holds the chunk factors A (NT_total, H, BC, BC), and W^T dVn is taken as
-    K^T diag(e^G) (A^T dVn). QK_IN (no gate): the masked scores are formed here from the loaded
-    query and key tiles rather than read from ``aqk`` (``chunk_scores``)."""
+    K^T diag(e^G) (A^T dVn). QK_IN: the masked scores are formed here from the loaded query and
+    key tiles (and g) rather than read from ``aqk`` (``chunk_scores``)."""
     i_v = tl.program_id(0)
     i_nh = tl.program_id(1).to(tl.int64)
     i_n = i_nh // H
@@ -101,8 +101,9 @@ def bwd_state_kernel(
         else:
             wt = tl.load(w + (start * H + i_h) * K + offk, mask=mk, other=0.0).to(DT)
         dot_ = tl.load(do + (t0 * H + i_h) * V + tok[:, None] * (H * V) + cv[None, :], mask=qrow[:, None] & (cv[None, :] < V), other=0.0).to(DT)
-        # (before the gate scales kt and qt: QK_IN has no gate)
-        at = chunk_scores(aqk, qt, kt, r, c0 + j, i_h, H, BC, DT, F32, PREC, QK_IN)
+        # (before the gate scales kt and qt)
+        at = chunk_scores(aqk, qt, kt, g + t0 * H + i_h, r, tok, valid, first, c0 + j, i_h, H, BC, DT, F32, PREC,
+                          HAS_G, QK_IN)
         dog = dot_
         if HAS_G:
             if not PREFETCH:

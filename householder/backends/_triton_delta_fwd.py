@@ -182,12 +182,17 @@ def chunk_gamma(Gc, BC: tl.constexpr, HAS_G: tl.constexpr):
 
 
 @triton.jit
-def chunk_scores(aqk, qt, kt, r, i_c, i_h, H: tl.constexpr, BC: tl.constexpr, DT: tl.constexpr, F32: tl.constexpr,
-                 PREC: tl.constexpr, QK_IN: tl.constexpr):
-    """The masked scores (BC, BC) of chunk ``i_c`` in the inputs' precision: tril(Q K^T) of its
-    query and key tiles qt, kt (QK_IN; no gate), or prep's Aqk read from ``aqk``."""
+def chunk_scores(aqk, qt, kt, gp, r, tok, valid, first, i_c, i_h, H: tl.constexpr, BC: tl.constexpr, DT: tl.constexpr,
+                 F32: tl.constexpr, PREC: tl.constexpr, HAS_G: tl.constexpr, QK_IN: tl.constexpr):
+    """The masked scores (BC, BC) of chunk ``i_c`` in the inputs' precision, as prep writes them:
+    tril(Q K^T) o Gamma of its query and key tiles qt, kt and (HAS_G) the log-decays at ``gp`` (the
+    chunk's first token of this head) under QK_IN, else prep's Aqk read from ``aqk``."""
     if QK_IN:
-        return tl.where(r[:, None] >= r[None, :], _dot(qt.to(DT), tl.trans(kt.to(DT)), F32, PREC), 0.0).to(DT)
+        if HAS_G:
+            Gc = chunk_gates(gp, tok, valid, first, H)
+        else:
+            Gc = tl.zeros((BC,), dtype=tl.float32)
+        return (_dot(qt.to(DT), tl.trans(kt.to(DT)), F32, PREC) * chunk_gamma(Gc, BC, HAS_G)).to(DT)
     else:
         return tl.load(aqk + (i_c * H + i_h) * BC * BC + r[:, None] * BC + r[None, :]).to(DT)
 
@@ -287,8 +292,8 @@ def state_kernel(
 ):
     """Per (value block, sequence, head): the sequential pass over chunks, with the output.
 
-    QK_IN (no gate): the masked scores tril(Q K^T) are formed here from the loaded tiles rather
-    than read from ``aqk`` (``chunk_scores``).
+    QK_IN: the masked scores tril(Q K^T) o Gamma are formed here from the loaded tiles (and g)
+    rather than read from ``aqk`` (``chunk_scores``).
 
     GATE_V: the state update's decays scale the (BC, BV) pseudo-values, K^T (diag(d) Vn), rather
     than the (BC, BK) keys, (diag(d) K)^T Vn: the same product on a smaller tile.
@@ -354,7 +359,8 @@ def state_kernel(
         if WRITE_O:
             qrow = valid & last
             qt = tl.load(q + (t0 * H + i_h) * K + tok[:, None] * (H * K) + ck[None, :], mask=qrow[:, None] & (ck[None, :] < K), other=0.0).to(DT)
-            at = chunk_scores(aqk, qt, kt, r, c0 + j, i_h, H, BC, DT, F32, PREC, QK_IN)
+            at = chunk_scores(aqk, qt, kt, g + t0 * H + i_h, r, tok, valid, first, c0 + j, i_h, H, BC, DT, F32, PREC,
+                              HAS_G, QK_IN)
             ot = _dot(qt, Sd, F32, PREC)
             if HAS_G:
                 ot = ot * eG[:, None]

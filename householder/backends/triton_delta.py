@@ -130,11 +130,14 @@ CONFIG = {
     # in the inputs' precision) rather than from Q K^T formed again in the backward: 1.5% off the
     # gated forward+backward on an H200.
     "dg_from_aqk": True,
-    # Without a gate, the sequential passes (the forward's, its rerun has no output, and the reverse
-    # pass) form the masked scores tril(Q K^T) from the query and key tiles they load anyway, one
-    # (C, K) x (K, C) product per chunk off the state's dependency chain, and prep neither reads q
-    # nor writes Aqk: per step and head, K + 2 C bytes less read and C written in the forward (bf16).
-    # The gated op keeps Aqk: its scores carry the decays, and dg's scores term reads them.
+    # The sequential passes (the forward's, its rerun has no output, and the reverse pass) form the
+    # masked scores tril(Q K^T) o Gamma from the query and key tiles they load anyway, one (C, K) x
+    # (K, C) product per chunk off the state's dependency chain, and prep neither reads q nor writes
+    # Aqk: per step and head, K + 2 C bytes less read and C written in the forward (bf16). Without a
+    # gate always; with one only in a forward that no backward follows (scores_in_passes): the gate's
+    # gradient reads Aqk in the per-chunk backward. On an H200 (53285d6) the plain forward went from
+    # 0.592 to 0.413 ms at 8 x 4096 and the plain forward+backward from 2.041 to 1.879 (2.070 ->
+    # 2.051 at 4 x 8192, 2.278 -> 2.262 at 2 x 16384), 64 MiB less peak.
     "scores_in_passes": True,
     # Quadrant splits (0, 1, 2) of the chunk factor's triangular inverse in the prep kernel: 0
     # inverts the whole chunk by doubling, which at chunk 64 is 4.3x (1 split) or 15x (2) the
@@ -475,11 +478,13 @@ def dg_mode(g) -> int:
     return DG_MODES[form]
 
 
-def scores_in_passes(g) -> bool:
-    """Whether the sequential passes form the masked scores tril(Q K^T) themselves rather than read
-    prep's Aqk (CONFIG["scores_in_passes"]): only without a gate (the gated ones carry the decays
-    Gamma, and the gate's gradient reads them in the per-chunk backward)."""
-    return bool(CONFIG["scores_in_passes"]) and g is None
+def scores_in_passes(g, backward: bool) -> bool:
+    """Whether the sequential passes form the masked scores tril(Q K^T) o Gamma themselves rather
+    than read prep's Aqk (CONFIG["scores_in_passes"]), for a call with log-decays ``g`` whose chunk
+    quantities serve a ``backward`` too: always without a gate; with one, only where no backward
+    follows (the gate's gradient reads Aqk in the per-chunk backward, and with Aqk written anyway,
+    forming the scores again only slows the forward's pass)."""
+    return bool(CONFIG["scores_in_passes"]) and (g is None or not backward)
 
 
 def fused_backward(dgm: int) -> bool:
@@ -547,13 +552,14 @@ class Prepped(NamedTuple):
 
 
 def prep(q, k, v, beta, g, plan: _Plan, save_x: bool = False) -> Prepped:
-    """The chunk quantities of every chunk (``Prepped``), X only when ``save_x``."""
+    """The chunk quantities of every chunk (``Prepped``), X only when ``save_x`` (for a backward;
+    Aqk then as ``scores_in_passes`` says)."""
     a_form = bool(CONFIG["a_form"])
     w = None if a_form else torch.empty_like(k)
     u = None if a_form else torch.empty_like(v)
     chunk_tiles = (plan.NT_total, plan.H, plan.BC, plan.BC)
     a = torch.empty(chunk_tiles, dtype=q.dtype, device=q.device) if a_form else None
-    qk_out = not scores_in_passes(g)
+    qk_out = not scores_in_passes(g, backward=save_x)
     aqk = torch.empty(chunk_tiles, dtype=q.dtype, device=q.device) if qk_out else None
     xs = torch.empty((plan.NT_total, plan.H, plan.BC, plan.BC), dtype=torch.float32, device=q.device) if save_x else None
     mode = CONFIG["gates"]
