@@ -551,9 +551,9 @@ def test_plain_passes_form_the_scores_or_read_them_alike(rng, monkeypatch, n, cu
 
 @pytest.mark.parametrize("n, cu", [(1, None), (2, [0, 7, 7, 30, 50])], ids=["delta", "product-varlen"])
 def test_gated_forward_without_backward_forms_the_scores_alike(rng, monkeypatch, n, cu):
-    # CONFIG["scores_in_passes"] with a gate: a forward that no backward follows forms
-    # tril(Q K^T) o Gamma in its pass (prep writes no Aqk); decays down to e^-30 per token, so that
-    # Gamma spans far below float32's smallest normal number inside a chunk
+    # CONFIG["gated_scores_in_pass"]: a gated forward that no backward follows forms
+    # tril(Q K^T) o Gamma in its pass (prep writes no Aqk), or reads prep's; decays down to e^-30
+    # per token, so that Gamma spans far below float32's smallest normal number inside a chunk
     from householder.backends import triton_delta as td
 
     N = 1 if cu is None else len(cu) - 1
@@ -562,7 +562,7 @@ def test_gated_forward_without_backward_forms_the_scores_alike(rng, monkeypatch,
     cu_t = None if cu is None else torch.tensor(cu, device=DEVICE)
     outs = []
     for setting in (False, True):
-        monkeypatch.setitem(td.CONFIG, "scores_in_passes", setting)
+        monkeypatch.setitem(td.CONFIG, "gated_scores_in_pass", setting)
         outs.append(hh.delta_product(**inp, num_householder=n, cu_seqlens=cu_t, output_final_state=True,
                                      chunk_size=32, backend="triton"))
     ro, rS = ref_of(inp, n, cu=cu)
@@ -573,6 +573,8 @@ def test_gated_forward_without_backward_forms_the_scores_alike(rng, monkeypatch,
     plan = td._Plan(1, 50, 2, 16, 16, n, 32, None, q.dtype, q.device)
     assert td.prep(q, k, v, beta, g, plan, save_x=False).aqk is None
     assert td.prep(q, k, v, beta, g, plan, save_x=True).aqk is not None
+    monkeypatch.setitem(td.CONFIG, "gated_scores_in_pass", False)
+    assert td.prep(q, k, v, beta, g, plan, save_x=False).aqk is not None
 
 
 @pytest.mark.parametrize("a_form", [False, True], ids=["w-u", "a-form"])

@@ -130,15 +130,20 @@ CONFIG = {
     # in the inputs' precision) rather than from Q K^T formed again in the backward: 1.5% off the
     # gated forward+backward on an H200.
     "dg_from_aqk": True,
-    # The sequential passes (the forward's, its rerun has no output, and the reverse pass) form the
-    # masked scores tril(Q K^T) o Gamma from the query and key tiles they load anyway, one (C, K) x
-    # (K, C) product per chunk off the state's dependency chain, and prep neither reads q nor writes
-    # Aqk: per step and head, K + 2 C bytes less read and C written in the forward (bf16). Without a
-    # gate always; with one only in a forward that no backward follows (scores_in_passes): the gate's
-    # gradient reads Aqk in the per-chunk backward. On an H200 (53285d6) the plain forward went from
-    # 0.592 to 0.413 ms at 8 x 4096 and the plain forward+backward from 2.041 to 1.879 (2.070 ->
-    # 2.051 at 4 x 8192, 2.278 -> 2.262 at 2 x 16384), 64 MiB less peak.
+    # Without a gate, the sequential passes (the forward's, its rerun has no output, and the reverse
+    # pass) form the masked scores tril(Q K^T) from the query and key tiles they load anyway, one
+    # (C, K) x (K, C) product per chunk off the state's dependency chain, and prep neither reads q
+    # nor writes Aqk: per step and head, K + 2 C bytes less read and C written in the forward (bf16).
+    # On an H200 (53285d6) the plain forward went from 0.592 to 0.413 ms at 8 x 4096 and the plain
+    # forward+backward from 2.041 to 1.879 (2.070 -> 2.051 at 4 x 8192, 2.278 -> 2.262 at
+    # 2 x 16384), 64 MiB less peak.
     "scores_in_passes": True,
+    # The same for the gated op's forward pass, in a forward that no backward follows (the gate's
+    # gradient reads Aqk in the per-chunk backward), with Gamma = exp(G_t - G_s) formed there too.
+    # On an H200 (be1069e) the gated forward went from 0.548 / 0.547 to 0.531 / 0.527 ms at 16 x 2048
+    # and 8 x 4096 but from 0.669 / 0.770 to 0.713 / 0.951 at 4 x 8192 and 2 x 16384, where fewer
+    # programs leave the extra work on each one's chain: off.
+    "gated_scores_in_pass": False,
     # Quadrant splits (0, 1, 2) of the chunk factor's triangular inverse in the prep kernel: 0
     # inverts the whole chunk by doubling, which at chunk 64 is 4.3x (1 split) or 15x (2) the
     # multiply-adds of the split forms. H200, forward at 16 x 2048: 0.984 / 1.022 / 0.948 ms.
@@ -480,11 +485,13 @@ def dg_mode(g) -> int:
 
 def scores_in_passes(g, backward: bool) -> bool:
     """Whether the sequential passes form the masked scores tril(Q K^T) o Gamma themselves rather
-    than read prep's Aqk (CONFIG["scores_in_passes"]), for a call with log-decays ``g`` whose chunk
-    quantities serve a ``backward`` too: always without a gate; with one, only where no backward
-    follows (the gate's gradient reads Aqk in the per-chunk backward, and with Aqk written anyway,
-    forming the scores again only slows the forward's pass)."""
-    return bool(CONFIG["scores_in_passes"]) and (g is None or not backward)
+    than read prep's Aqk, for a call with log-decays ``g`` whose chunk quantities serve a
+    ``backward`` too: without a gate CONFIG["scores_in_passes"]; with one CONFIG["gated_scores_in_pass"],
+    and only where no backward follows (the gate's gradient reads Aqk in the per-chunk backward, and
+    with Aqk written anyway, forming the scores again only slows the forward's pass)."""
+    if g is None:
+        return bool(CONFIG["scores_in_passes"])
+    return bool(CONFIG["gated_scores_in_pass"]) and not backward
 
 
 def fused_backward(dgm: int) -> bool:
