@@ -238,9 +238,12 @@ def prep_kernel(
         ck = k0 + tl.arange(0, BKP)
         mk = ck[None, :] < K
         kb = tl.load(pk + r[:, None] * (H * K) + ck[None, :], mask=valid[:, None] & mk, other=0.0).to(DT)
-        Gm += _dot(kb, tl.trans(kb), F32, PREC)
+        # (both loads before the products: with q's load after K K^T the gated build for sm_90
+        # spilled 528 B per thread against 376, Triton 3.9)
         if QK_OUT:
             qb = tl.load(pq + tok[:, None] * (H * K) + ck[None, :], mask=qrow[:, None] & mk, other=0.0).to(DT)
+        Gm += _dot(kb, tl.trans(kb), F32, PREC)
+        if QK_OUT:
             QK += _dot(qb, tl.trans(kb), F32, PREC)
     if HAS_G:
         Gc = chunk_gates(g + t0 * H + i_h, tok, valid, first, H)
