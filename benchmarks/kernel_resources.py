@@ -94,13 +94,16 @@ def kernels(K: int, chunk: int):
     for gated in (False, True):
         variant = "gated" if gated else "plain"
         gmode = td.CONFIG["gates"] if gated else 0
+        # the kernels of a call with a backward: the scores formed in the passes or read from prep
+        qk_in = td.scores_in_passes(0.0 if gated else None, backward=True)
         yield ("prep", variant, fwd.prep_kernel, dict(common, BK=plan.BK, BKP=plan.BKP, BV=plan.BVP, HAS_G=gated, SAVE_X=True,
                SAVE_G=gmode in (1, 2), SAVE_E=gmode == 3, FPREC=plan.FPREC, SPLITS=td.CONFIG["inverse_splits"],
-               AFORM=a_form, QK_OUT=not td.scores_in_passes(0.0 if gated else None, backward=True)), td.CONFIG["prep"])
+               AFORM=a_form, QK_OUT=not qk_in), td.CONFIG["prep"])
         seq = dict(common, BK=plan.BK, HAS_G=gated, GMODE=gmode, GATE_V=bool(td.CONFIG["gate_values"]), AFORM=a_form,
-                   PREFETCH=td.prefetch_gates(gmode, "reverse"), QK_IN=td.scores_in_passes(0.0 if gated else None, backward=True))
+                   PREFETCH=td.prefetch_gates(gmode, "reverse"), QK_IN=qk_in)
         BV, cap = plan.state_launch(gated, want_o=True, sms=SMS)
-        BV, launch = seq_launch(plan, td.state_setting(gated, True, plan.N * plan.H * -(-plan.V // BV), SMS), (BV, cap))
+        blocks, heads = plan.seq_grid(BV)
+        BV, launch = seq_launch(plan, td.state_setting(gated, True, blocks * heads, SMS), (BV, cap))
         yield ("state", variant, fwd.state_kernel, dict(seq, BV=BV, HAS_S0=False, STORE_ST=True, WRITE_O=True, SAVE_H=False,
                                                       SAVE_R=False, PREFETCH=td.prefetch_gates(gmode, "output")), launch)
         dgm = td.dg_mode(torch.zeros(()) if gated else None)

@@ -587,7 +587,7 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None, dgm=None)
     side = tdelta.side_stream(dev) if hs is None else None
     BV, stages = plan.reverse_launch(g is not None, beside=side is not None)
     with tdelta.forked(side):
-        tdelta.launch(tdelta.setting_name("bwd_state", g is not None), bwd_state_kernel, (triton.cdiv(V, BV), plan.N * H),
+        tdelta.launch(tdelta.setting_name("bwd_state", g is not None), bwd_state_kernel, plan.seq_grid(BV),
             q, k, w, aqk if aqk is not None else dummy, g if g is not None else dummy, gcs if gcs is not None else dummy, do,
             dst if dst is not None else dummy, dhs, dvn, ds0, plan.seqs, plan.T_steps, plan.NT, scale,
             BK=plan.BK, BV=BV, HAS_G=g is not None, HAS_DST=dsT is not None, GMODE=tdelta.gate_mode(pp),

@@ -336,6 +336,10 @@ class _Plan:
             setting = 64 if wide else 32
         return min(setting, full)
 
+    def seq_grid(self, BV: int) -> tuple:
+        """Grid of a sequential pass at ``BV`` value columns per program: (value blocks, N * H)."""
+        return triton.cdiv(self.V, BV), self.N * self.H
+
     def key_splits(self, setting: int) -> tuple:
         """(splits, key columns per split) of bwd_dqk's grid: ``setting`` (CONFIG["bwd_dqk_split"])
         programs per chunk and head, at most one per BKP-wide key block, each taking whole blocks."""
@@ -612,7 +616,7 @@ def state_pass(q, k, v, pp: Prepped, g, scale, S0, plan: _Plan, *, want_o=True, 
     vr = torch.empty_like(v) if save_r else None
     dummy = u
     BV, stages = plan.state_launch(g is not None, want_o)
-    grid = (triton.cdiv(V, BV), plan.N * H)
+    grid = plan.seq_grid(BV)
     sms = None if interpreting() else _sm_count(dev)
     launch(state_setting(g is not None, want_o, grid[0] * grid[1], sms), _fwd.state_kernel, grid,
         q, k, w, u, aqk if aqk is not None else dummy, _g_arg(g, dummy), _g_arg(gcs, dummy), o if want_o else dummy, S0 if S0 is not None else dummy,
