@@ -561,20 +561,71 @@ def test_gated_forward_without_backward_forms_the_scores_alike(rng, monkeypatch,
     inp["g"] = inp["g"] * torch.linspace(0.0, 30.0, 50, device=DEVICE)[None, :, None]
     cu_t = None if cu is None else torch.tensor(cu, device=DEVICE)
     outs = []
-    for setting in (False, True):
+    for setting in (False, True, "few-blocks"):  # one value block under the interpreter: in the pass
         monkeypatch.setitem(td.CONFIG, "gated_scores_in_pass", setting)
         outs.append(hh.delta_product(**inp, num_householder=n, cu_seqlens=cu_t, output_final_state=True,
                                      chunk_size=32, backend="triton"))
     ro, rS = ref_of(inp, n, cu=cu)
     for o, S in outs:
         assert rel_err(o, ro) < 1e-4 and rel_err(S, rS) < 1e-4
-    assert rel_err(outs[0][0], outs[1][0]) < SAME and rel_err(outs[0][1], outs[1][1]) < SAME
+    for o, S in outs[1:]:
+        assert rel_err(outs[0][0], o) < SAME and rel_err(outs[0][1], S) < SAME
     q, k, v, beta, g = (inp[key] for key in ("q", "k", "v", "beta", "g"))
     plan = td._Plan(1, 50, 2, 16, 16, n, 32, None, q.dtype, q.device)
-    assert td.prep(q, k, v, beta, g, plan, save_x=False).aqk is None
-    assert td.prep(q, k, v, beta, g, plan, save_x=True).aqk is not None
+    for setting in (True, "few-blocks"):
+        monkeypatch.setitem(td.CONFIG, "gated_scores_in_pass", setting)
+        assert td.prep(q, k, v, beta, g, plan, save_x=False).aqk is None
+        assert td.prep(q, k, v, beta, g, plan, save_x=True).aqk is not None
     monkeypatch.setitem(td.CONFIG, "gated_scores_in_pass", False)
     assert td.prep(q, k, v, beta, g, plan, save_x=False).aqk is not None
+
+
+@pytest.mark.parametrize(
+    "setting, blocks, want",
+    [(False, 1, False), (True, 4, True), ("few-blocks", 1, True), ("few-blocks", 2, True), ("few-blocks", 4, False)],
+)
+def test_gated_scores_in_the_pass_where_few_programs_share_a_chunk(monkeypatch, setting, blocks, want):
+    # "few-blocks": the forward's pass forms a chunk's gated scores where at most two value blocks
+    # (programs) of a head would each form them; never with a backward, and always without a gate
+    from householder.backends import triton_delta as td
+
+    monkeypatch.setitem(td.CONFIG, "gated_scores_in_pass", setting)
+    assert td.scores_in_passes(0.0, backward=False, value_blocks=blocks) is want
+    assert td.scores_in_passes(0.0, backward=True, value_blocks=blocks) is False
+    assert td.scores_in_passes(None, backward=True, value_blocks=blocks) is bool(td.CONFIG["scores_in_passes"])
+
+
+@pytest.mark.parametrize("bad", ["few", 1, None])
+def test_gated_scores_setting_refuses_unknown_values(monkeypatch, bad):
+    from householder.backends import triton_delta as td
+
+    monkeypatch.setitem(td.CONFIG, "gated_scores_in_pass", bad)
+    with pytest.raises(ValueError, match="gated_scores_in_pass"):
+        td.scores_in_passes(0.0, backward=False)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_chunk_inverses_kept_in_half_precision(rng, monkeypatch, gated):
+    # CONFIG["x_half"]: the forward keeps X in the inputs' precision for the backward. bf16 inputs at
+    # chunk 64 (all of X's quadrants), a short last chunk; both settings within a bf16-sized
+    # tolerance of the float64 torch path, and X really kept in bf16 (a misread half tile is off by O(1))
+    from householder.backends import triton_delta as td
+
+    B, T, H, K = 1, 100, 2, 64
+    inp = make_inputs(rng, B, T, H, K, K, gated=gated, state=B, dtype=torch.bfloat16)
+    inp["k"] = torch.nn.functional.normalize(inp["k"].float(), dim=-1).to(torch.bfloat16)
+    do = torch.tensor(rng.standard_normal((B, T, H, K)), dtype=torch.float32, device=DEVICE)
+    dS = torch.tensor(rng.standard_normal((B, H, K, K)), dtype=torch.float32, device=DEVICE)
+    want = _grads({k: x.double() for k, x in inp.items()}, "torch", 1, None, do.double(), dS.double(), 64)
+    q, k, v, beta = (inp[key] for key in ("q", "k", "v", "beta"))
+    plan = td._Plan(B, T, H, K, K, 1, 64, None, q.dtype, q.device)
+    for half in (False, True):
+        monkeypatch.setitem(td.CONFIG, "x_half", half)
+        xs = td.prep(q, k, v, beta, inp.get("g"), plan, save_x=True).xs
+        assert xs.dtype == (torch.bfloat16 if half else torch.float32)
+        got = _grads(inp, "triton", 1, None, do.to(torch.bfloat16), dS, 64)
+        for name, a, b in zip(["o", "S"] + [f"d{m}" for m in inp], got, want):
+            assert rel_err(a, b) < 3e-2, (half, name)
 
 
 @pytest.mark.parametrize("a_form", [False, True], ids=["w-u", "a-form"])

@@ -360,7 +360,7 @@ def bwd_wy_kernel(
     pdvn = dvn + (start * H + i_h) * V
     b = tl.load(beta + start * H + i_h + r * H, mask=valid, other=0.0).to(tl.float32)
     _, eG, _, gam = _chunk_decays(g, t0, i_h, r, tok, valid, first, H, BC, HAS_G)
-    X = tl.load(xs + (i_c * H + i_h) * BC * BC + r[:, None] * BC + r[None, :])
+    X = tl.load(xs + (i_c * H + i_h) * BC * BC + r[:, None] * BC + r[None, :]).to(tl.float32)
     Xg = X * gam
     At = tl.trans((Xg * b[None, :]).to(DT))
 
@@ -449,7 +449,7 @@ def bwd_fused_kernel(
     px = xs + (i_c * H + i_h) * BC * BC + r[:, None] * BC + r[None, :]
     b = tl.load(beta + start * H + i_h + r * H, mask=valid, other=0.0).to(tl.float32)
     glast, eG, ed, gam = _chunk_decays(g, t0, i_h, r, tok, valid, first, H, BC, HAS_G)
-    At = tl.trans((tl.load(px) * gam * b[None, :]).to(DT))
+    At = tl.trans((tl.load(px).to(tl.float32) * gam * b[None, :]).to(DT))
 
     # dM = scale tril(dO Vn^T), dA = dVn V^T - dVn (diag(e^G) K S)^T, dV = A^T dVn
     dM = tl.zeros((BC, BC), dtype=tl.float32)
@@ -495,8 +495,8 @@ def bwd_fused_kernel(
                                 H, K, BC, BKP, DT, F32, PREC, AQK, UNROLL)
     else:
         Es = 0.0
-    db, dXg, dG = _factor_terms(dA, tl.load(px), gam, b, dG, Es, DGM == 1)
-    dLd = _factor_dL(dXg, tl.load(px), gam, r, DT, F32, PREC)
+    db, dXg, dG = _factor_terms(dA, tl.load(px).to(tl.float32), gam, b, dG, Es, DGM == 1)
+    dLd = _factor_dL(dXg, tl.load(px).to(tl.float32), gam, r, DT, F32, PREC)
     dLtd = tl.trans(dLd)
     if DW_FROM_DV:
         tl.debug_barrier()  # dV's stores above are read below by other threads of this program

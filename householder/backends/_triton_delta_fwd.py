@@ -263,7 +263,7 @@ def prep_kernel(
         QK = QK * gam
         tl.store(aqk + (i_c * H + i_h) * BC * BC + r[:, None] * BC + r[None, :], QK.to(aqk.dtype.element_ty))
     if SAVE_X:
-        tl.store(xs + (i_c * H + i_h) * BC * BC + r[:, None] * BC + r[None, :], X)
+        tl.store(xs + (i_c * H + i_h) * BC * BC + r[:, None] * BC + r[None, :], X.to(xs.dtype.element_ty))
     Ad = A.to(DT)
     if AFORM:
         tl.store(af + (i_c * H + i_h) * BC * BC + r[:, None] * BC + r[None, :], Ad)

@@ -142,7 +142,9 @@ CONFIG = {
     # gradient reads Aqk in the per-chunk backward), with Gamma = exp(G_t - G_s) formed there too.
     # On an H200 (be1069e) the gated forward went from 0.548 / 0.547 to 0.531 / 0.527 ms at 16 x 2048
     # and 8 x 4096 but from 0.669 / 0.770 to 0.713 / 0.951 at 4 x 8192 and 2 x 16384, where fewer
-    # programs leave the extra work on each one's chain: off.
+    # programs leave the extra work on each one's chain. There the pass took 32 value columns, so
+    # that each chunk's Q K^T was formed by 4 programs, against 2 at the short shapes:
+    # "few-blocks" forms them in the pass only where at most 2 programs per head share a chunk.
     "gated_scores_in_pass": False,
     # Quadrant splits (0, 1, 2) of the chunk factor's triangular inverse in the prep kernel: 0
     # inverts the whole chunk by doubling, which at chunk 64 is 4.3x (1 split) or 15x (2) the
@@ -219,6 +221,12 @@ CONFIG = {
     # forward+backward at every shape (H200, 0fe442e: 3.129 / 3.113 / 3.384 / 3.577 -> 3.112 /
     # 3.103 / 3.375 / 3.565 ms), with the same errors against float64 to two digits.
     "dg_rows_mma": True,
+    # The chunk inverses X that the forward keeps for the backward (save_prep), in the inputs'
+    # precision (True) rather than float32: half the bytes of the largest per-chunk tile written in
+    # the forward and read in the backward (64 MiB each way at 32768 tokens, H = 16, chunk 64). The
+    # backward already takes the factor A = X diag(beta) rounded to the inputs' precision in its
+    # products; X's own terms (dL = -X^T dX X^T, beta's) round the same way.
+    "x_half": False,
 }
 CHUNK_SIZES = (16, 32, 64)
 # Programs per SM a sequential pass needs before it takes 64 value columns (_Plan.seq_block): the
@@ -487,15 +495,26 @@ def dg_mode(g) -> int:
     return DG_MODES[form]
 
 
-def scores_in_passes(g, backward: bool) -> bool:
+GATED_SCORES_SETTINGS = (False, True, "few-blocks")
+
+
+def scores_in_passes(g, backward: bool, value_blocks: int = 1) -> bool:
     """Whether the sequential passes form the masked scores tril(Q K^T) o Gamma themselves rather
     than read prep's Aqk, for a call with log-decays ``g`` whose chunk quantities serve a
-    ``backward`` too: without a gate CONFIG["scores_in_passes"]; with one CONFIG["gated_scores_in_pass"],
-    and only where no backward follows (the gate's gradient reads Aqk in the per-chunk backward, and
-    with Aqk written anyway, forming the scores again only slows the forward's pass)."""
+    ``backward`` too, and whose forward pass splits the value columns into ``value_blocks``
+    programs per head: without a gate CONFIG["scores_in_passes"]; with one
+    CONFIG["gated_scores_in_pass"] (``GATED_SCORES_SETTINGS``; "few-blocks": where each chunk's
+    scores are formed at most twice), and only where no backward follows (the gate's gradient reads
+    Aqk in the per-chunk backward, and with Aqk written anyway, forming the scores again only slows
+    the forward's pass)."""
     if g is None:
         return bool(CONFIG["scores_in_passes"])
-    return bool(CONFIG["gated_scores_in_pass"]) and not backward
+    setting = CONFIG["gated_scores_in_pass"]
+    if not (isinstance(setting, (bool, str)) and setting in GATED_SCORES_SETTINGS):
+        raise ValueError(f"CONFIG['gated_scores_in_pass'] must be one of {GATED_SCORES_SETTINGS}, got {setting!r}")
+    if backward or not setting:
+        return False
+    return setting is True or value_blocks <= 2
 
 
 def fused_backward(dgm: int) -> bool:
@@ -548,7 +567,8 @@ class Prepped(NamedTuple):
     """The prep kernel's chunk quantities: W (B, T_steps, H, K) and U (B, T_steps, H, V), or with
     CONFIG["a_form"] the chunk factors A (NT_total, H, BC, BC) in their place (the others None);
     the masked scores Aqk (NT_total, H, BC, BC; None where the sequential passes form them,
-    ``scores_in_passes``); X (float32, or None unless asked for) and, for
+    ``scores_in_passes``); X (float32, or the inputs' dtype under CONFIG["x_half"]; None unless
+    asked for) and, for
     the sequential passes (None without a gate, or when CONFIG["gates"] is 0: then they sum the
     log-decays themselves), float32: the running log-decays G inside each chunk (B, T_steps, H)
     under gates 1 and 2, or the chunk's decays (NT_total, H, 2 BC + BK) under 3 (``seq_decays``)."""
@@ -570,9 +590,11 @@ def prep(q, k, v, beta, g, plan: _Plan, save_x: bool = False) -> Prepped:
     u = None if a_form else torch.empty_like(v)
     chunk_tiles = (plan.NT_total, plan.H, plan.BC, plan.BC)
     a = torch.empty(chunk_tiles, dtype=q.dtype, device=q.device) if a_form else None
-    qk_out = not scores_in_passes(g, backward=save_x)
+    blocks = plan.seq_grid(plan.state_launch(g is not None, want_o=True)[0])[0] if g is not None else 1
+    qk_out = not scores_in_passes(g, backward=save_x, value_blocks=blocks)
     aqk = torch.empty(chunk_tiles, dtype=q.dtype, device=q.device) if qk_out else None
-    xs = torch.empty((plan.NT_total, plan.H, plan.BC, plan.BC), dtype=torch.float32, device=q.device) if save_x else None
+    x_dtype = q.dtype if CONFIG["x_half"] else torch.float32
+    xs = torch.empty((plan.NT_total, plan.H, plan.BC, plan.BC), dtype=x_dtype, device=q.device) if save_x else None
     mode = CONFIG["gates"]
     if mode not in GATE_MODES:
         raise ValueError(f"CONFIG['gates'] must be one of {GATE_MODES}, got {mode!r}")
