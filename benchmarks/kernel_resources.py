@@ -35,8 +35,9 @@ from householder.backends import triton_delta as td  # noqa: E402
 from benchmarks._provenance import tree_commit  # noqa: E402
 from benchmarks.compare_delta import apply_settings  # noqa: E402
 
-# pointer arguments that are float32 or int64 whatever the inputs' dtype (see the launchers)
-_FP32 = {"g", "gcs", "xs", "dkp", "dgp", "dbeta", "dg", "s0", "sT", "ds0", "dsT"}
+# pointer arguments that are float32 or int64 whatever the inputs' dtype (see the launchers; the
+# chunk inverses xs too unless CONFIG["x_half"] keeps them in the inputs' precision)
+_FP32 = {"g", "gcs", "dkp", "dgp", "dbeta", "dg", "s0", "sT", "ds0", "dsT"}
 _INT64 = {"chunks", "seqs"}
 _SCALARS = {"T_steps": "i64", "NT": "i64", "scale": "fp32"}
 
@@ -48,7 +49,7 @@ def _signature(fn, constexprs: dict) -> dict:
             sig[name] = "constexpr"
         elif name in _SCALARS:
             sig[name] = _SCALARS[name]
-        elif name in _FP32:
+        elif name in _FP32 or (name == "xs" and not td.CONFIG["x_half"]):
             sig[name] = "*fp32"
         elif name in _INT64:
             sig[name] = "*i64"

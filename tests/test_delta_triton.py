@@ -823,18 +823,22 @@ def test_sequential_passes_split_the_values_into_blocks_alike(rng, monkeypatch, 
 
 
 @pytest.mark.parametrize(
-    "B, T, gated, beside, want",
+    "B, T, gated, beside, own_scores, want",
     # on 132 SMs, H = 16, K = V = 128: 64 value columns once N x H x 2 programs reach 3/4 of the SMs,
-    # or, gated, 1.5 times them when the reverse pass runs beside the forward's pass run again
-    [(16, 2048, True, False, 64), (16, 2048, True, True, 64), (8, 4096, True, True, 64), (4, 8192, True, False, 64),
-     (4, 8192, True, True, 32), (4, 8192, False, True, 64), (2, 16384, True, False, 32), (2, 16384, True, True, 32),
-     (2, 16384, False, True, 32)],
+    # or, gated, 1.5 times them when the reverse pass runs beside the forward's pass run again; the
+    # plain pass that forms its own scores (scores_in_passes) 32 at every shape
+    [(16, 2048, True, False, True, 64), (16, 2048, True, True, True, 64), (8, 4096, True, True, True, 64),
+     (4, 8192, True, False, True, 64), (4, 8192, True, True, True, 32), (4, 8192, False, True, False, 64),
+     (2, 16384, True, False, True, 32), (2, 16384, True, True, True, 32), (2, 16384, False, True, False, 32),
+     (16, 2048, False, False, True, 32), (16, 2048, False, True, True, 32), (4, 8192, False, True, True, 32),
+     (16, 2048, False, False, False, 64)],
 )
-def test_reverse_pass_takes_narrower_blocks_beside_the_other_pass(monkeypatch, B, T, gated, beside, want):
+def test_reverse_pass_takes_narrower_blocks_beside_the_other_pass(monkeypatch, B, T, gated, beside, own_scores, want):
     from householder.backends import triton_delta as td
 
     monkeypatch.setitem(td.CONFIG, "bwd_state_BV", None)
     monkeypatch.setitem(td.CONFIG, "a_form", True)
+    monkeypatch.setitem(td.CONFIG, "scores_in_passes", own_scores)
     plan = td._Plan(B, T, 16, 128, 128, 1, 64, None, torch.bfloat16, torch.device("cpu"))
     assert plan.reverse_launch(gated, sms=132, beside=beside)[0] == want
     monkeypatch.setitem(td.CONFIG, "bwd_state_BV", 16)

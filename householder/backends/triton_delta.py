@@ -35,7 +35,8 @@ MAX_K = 256
 # Triton 3.6, so the settings are fixed.)
 CONFIG = {
     # BV, bwd_state_BV: value columns per program of the state pass (forward, and its rerun in the
-    # backward) and of the backward's reverse pass; None: chosen per call (_Plan.seq_block), 64
+    # backward) and of the backward's reverse pass; None: chosen per call (_Plan.seq_block,
+    # reverse_launch: the plain reverse pass that forms its own scores takes 32), 64
     # where that still gives the GPU enough programs (1.5 per SM for the state pass under a_form,
     # else 3/4), else 32. Without a_form the gated op keeps 32 in the forward pass that writes the
     # output and in the reverse pass (it timed slower with 64 there: the gates' exponentials cost
@@ -144,8 +145,10 @@ CONFIG = {
     # and 8 x 4096 but from 0.669 / 0.770 to 0.713 / 0.951 at 4 x 8192 and 2 x 16384, where fewer
     # programs leave the extra work on each one's chain. There the pass took 32 value columns, so
     # that each chunk's Q K^T was formed by 4 programs, against 2 at the short shapes:
-    # "few-blocks" forms them in the pass only where at most 2 programs per head share a chunk.
-    "gated_scores_in_pass": False,
+    # "few-blocks" forms them in the pass only where at most 2 programs per head share a chunk: on an
+    # H200 (fec0d2b) 0.547 / 0.547 / 0.667 / 0.771 -> 0.527 / 0.528 / 0.668 / 0.771 ms at the four
+    # benchmark shapes (the last two at 32 columns, so as before).
+    "gated_scores_in_pass": "few-blocks",
     # Quadrant splits (0, 1, 2) of the chunk factor's triangular inverse in the prep kernel: 0
     # inverts the whole chunk by doubling, which at chunk 64 is 4.3x (1 split) or 15x (2) the
     # multiply-adds of the split forms. H200, forward at 16 x 2048: 0.984 / 1.022 / 0.948 ms.
@@ -225,8 +228,12 @@ CONFIG = {
     # precision (True) rather than float32: half the bytes of the largest per-chunk tile written in
     # the forward and read in the backward (64 MiB each way at 32768 tokens, H = 16, chunk 64). The
     # backward already takes the factor A = X diag(beta) rounded to the inputs' precision in its
-    # products; X's own terms (dL = -X^T dX X^T, beta's) round the same way.
-    "x_half": False,
+    # products; X's own terms (dL = -X^T dX X^T, beta's) round the same way. On an H200 (fec0d2b)
+    # the plain forward+backward went from 1.917 / 1.923 / 2.021 / 2.054 to 1.874 / 1.881 / 1.991 /
+    # 2.022 ms at the four benchmark shapes, the gated one from 2.730 / 2.738 / 2.999 / 3.075 to
+    # 2.504 / 2.511 / 2.785 / 2.860 (its fused kernel no longer holds float32 X tiles), 64 MiB less
+    # peak; errors against float64 the same to two digits (dg 2.2e-3, the rest 4.1e-3 - 6.0e-3).
+    "x_half": True,
 }
 CHUNK_SIZES = (16, 32, 64)
 # Programs per SM a sequential pass needs before it takes 64 value columns (_Plan.seq_block): the
@@ -320,7 +327,13 @@ class _Plan:
         # forward+backward from 3.889 to 3.650 ms (3.743 with the passes one after the other); the
         # plain one there went from 2.492 to 2.673 with 32 and keeps the rule of 3/4 of the SMs
         fill = _FILL_A_FORM if beside and gated and CONFIG["a_form"] else _FILL
-        BV = self.seq_block(CONFIG["bwd_state_BV"], wide=not gated or bool(CONFIG["a_form"]), sms=sms, fill=fill)
+        # the plain pass that forms its own scores holds their (C, C) tile beside the state (its
+        # sm_90 build spilled 680 B per thread at 64 columns, against 544 reading them): at 32 the
+        # plain forward+backward went from 1.925 / 1.922 / 2.031 to 1.835 / 1.832 / 1.932 ms at
+        # 16 x 2048 / 8 x 4096 / 4 x 8192 (H200, fec0d2b; 2 x 16384 took 32 already)
+        own_scores = not gated and scores_in_passes(None, backward=True)
+        wide = not own_scores and (not gated or bool(CONFIG["a_form"]))
+        BV = self.seq_block(CONFIG["bwd_state_BV"], wide=wide, sms=sms, fill=fill)
         if self.out_stages == 1 and self.seq_stages is None:
             # half precision at K = 256: double-buffered, the plain reverse pass outgrew shared memory
             # (241664 B) on an H200; single-staged at 32 value columns it hit an illegal memory access
