@@ -393,7 +393,7 @@ def test_gate_settings_refuse_unknown_values(rng, monkeypatch, key, bad):
 
 def test_each_sequential_pass_takes_its_own_launch_settings():
     # the forward's output pass at few programs (no more than the SMs) takes state_few(_gated), at
-    # more state(_gated); the plain rerun state_rerun, the gated one state_gated; the interpreter
+    # more state(_gated); the plain rerun state_rerun, the gated one state_rerun_gated; the interpreter
     # (no SM count) the default of many programs
     from householder.backends import triton_delta as td
 
@@ -403,10 +403,11 @@ def test_each_sequential_pass_takes_its_own_launch_settings():
     assert td.state_setting(False, False, 128, 132) == "state_rerun"
     assert td.state_setting(True, True, 128, 132) == "state_few_gated"
     assert td.state_setting(True, True, 133, 132) == td.state_setting(True, True, 1, None) == "state_gated"
-    assert td.state_setting(True, False, 1, 132) == "state_gated"
+    assert td.state_setting(True, False, 1, 132) == "state_rerun_gated"
     assert td.setting_name("bwd_state", True) == "bwd_state_gated" and td.setting_name("bwd_state", False) == "bwd_state"
     assert td.setting_name("prep", True) == "prep"
-    for name in ("state", "state_few", "state_rerun", "state_gated", "state_few_gated", "bwd_state_gated", "bwd_fused_gated"):
+    for name in ("state", "state_few", "state_rerun", "state_gated", "state_few_gated", "state_rerun_gated", "bwd_state_gated",
+                 "bwd_fused_gated"):
         warps, stages = td.CONFIG[name]
         assert warps in (1, 2, 4, 8) and stages >= 1, name
 

@@ -48,9 +48,9 @@ CONFIG = {
     "prep": (2, 1),
     # The sequential passes, plain and gated (state_setting, setting_name): the forward's pass that
     # writes the output (state, state_gated; state_few, state_few_gated where its programs do not
-    # outnumber the SMs) and the backward's run of it again (state_rerun; the gated op's is
-    # state_gated too). On an H200 (scores_in_passes), 3 stages instead of 2 in both plain passes took
-    # the forward+backward from 1.885 / 2.018 / 2.047 / 2.267 to 1.878 / 1.874 / 2.004 / 2.094 ms at
+    # outnumber the SMs) and the backward's run of it again (state_rerun, state_rerun_gated). On an
+    # H200 (scores_in_passes), 3 stages instead of 2 in both plain passes took the forward+backward
+    # from 1.885 / 2.018 / 2.047 / 2.267 to 1.878 / 1.874 / 2.004 / 2.094 ms at
     # 16 x 2048 / 8 x 4096 / 4 x 8192 / 2 x 16384, but the forward from 0.413 / 0.411 / 0.523 to
     # 0.427 / 0.422 / 0.557 ms at the first three, where 256 and more programs share the SMs; at
     # 2 x 16384 (128 programs of 32 value columns) from 0.742 to 0.556. The rerun alone at 3 stages:
@@ -62,6 +62,7 @@ CONFIG = {
     "state_few": (4, 3),
     "state_rerun": (4, 3),
     "state_gated": (4, 2),
+    "state_rerun_gated": (4, 2),
     "state_few_gated": (4, 3),
     "bwd_state": (4, 2),
     "bwd_state_gated": (4, 2),
@@ -434,7 +435,7 @@ def state_setting(gated: bool, want_o: bool, programs: int, sms: Optional[int]) 
     """The CONFIG entry of the forward's sequential pass launched as ``programs`` programs: see
     CONFIG["state"]; ``sms``: the device's SM count (None under the interpreter)."""
     if not want_o:
-        return "state_gated" if gated else "state_rerun"
+        return setting_name("state_rerun", gated)
     return setting_name("state_few" if sms is not None and programs <= sms else "state", gated)
 
 
