@@ -116,7 +116,7 @@ def kernels(K: int, chunk: int):
         BV, launch = seq_launch(plan, td.setting_name("bwd_state", gated), plan.reverse_launch(gated, sms=SMS))
         yield ("bwd_state", variant, bwd.bwd_state_kernel, dict(seq, BV=BV, HAS_DST=False), launch)
         per_chunk = dict(common, BKP=plan.BKP, BV=plan.BVB, HAS_G=gated, UNROLL=int(td.CONFIG["bwd_unroll"]), DGM=dgm)
-        aqk = dict(per_chunk, AQK=bool(td.CONFIG["dg_from_aqk"]))
+        aqk = dict(per_chunk, AQK=bool(td.CONFIG["dg_from_aqk"]) and not qk_in)
         fused = dict(aqk, UNROLL=int(td.CONFIG["fused_unroll"]), HAS_R=residuals, DW_FROM_DV=bool(td.CONFIG["dw_from_dv"]),
                      DG_MMA=bool(td.CONFIG["dg_rows_mma"]))
         splits, KPS = plan.key_splits(td.CONFIG["bwd_dqk_split"])

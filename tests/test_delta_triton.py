@@ -587,13 +587,37 @@ def test_gated_forward_without_backward_forms_the_scores_alike(rng, monkeypatch,
 )
 def test_gated_scores_in_the_pass_where_few_programs_share_a_chunk(monkeypatch, setting, blocks, want):
     # "few-blocks": the forward's pass forms a chunk's gated scores where at most two value blocks
-    # (programs) of a head would each form them; never with a backward, and always without a gate
+    # (programs) of a head would each form them; with a backward only where the gate's gradient
+    # does not read Aqk (dg_from_aqk); without a gate scores_in_passes decides
     from householder.backends import triton_delta as td
 
     monkeypatch.setitem(td.CONFIG, "gated_scores_in_pass", setting)
-    assert td.scores_in_passes(0.0, backward=False, value_blocks=blocks) is want
-    assert td.scores_in_passes(0.0, backward=True, value_blocks=blocks) is False
-    assert td.scores_in_passes(None, backward=True, value_blocks=blocks) is bool(td.CONFIG["scores_in_passes"])
+    for from_aqk in (True, False):
+        monkeypatch.setitem(td.CONFIG, "dg_from_aqk", from_aqk)
+        assert td.scores_in_passes(0.0, backward=False, value_blocks=blocks) is want
+        assert td.scores_in_passes(0.0, backward=True, value_blocks=blocks) is (want and not from_aqk)
+        assert td.scores_in_passes(None, backward=True, value_blocks=blocks) is bool(td.CONFIG["scores_in_passes"])
+
+
+@pytest.mark.parametrize("n, cu", [(1, None), (2, [0, 7, 7, 30, 50])], ids=["delta", "product-varlen"])
+def test_gated_backward_forms_the_scores_or_reads_them_alike(rng, monkeypatch, n, cu):
+    # With dg_from_aqk off, a gated call with a backward forms tril(Q K^T) o Gamma in the forward's
+    # pass, the reverse pass and the per-chunk backward (prep writes no Aqk); with it on, prep's
+    # Aqk serves all three. Fused and two-kernel backward; decays down to e^-30 per token.
+    from householder.backends import triton_delta as td
+
+    inp, cu_t, do, dS = backward_case(rng, 1, 50, 2, 16, 16, n=n, gated=True, cu=cu)
+    inp["g"] = inp["g"] * torch.linspace(0.0, 30.0, 50, device=DEVICE)[None, :, None]
+    settings = [dict(dg_from_aqk=True), dict(dg_from_aqk=False), dict(dg_from_aqk=False, fuse_bwd=0),
+                dict(dg_from_aqk=False, save_prep=False)]
+    base = dict(gated_scores_in_pass="few-blocks", fuse_bwd=2, save_prep=True)
+    runs = grads_under(monkeypatch, [{**base, **setting} for setting in settings], inp, n, cu_t, do, dS, 32)
+    assert_alike(runs, inp, n, cu_t, do, dS, 10 * SAME)
+    q, k, v, beta, g = (inp[key] for key in ("q", "k", "v", "beta", "g"))
+    plan = td._Plan(1, 50, 2, 16, 16, n, 32, None, q.dtype, q.device)
+    assert td.prep(q, k, v, beta, g, plan, save_x=True).aqk is None  # dg_from_aqk off, from the last setting
+    monkeypatch.setitem(td.CONFIG, "dg_from_aqk", True)
+    assert td.prep(q, k, v, beta, g, plan, save_x=True).aqk is not None
 
 
 @pytest.mark.parametrize("bad", ["few", 1, None])

@@ -603,9 +603,10 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None, dgm=None)
     # writer, so the caching allocator reuses the memory and the peak stays low
     del w, gcs
     grid = (plan.NT_total, H)
-    # the gate's gradient through the scores' decays reads the forward's scores, or forms Q K^T again
+    # the gate's gradient through the scores' decays reads the forward's scores (where prep wrote
+    # them and dg_from_aqk asks for them), or forms Q K^T again
     meta = dict(BKP=plan.BKP, BV=plan.BVB, HAS_G=g is not None, UNROLL=int(tdelta.CONFIG["bwd_unroll"]), **plan.common())
-    aqk_meta = dict(meta, AQK=bool(tdelta.CONFIG["dg_from_aqk"]))
+    aqk_meta = dict(meta, AQK=bool(tdelta.CONFIG["dg_from_aqk"]) and aqk is not None)
     # Triton 3.6 on an H200: bwd_dqk and bwd_wy at 8 warps hit an illegal memory access with key or
     # value blocks under 64 wide at chunk 64 (float32, K = V = 16 and 32 seen); 4 warps run right.
     # The fused kernel is held to the same cap.

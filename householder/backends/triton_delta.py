@@ -62,7 +62,9 @@ CONFIG = {
     "state_few": (4, 3),
     "state_rerun": (4, 3),
     "state_gated": (4, 2),
-    "state_rerun_gated": (4, 2),
+    # the gated rerun alone at 3 stages (329d53b, H200): forward+backward 2.536 / 2.527 / 2.798 /
+    # 2.871 -> 2.469 / 2.484 / 2.682 / 2.860 ms
+    "state_rerun_gated": (4, 3),
     "state_few_gated": (4, 3),
     "bwd_state": (4, 2),
     "bwd_state_gated": (4, 2),
@@ -518,15 +520,15 @@ def scores_in_passes(g, backward: bool, value_blocks: int = 1) -> bool:
     ``backward`` too, and whose forward pass splits the value columns into ``value_blocks``
     programs per head: without a gate CONFIG["scores_in_passes"]; with one
     CONFIG["gated_scores_in_pass"] (``GATED_SCORES_SETTINGS``; "few-blocks": where each chunk's
-    scores are formed at most twice), and only where no backward follows (the gate's gradient reads
-    Aqk in the per-chunk backward, and with Aqk written anyway, forming the scores again only slows
-    the forward's pass)."""
+    scores are formed at most twice), and where a backward follows only if the gate's gradient does
+    not read Aqk (CONFIG["dg_from_aqk"]: with Aqk written anyway, forming the scores again only
+    slows the passes)."""
     if g is None:
         return bool(CONFIG["scores_in_passes"])
     setting = CONFIG["gated_scores_in_pass"]
     if not (isinstance(setting, (bool, str)) and setting in GATED_SCORES_SETTINGS):
         raise ValueError(f"CONFIG['gated_scores_in_pass'] must be one of {GATED_SCORES_SETTINGS}, got {setting!r}")
-    if backward or not setting:
+    if not setting or (backward and CONFIG["dg_from_aqk"]):
         return False
     return setting is True or value_blocks <= 2
 
