@@ -44,7 +44,7 @@ CONFIG = {
     # forward 0.689 -> 0.552 ms). The interpreter takes all columns in one program under None.
     "BV": None,
     "bwd_state_BV": None,
-    "bwd_BV": 64,
+    "bwd_BV": 64,  # (32: forward+backward 1.804 -> 2.122 ms plain, 2.478 -> 2.908 gated at 16 x 2048, 00af916)
     "prep": (2, 1),
     # The sequential passes, plain and gated (state_setting, setting_name): the forward's pass that
     # writes the output (state, state_gated; state_few, state_few_gated where its programs do not
@@ -132,7 +132,10 @@ CONFIG = {
     "fuse_bwd": 2,
     # The gate's gradient through the scores' decays from the forward's masked scores Aqk (held
     # in the inputs' precision) rather than from Q K^T formed again in the backward: 1.5% off the
-    # gated forward+backward on an H200.
+    # gated forward+backward on an H200. Off, the passes too form the scores where
+    # gated_scores_in_pass says (prep writes no Aqk): on an H200 (00af916) the gated
+    # forward+backward went from 2.481 / 2.490 / 2.700 / 2.874 to 2.829 / 2.851 / 2.948 / 3.118 ms
+    # at the four benchmark shapes (64 MiB less peak at the first two).
     "dg_from_aqk": True,
     # Without a gate, the sequential passes (the forward's, its rerun has no output, and the reverse
     # pass) form the masked scores tril(Q K^T) from the query and key tiles they load anyway, one
