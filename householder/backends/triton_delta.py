@@ -104,10 +104,11 @@ CONFIG = {
     # forward+backward 3.118 / 3.097 / 3.444 / 3.690 -> 3.100 / 3.093 / 3.416 / 3.610 at the four
     # shapes. Gates 3 with prefetching, every pass: 3.275 / 3.255 / 3.407 / 3.648 (b7a0da7).
     "prefetch_gates": "output",
-    # Keep the forward's W, U, Aqk and chunk inverses X for the backward instead of recomputing
-    # them there: one per-chunk kernel less in the backward, for (K + V + BC) * 2 + BC * 4 bytes
-    # per step and head held between the passes (bf16 inputs; 3.5x q's size at K = V = 128 and
-    # chunk 64). False: only the inputs are kept, as before.
+    # Keep the forward's chunk quantities (A, or W and U; Aqk where prep writes it) and chunk
+    # inverses X for the backward instead of recomputing them there: one per-chunk kernel less in
+    # the backward, for BC * 2 bytes per step and head for each of A, X (x_half; else BC * 4) and
+    # Aqk (bf16 inputs; W and U: (K + V) * 2): q's size at K = V = 128 and chunk 64 plain, 1.5x
+    # gated. False: only the inputs are kept, as before.
     "save_prep": True,
     # With save_prep, also keep the per-chunk states and pseudo-values (and the residuals, under
     # keep_residuals) written by the forward's state pass, so that the backward skips that pass
