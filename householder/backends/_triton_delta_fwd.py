@@ -232,6 +232,10 @@ def prep_kernel(
     pw = w + (start * H + i_h) * K
     pu = u + (start * H + i_h) * V
     b = tl.load(beta + start * H + i_h + r * H, mask=valid, other=0.0).to(tl.float32)
+    if HAS_G:
+        Gc = chunk_gates(g + t0 * H + i_h, tok, valid, first, H)
+    else:
+        Gc = tl.zeros((BC,), dtype=tl.float32)
     Gm = tl.zeros((BC, BC), dtype=tl.float32)
     QK = tl.zeros((BC, BC), dtype=tl.float32)
     for k0 in tl.static_range(0, K, BKP):
@@ -245,8 +249,12 @@ def prep_kernel(
         Gm += _dot(kb, tl.trans(kb), F32, PREC)
         if QK_OUT:
             QK += _dot(qb, tl.trans(kb), F32, PREC)
+    if QK_OUT:
+        # stored before the inverse, so that Q K^T is not live through it: the gated build for
+        # sm_90 (Triton 3.9) spills 232 B per thread against 384 with the store after it
+        tl.store(aqk + (i_c * H + i_h) * BC * BC + r[:, None] * BC + r[None, :],
+                 (QK * chunk_gamma(Gc, BC, HAS_G)).to(aqk.dtype.element_ty))
     if HAS_G:
-        Gc = chunk_gates(g + t0 * H + i_h, tok, valid, first, H)
         if SAVE_G:
             tl.store(gcs + start * H + i_h + r * H, Gc, mask=valid)
         if SAVE_E:
@@ -256,12 +264,7 @@ def prep_kernel(
             tl.store(pe + r, eG)
             tl.store(pe + BC + r, ed)
             tl.store(pe + 2 * BC + tl.arange(0, BK), egl)
-    else:
-        Gc = tl.zeros((BC,), dtype=tl.float32)
     A, X, gam = chunk_factor(Gm, b, Gc, BC, HAS_G, FPREC, SPLITS)
-    if QK_OUT:
-        QK = QK * gam
-        tl.store(aqk + (i_c * H + i_h) * BC * BC + r[:, None] * BC + r[None, :], QK.to(aqk.dtype.element_ty))
     if SAVE_X:
         tl.store(xs + (i_c * H + i_h) * BC * BC + r[:, None] * BC + r[None, :], X.to(xs.dtype.element_ty))
     Ad = A.to(DT)
