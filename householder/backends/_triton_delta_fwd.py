@@ -251,7 +251,8 @@ def prep_kernel(
             QK += _dot(qb, tl.trans(kb), F32, PREC)
     if QK_OUT:
         # stored before the inverse, so that Q K^T is not live through it: the gated build for
-        # sm_90 (Triton 3.9) spills 232 B per thread against 384 with the store after it
+        # sm_90 (Triton 3.9) spills 232 B per thread against 384 with the store after it (Gamma
+        # is formed here and again in chunk_factor rather than held through the inverse)
         tl.store(aqk + (i_c * H + i_h) * BC * BC + r[:, None] * BC + r[None, :],
                  (QK * chunk_gamma(Gc, BC, HAS_G)).to(aqk.dtype.element_ty))
     if HAS_G:
