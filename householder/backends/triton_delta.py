@@ -231,6 +231,12 @@ CONFIG = {
     # forward+backward at every shape (H200, 0fe442e: 3.129 / 3.113 / 3.384 / 3.577 -> 3.112 /
     # 3.103 / 3.375 / 3.565 ms), with the same errors against float64 to two digits.
     "dg_rows_mma": True,
+    # With the residuals (keep_residuals), the gated fused kernel takes two of the key loop's three
+    # dg row sums (through dW and through the end state's keys) in its value loop, from dV, V, R, Vn
+    # and dVn there, and colsum(dM o M) (bwd_fused_kernel's docstring): the key loop keeps one
+    # (C, BKP) row sum and one product with the identity instead of three and two, for V read once
+    # more per chunk.
+    "dg_value_sums": True,
     # The chunk inverses X that the forward keeps for the backward (save_prep), in the inputs'
     # precision (True) rather than float32: half the bytes of the largest per-chunk tile written in
     # the forward and read in the backward (64 MiB each way at 32768 tokens, H = 16, chunk 64). The
