@@ -118,7 +118,7 @@ def kernels(K: int, chunk: int):
         per_chunk = dict(common, BKP=plan.BKP, BV=plan.BVB, HAS_G=gated, UNROLL=int(td.CONFIG["bwd_unroll"]), DGM=dgm)
         aqk = dict(per_chunk, AQK=bool(td.CONFIG["dg_from_aqk"]) and not qk_in)
         fused = dict(aqk, UNROLL=int(td.CONFIG["fused_unroll"]), HAS_R=residuals, DW_FROM_DV=bool(td.CONFIG["dw_from_dv"]),
-                     DG_MMA=bool(td.CONFIG["dg_rows_mma"]), DG_VSUM=bool(td.CONFIG["dg_value_sums"]))
+                     DG_MMA=bool(td.CONFIG["dg_rows_mma"]))
         splits, KPS = plan.key_splits(td.CONFIG["bwd_dqk_split"])
         for name, fn, meta in (("bwd_dqk", bwd.bwd_dqk_kernel, dict(aqk, KSPLIT=splits, KPS=KPS)),
                                ("bwd_wy", bwd.bwd_wy_kernel, dict(per_chunk, KSPLIT=splits)),

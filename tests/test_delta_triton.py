@@ -342,8 +342,7 @@ def test_fused_backward_takes_the_residuals_or_forms_k_s_alike(rng, monkeypatch,
     # written by the pass that writes the states (in the backward's rerun, or kept by the forward
     # with save_states), or from K S formed again; CONFIG["dw_from_dv"]: dk's A^T dW as -dV S^T from
     # the kernel's own dV, or from dW; CONFIG["dg_rows_mma"]: the gate's row sums with K and Q taken
-    # through products with the identity; CONFIG["dg_value_sums"]: two of them taken in the value
-    # loop, through dV o (R - V) and Vn o dVn - colsum(dM o M); the same terms summed in another order.
+    # through products with the identity; the same terms summed in another order.
     from householder.backends import triton_delta as td
 
     inp, cu_t, do, dS = backward_case(rng, 1, 50, 2, 16, 24, n=n, gated=gated, cu=cu)
@@ -351,17 +350,16 @@ def test_fused_backward_takes_the_residuals_or_forms_k_s_alike(rng, monkeypatch,
 
     def spy(name, kernel, *args, **meta):
         if name.startswith("bwd_fused"):
-            used.append((meta["HAS_R"], meta["DW_FROM_DV"], meta["DG_MMA"], meta["DG_VSUM"]))
+            used.append((meta["HAS_R"], meta["DW_FROM_DV"], meta["DG_MMA"]))
         return launch(name, kernel, *args, **meta)
 
     launch = td.launch
     monkeypatch.setattr(td, "launch", spy)
     monkeypatch.setitem(td.CONFIG, "save_prep", True)
-    settings = ((False, False, False, False, True), (True, False, False, True, False), (True, True, True, False, True),
-                (False, False, True, True, False), (True, False, True, True, True))
-    keys = ("keep_residuals", "save_states", "dw_from_dv", "dg_rows_mma", "dg_value_sums")
+    settings = ((False, False, False, False), (True, False, False, True), (True, True, True, False), (False, False, True, True))
+    keys = ("keep_residuals", "save_states", "dw_from_dv", "dg_rows_mma")
     runs = grads_under(monkeypatch, [dict(zip(keys, s)) for s in settings], inp, n, cu_t, do, dS, 16)
-    assert used == [(r, d, m, v) for r, _, d, m, v in settings]
+    assert used == [(r, d, m) for r, _, d, m in settings]
     assert_alike(runs, inp, n, cu_t, do, dS, 10 * SAME)
 
 

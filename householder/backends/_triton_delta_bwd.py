@@ -412,7 +412,7 @@ def bwd_fused_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BKP: tl.constexpr, BV: tl.constexpr,
     BC: tl.constexpr, NH: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr,
     DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr, AQK: tl.constexpr, UNROLL: tl.constexpr,
-    DGM: tl.constexpr, HAS_R: tl.constexpr, DW_FROM_DV: tl.constexpr, DG_MMA: tl.constexpr, DG_VSUM: tl.constexpr,
+    DGM: tl.constexpr, HAS_R: tl.constexpr, DW_FROM_DV: tl.constexpr, DG_MMA: tl.constexpr,
 ):
     """Per (chunk, head), ``bwd_dqk_kernel`` and ``bwd_wy_kernel`` in one program: dq, dk, dv, dbeta,
     and dg.
@@ -430,11 +430,6 @@ def bwd_fused_kernel(
     which leave them in the matrix units' layout: with the loaded tiles, Triton (sm_90 TTGIR) first
     converts each (C, BKP) float32 product to the tiles' layout through shared memory, three per key
     block; for two (C, C) x (C, BKP) products more.
-    DG_VSUM (DGM 1, HAS_R): two of the key loop's dg row sums are taken in the value loop instead,
-    from tiles it has anyway, so that the key loop sums only dO S^T o Q. With P = diag(e^G) K S =
-    V - R, the dW term is e^G_t k_t . (A^T dW)_t = -rowsum(dV o P); and since the reverse pass
-    wrote dVn = scale M^T dO + diag(e^{G_C - G}) K dS', the dKd term is
-    rowsum(diag(e^{G_C - G}) (Vn dS'^T) o K) = rowsum(Vn o dVn) - colsum(dM o M).
     """
     i_c, i_h, start, end, r, tok, first, last, valid, qrow, t0 = chunk_program(chunks, T_steps, NT, BC, NH, VARLEN)
     causal = r[:, None] >= r[None, :]
@@ -460,7 +455,6 @@ def bwd_fused_kernel(
     dM = tl.zeros((BC, BC), dtype=tl.float32)
     dA = tl.zeros((BC, BC), dtype=tl.float32)
     dG = tl.zeros((BC,), dtype=tl.float32)
-    vdv = tl.zeros((BC,), dtype=tl.float32)  # rowsum(Vn o dVn) (DG_VSUM)
     for v0 in tl.range(0, V, BV, loop_unroll_factor=UNROLL):
         cv = v0 + tl.arange(0, BV)
         mv = valid[:, None] & (cv[None, :] < V)
@@ -474,11 +468,6 @@ def bwd_fused_kernel(
         if HAS_R:
             rb = tl.load(pvr + offv, mask=mv, other=0.0).to(DT)
             dA += _dot(dvnb, tl.trans(rb), F32, PREC)
-            if DGM == 1 and DG_VSUM:
-                vb = tl.load(pv + offv, mask=mv, other=0.0)
-                # the difference before the product: P is not the small difference of two large terms
-                dG += tl.sum(dvb * (rb.to(tl.float32) - vb.to(tl.float32)), 1)
-                vdv += tl.sum(vnb.to(tl.float32) * dvnb.to(tl.float32), 1)
         if DGM == 2 or not HAS_R:
             vb = tl.load(pv + offv, mask=mv, other=0.0).to(DT)
         if DGM == 2:
@@ -506,9 +495,6 @@ def bwd_fused_kernel(
                                 H, K, BC, BKP, DT, F32, PREC, AQK, UNROLL)
     else:
         Es = 0.0
-    if DGM == 1 and HAS_R and DG_VSUM:
-        vdv -= tl.sum(Es, 0)  # the dKd term (docstring); with the chunk's end-state term below
-        dG += tl.where(is_end, tl.sum(vdv, 0), 0.0) - vdv
     db, dXg, dG = _factor_terms(dA, tl.load(px).to(tl.float32), gam, b, dG, Es, DGM == 1)
     dLd = _factor_dL(dXg, tl.load(px).to(tl.float32), gam, r, DT, F32, PREC)
     dLtd = tl.trans(dLd)
@@ -543,13 +529,7 @@ def bwd_fused_kernel(
         dkb = _dot(tl.trans(dMg.to(DT)), qb.to(DT), F32, PREC) + dKd + AtdW * eG[:, None] + dLK * b[:, None]
         dkb += _dot(dLtd, (kf * b[:, None]).to(DT), F32, PREC)
         tl.store(pdk + offk, dkb.to(dk.dtype.element_ty), mask=mk)
-        if DGM == 1 and HAS_R and DG_VSUM:
-            if DG_MMA:
-                qm = _dot(eye, qb.to(DT), F32, PREC)
-            else:
-                qm = qb.to(tl.float32)
-            dG += tl.sum(dQ0 * qm, 1)
-        elif DGM == 1:
+        if DGM == 1:
             if DG_MMA:
                 km = _dot(eye, kb.to(DT), F32, PREC)
             else:
@@ -641,8 +621,7 @@ def backward(q, k, v, beta, g, S0, scale, plan, do, dsT, prepped=None, dgm=None)
             q, k, v, beta, g if g is not None else dummy, xs, hs, dhs, vn, vr if vr is not None else dummy, dvn, do,
             aqk if aqk is not None else dummy, dq, dk, dv, dbeta, dg if g is not None else dummy, plan.chunks, plan.T_steps, plan.NT, scale,
             **dict(aqk_meta, UNROLL=int(tdelta.CONFIG["fused_unroll"])), DGM=dgm, HAS_R=vr is not None,
-            DW_FROM_DV=bool(tdelta.CONFIG["dw_from_dv"]), DG_MMA=bool(tdelta.CONFIG["dg_rows_mma"]),
-            DG_VSUM=bool(tdelta.CONFIG["dg_value_sums"]), **small,
+            DW_FROM_DV=bool(tdelta.CONFIG["dw_from_dv"]), DG_MMA=bool(tdelta.CONFIG["dg_rows_mma"]), **small,
         )
         return _grads_out(dq, dk, dv, dbeta, dg, ds0, beta, g, S0)
     dq = torch.empty_like(q)  # every token row is written once: at its last step

@@ -230,13 +230,13 @@ CONFIG = {
     # from 1.760 to 1.389 ms at 16 x 2048 (H200, 4 warps); this took 0.3-0.5% off the gated
     # forward+backward at every shape (H200, 0fe442e: 3.129 / 3.113 / 3.384 / 3.577 -> 3.112 /
     # 3.103 / 3.375 / 3.565 ms), with the same errors against float64 to two digits.
+    # (Taking two of the three sums in the value loop instead, through dW as rowsum(dV o (R - V))
+    # and through the end state's keys as rowsum(Vn o dVn) - colsum(dM o M), lowered the sm_90
+    # build's spills from 2152 to 1904 B per thread but took the gated forward+backward from
+    # 2.409 / 2.409 / 2.632 / 2.807 to 2.673 / 2.678 / 2.899 / 3.071 ms on an H200, and dg's
+    # error against float64 from 1.8e-3 to 7.4e-3: dVn in bf16 carries its scale M^T dO term,
+    # which the second form subtracts again (e23f043, benchmarks/results/delta_h200_ab_e23f043.md).)
     "dg_rows_mma": True,
-    # With the residuals (keep_residuals), the gated fused kernel takes two of the key loop's three
-    # dg row sums (through dW and through the end state's keys) in its value loop, from dV, V, R, Vn
-    # and dVn there, and colsum(dM o M) (bwd_fused_kernel's docstring): the key loop keeps one
-    # (C, BKP) row sum and one product with the identity instead of three and two, for V read once
-    # more per chunk.
-    "dg_value_sums": True,
     # The chunk inverses X that the forward keeps for the backward (save_prep), in the inputs'
     # precision (True) rather than float32: half the bytes of the largest per-chunk tile written in
     # the forward and read in the backward (64 MiB each way at 32768 tokens, H = 16, chunk 64). The
