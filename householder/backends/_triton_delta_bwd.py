@@ -102,8 +102,8 @@ def bwd_state_kernel(
             wt = tl.load(w + (start * H + i_h) * K + offk, mask=mk, other=0.0).to(DT)
         dot_ = tl.load(do + (t0 * H + i_h) * V + tok[:, None] * (H * V) + cv[None, :], mask=qrow[:, None] & (cv[None, :] < V), other=0.0).to(DT)
         # (before the gate scales kt and qt)
-        at = chunk_scores(aqk, qt, kt, g + t0 * H + i_h, r, tok, valid, first, c0 + j, i_h, H, BC, DT, F32, PREC,
-                          HAS_G, QK_IN)
+        at = chunk_scores(aqk, qt, kt, g + t0 * H + i_h, ga, r, tok, valid, first, c0 + j, i_h, H, BC, DT, F32, PREC,
+                          HAS_G, QK_IN, False)
         dog = dot_
         if HAS_G:
             if not PREFETCH:

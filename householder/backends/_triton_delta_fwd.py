@@ -182,13 +182,16 @@ def chunk_gamma(Gc, BC: tl.constexpr, HAS_G: tl.constexpr):
 
 
 @triton.jit
-def chunk_scores(aqk, qt, kt, gp, r, tok, valid, first, i_c, i_h, H: tl.constexpr, BC: tl.constexpr, DT: tl.constexpr,
-                 F32: tl.constexpr, PREC: tl.constexpr, HAS_G: tl.constexpr, QK_IN: tl.constexpr):
+def chunk_scores(aqk, qt, kt, gp, gr, r, tok, valid, first, i_c, i_h, H: tl.constexpr, BC: tl.constexpr, DT: tl.constexpr,
+                 F32: tl.constexpr, PREC: tl.constexpr, HAS_G: tl.constexpr, QK_IN: tl.constexpr, G_IN: tl.constexpr):
     """The masked scores (BC, BC) of chunk ``i_c`` in the inputs' precision, as prep writes them:
     tril(Q K^T) o Gamma of its query and key tiles qt, kt and (HAS_G) the log-decays at ``gp`` (the
-    chunk's first token of this head) under QK_IN, else prep's Aqk read from ``aqk``."""
+    chunk's first token of this head) under QK_IN, else prep's Aqk read from ``aqk``. G_IN: the
+    log-decays are ``gr`` (BC,), as the caller loaded them (``decay_inputs``), not read again."""
     if QK_IN:
-        if HAS_G:
+        if HAS_G and G_IN:
+            Gc = tl.cumsum(gr, 0)
+        elif HAS_G:
             Gc = chunk_gates(gp, tok, valid, first, H)
         else:
             Gc = tl.zeros((BC,), dtype=tl.float32)
@@ -329,6 +332,7 @@ def state_kernel(
         ga, gb, gc = tl.zeros((BC,), dtype=tl.float32), tl.zeros((BC,), dtype=tl.float32), tl.zeros((BK,), dtype=tl.float32)
     for j in range(0, nch):
         start = bos + j * BC
+        gnow = ga  # this chunk's g under GMODE 0, for its scores (QK_IN) after ga takes the next one's
         if HAS_G and PREFETCH:
             eG, ed, egl = decays_of(ga, gb, gc, BC, BK, GMODE)
             # the next chunk's (the last one's again at the end: in bounds, unused)
@@ -366,8 +370,8 @@ def state_kernel(
         if WRITE_O:
             qrow = valid & last
             qt = tl.load(q + (t0 * H + i_h) * K + tok[:, None] * (H * K) + ck[None, :], mask=qrow[:, None] & (ck[None, :] < K), other=0.0).to(DT)
-            at = chunk_scores(aqk, qt, kt, g + t0 * H + i_h, r, tok, valid, first, c0 + j, i_h, H, BC, DT, F32, PREC,
-                              HAS_G, QK_IN)
+            at = chunk_scores(aqk, qt, kt, g + t0 * H + i_h, gnow, r, tok, valid, first, c0 + j, i_h, H, BC, DT, F32,
+                              PREC, HAS_G, QK_IN, PREFETCH and GMODE == 0)
             ot = _dot(qt, Sd, F32, PREC)
             if HAS_G:
                 ot = ot * eG[:, None]
