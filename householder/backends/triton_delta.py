@@ -154,7 +154,10 @@ CONFIG = {
     # that each chunk's Q K^T was formed by 4 programs, against 2 at the short shapes:
     # "few-blocks" forms them in the pass only where at most 2 programs per head share a chunk: on an
     # H200 (fec0d2b) 0.547 / 0.547 / 0.667 / 0.771 -> 0.527 / 0.528 / 0.668 / 0.771 ms at the four
-    # benchmark shapes (the last two at 32 columns, so as before).
+    # benchmark shapes (the last two at 32 columns, so as before). Since the pass takes the scores'
+    # log-decays from the g it prefetched (a465726: 0.532 / 0.528 -> 0.505 / 0.502 ms at the two
+    # short shapes), forming them at the long ones too (True) is still slower: 0.634 -> 0.675 ms at
+    # 4 x 8192, 0.733 -> 0.876 at 2 x 16384 (0.651 and 1.085 at 64 value columns).
     "gated_scores_in_pass": "few-blocks",
     # Quadrant splits (0, 1, 2) of the chunk factor's triangular inverse in the prep kernel: 0
     # inverts the whole chunk by doubling, which at chunk 64 is 4.3x (1 split) or 15x (2) the
