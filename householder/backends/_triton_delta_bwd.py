@@ -138,7 +138,7 @@ def _chunk_decays(g, t0, i_h, r, tok, valid, first, H: tl.constexpr, BC: tl.cons
     else:
         Gc = tl.zeros((BC,), dtype=tl.float32)
     glast = tl.sum(tl.where(r == BC - 1, Gc, 0.0), 0)
-    return glast, tl.exp(Gc), tl.exp(glast - Gc), chunk_gamma(Gc, BC, HAS_G)
+    return glast, tl.exp(Gc), tl.exp(glast - Gc), chunk_gamma(Gc, BC, HAS_G, False)
 
 
 @triton.jit
