@@ -82,7 +82,7 @@ def bwd_state_kernel(
         j = nch - 1 - jj
         start = bos + j * BC
         if HAS_G and PREFETCH:
-            eG, ed, egl = decays_of(ga, gb, gc, BC, BK, GMODE)
+            eG, ed, egl, _ = decays_of(ga, gb, gc, BC, BK, GMODE)
             # the previous chunk's (the first one's again at the end: in bounds, unused)
             jn = tl.maximum(j - 1, 0)
             ga, gb, gc = decay_inputs(gcs, g, i_h, c0 + jn, bos + jn * BC, eos, ck, H, BC, BK, NH, GMODE)

@@ -147,12 +147,14 @@ def decay_inputs(gcs, g, i_h, i_c, st, end, ck, H: tl.constexpr, BC: tl.constexp
 
 @triton.jit
 def decays_of(a, b, c, BC: tl.constexpr, BK: tl.constexpr, GMODE: tl.constexpr):
-    """e^G, e^{G_C - G} (BC,) and e^{G_C} (BK,) of a chunk from its ``decay_inputs``."""
+    """e^G, e^{G_C - G} (BC,) and e^{G_C} (BK,) of a chunk from its ``decay_inputs``, and G (BC,),
+    its running log-decays, under GMODE 0 (under 3, ``a`` again: not a log-decay)."""
     if GMODE == 3:
-        return a, b, c
+        return a, b, c, a
     else:
         Gc = tl.cumsum(a, 0)
-        return decays_from(Gc, tl.sum(tl.where(tl.arange(0, BC) == BC - 1, Gc, 0.0), 0), BK)
+        eG, ed, egl = decays_from(Gc, tl.sum(tl.where(tl.arange(0, BC) == BC - 1, Gc, 0.0), 0), BK)
+        return eG, ed, egl, Gc
 
 
 @triton.jit
@@ -167,7 +169,8 @@ def seq_decays(gcs, g, i_h, i_c, start, end, ck, H: tl.constexpr, BC: tl.constex
         return decays_from(Gc, glast, BK)
     else:
         a, b, c = decay_inputs(gcs, g, i_h, i_c, start, end, ck, H, BC, BK, NH, GMODE)
-        return decays_of(a, b, c, BC, BK, GMODE)
+        eG, ed, egl, _ = decays_of(a, b, c, BC, BK, GMODE)
+        return eG, ed, egl
 
 
 @triton.jit
@@ -196,10 +199,11 @@ def chunk_scores(aqk, qt, kt, gp, gr, r, tok, valid, first, i_c, i_h, H: tl.cons
     """The masked scores (BC, BC) of chunk ``i_c`` in the inputs' precision, as prep writes them:
     tril(Q K^T) o Gamma of its query and key tiles qt, kt and (HAS_G) the log-decays at ``gp`` (the
     chunk's first token of this head) under QK_IN, else prep's Aqk read from ``aqk``. G_IN: the
-    log-decays are ``gr`` (BC,), as the caller loaded them (``decay_inputs``), not read again."""
+    log-decays' running sum G is ``gr`` (BC,), as the caller formed it (``decays_of``): g is
+    neither read nor summed again."""
     if QK_IN:
         if HAS_G and G_IN:
-            Gc = tl.cumsum(gr, 0)
+            Gc = gr
         elif HAS_G:
             Gc = chunk_gates(gp, tok, valid, first, H)
         else:
@@ -341,9 +345,11 @@ def state_kernel(
         ga, gb, gc = tl.zeros((BC,), dtype=tl.float32), tl.zeros((BC,), dtype=tl.float32), tl.zeros((BK,), dtype=tl.float32)
     for j in range(0, nch):
         start = bos + j * BC
-        gnow = ga  # this chunk's g under GMODE 0, for its scores (QK_IN) after ga takes the next one's
+        Gnow = ga  # (unused unless set below)
         if HAS_G and PREFETCH:
-            eG, ed, egl = decays_of(ga, gb, gc, BC, BK, GMODE)
+            # Gnow: this chunk's running log-decays under GMODE 0, which its scores take (QK_IN):
+            # summed once for both (a cumulative sum is a cross-warp step on the chain)
+            eG, ed, egl, Gnow = decays_of(ga, gb, gc, BC, BK, GMODE)
             # the next chunk's (the last one's again at the end: in bounds, unused)
             jn = tl.minimum(j + 1, nch - 1)
             ga, gb, gc = decay_inputs(gcs, g, i_h, c0 + jn, bos + jn * BC, eos, ck, H, BC, BK, NH, GMODE)
@@ -379,7 +385,7 @@ def state_kernel(
         if WRITE_O:
             qrow = valid & last
             qt = tl.load(q + (t0 * H + i_h) * K + tok[:, None] * (H * K) + ck[None, :], mask=qrow[:, None] & (ck[None, :] < K), other=0.0).to(DT)
-            at = chunk_scores(aqk, qt, kt, g + t0 * H + i_h, gnow, r, tok, valid, first, c0 + j, i_h, H, BC, DT, F32,
+            at = chunk_scores(aqk, qt, kt, g + t0 * H + i_h, Gnow, r, tok, valid, first, c0 + j, i_h, H, BC, DT, F32,
                               PREC, HAS_G, QK_IN, PREFETCH and GMODE == 0)
             ot = _dot(qt, Sd, F32, PREC)
             if HAS_G:
