@@ -39,7 +39,7 @@ from benchmarks.compare_delta import apply_settings  # noqa: E402
 # chunk inverses xs too unless CONFIG["x_half"] keeps them in the inputs' precision)
 _FP32 = {"g", "gcs", "dkp", "dgp", "dbeta", "dg", "s0", "sT", "ds0", "dsT"}
 _INT64 = {"chunks", "seqs"}
-_SCALARS = {"T_steps": "i64", "NT": "i64", "scale": "fp32", "seq0": "i32", "segc": "i32", "seg0": "i32", "j_lo": "i32", "j_hi": "i32"}
+_SCALARS = {"T_steps": "i64", "NT": "i64", "scale": "fp32"}
 
 
 def _signature(fn, constexprs: dict) -> dict:

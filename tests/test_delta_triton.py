@@ -485,43 +485,6 @@ def test_passes_side_by_side_give_the_same_gradients(rng, monkeypatch, gated, n,
             assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("gated, n", [(True, 1), (False, 2)], ids=["gated", "plain-product"])
-def test_pipelined_forward_gives_the_same_results(rng, monkeypatch, gated, n):
-    # CONFIG["pipeline"]: prep and the pass launched per tile of (sequence groups, chunk segments),
-    # the pass on a second stream on a GPU, its states carried between a group's tiles in float32;
-    # groups and segments of unequal sizes (3 sequences, 4 chunks of 16 steps, the last one short),
-    # more of them than there are, and with the per-chunk states kept for the backward
-    inp, cu_t, do, dS = backward_case(rng, 3, 50 // n + 3, 2, 16, 16, n=n, gated=gated)
-    settings = [dict(pipeline=p, save_states=keep) for p, keep in
-                (((1, 1), False), ((2, 3), True), ((5, 9), False))]
-    runs = grads_under(monkeypatch, settings, inp, n, cu_t, do, dS, 16)
-    assert_alike(runs, inp, n, cu_t, do, dS, SAME)
-
-
-def test_pipeline_tiles_cover_every_chunk_once(monkeypatch):
-    from householder.backends import triton_delta as td
-
-    plan = td._Plan(5, 100, 2, 16, 16, 1, 16, None, torch.float32, torch.device("cpu"))  # 7 chunks per sequence
-    for setting in [(1, 1), (2, 1), (1, 3), (2, 3), (5, 7), (9, 20)]:
-        monkeypatch.setitem(td.CONFIG, "pipeline", setting)
-        tiles = td.pipeline_tiles(plan)
-        if setting == (1, 1):
-            assert tiles == [None]
-            continue
-        seen = [(s, c) for s0, ns, c0, nc in tiles for s in range(s0, s0 + ns) for c in range(c0, c0 + nc)]
-        assert sorted(seen) == [(s, c) for s in range(5) for c in range(7)], setting
-        firsts = [c0 for _, _, c0, _ in tiles]
-        assert firsts == sorted(firsts), setting  # a group's earlier chunks are launched first
-        assert len(tiles) == min(setting[0], 5) * min(setting[1], 7), setting
-    varlen = td._Plan(1, 100, 2, 16, 16, 1, 16, (0, 40, 100), torch.float32, torch.device("cpu"))
-    monkeypatch.setitem(td.CONFIG, "pipeline", (2, 2))
-    assert td.pipeline_tiles(varlen) == [None]  # packed sequences: one tile
-    for bad in [(0, 1), (1,), 2, (1.5, 1)]:
-        monkeypatch.setitem(td.CONFIG, "pipeline", bad)
-        with pytest.raises(ValueError, match=r"CONFIG\['pipeline'\] must be a tuple .*got"):
-            td.pipeline_tiles(plan)
-
-
 @pytest.mark.parametrize("gates", [1, 2, 3])
 @pytest.mark.parametrize("n, cu", [(1, None), (2, [0, 7, 7, 30, 50])], ids=["delta", "product-varlen"])
 def test_sequential_passes_take_the_gates_from_any_source_alike(rng, monkeypatch, gates, n, cu):

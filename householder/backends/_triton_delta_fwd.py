@@ -85,20 +85,7 @@ def chunk_rows(start, NH: tl.constexpr, BC: tl.constexpr):
 def chunk_program(chunks, T_steps, NT, BC: tl.constexpr, NH: tl.constexpr, VARLEN: tl.constexpr):
     """Where a per-(chunk, head) program works: i_c, i_h, the chunk's first row and its sequence's
     end row, the rows of ``chunk_rows``, the valid rows, the query rows, and the first token t0."""
-    return chunk_program_at(tl.program_id(0).to(tl.int64), chunks, T_steps, NT, BC, NH, VARLEN)
-
-
-@triton.jit
-def tile_chunk(seq0, segc, seg0, NT):
-    """The global chunk of this program in a launch over a tile of the chunks (``chunk_program_at``):
-    chunks [seg0, seg0 + segc) of each sequence from ``seq0`` on, segc per sequence (equal lengths)."""
-    pid = tl.program_id(0).to(tl.int64)
-    return (seq0 + pid // segc) * NT + seg0 + pid % segc
-
-
-@triton.jit
-def chunk_program_at(i_c, chunks, T_steps, NT, BC: tl.constexpr, NH: tl.constexpr, VARLEN: tl.constexpr):
-    """``chunk_program`` of global chunk ``i_c`` (int64)."""
+    i_c = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1)
     start, end = chunk_bounds(i_c, chunks, T_steps, NT, BC, VARLEN)
     r, tok, first, last = chunk_rows(start, NH, BC)
@@ -242,7 +229,7 @@ def chunk_factor(Gm, b, Gc, BC: tl.constexpr, HAS_G: tl.constexpr, FPREC: tl.con
 
 @triton.jit
 def prep_kernel(
-    q, k, v, beta, g, w, u, af, aqk, xs, gcs, chunks, T_steps, NT, seq0, segc, seg0,
+    q, k, v, beta, g, w, u, af, aqk, xs, gcs, chunks, T_steps, NT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BKP: tl.constexpr, BV: tl.constexpr,
     BC: tl.constexpr, NH: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr, SAVE_X: tl.constexpr,
     SAVE_G: tl.constexpr, SAVE_E: tl.constexpr, DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr, FPREC: tl.constexpr,
@@ -252,14 +239,8 @@ def prep_kernel(
     and Aqk = tril(Q K^T) o Gamma (QK_OUT; else q is not read) (and X and G, float32).
 
     SAVE_G: G per step at ``gcs`` (B, T_steps, H); SAVE_E: instead the decays of ``seq_decays``
-    per chunk at ``gcs`` (NT_total, H, 2 BC + BK): e^G, e^{G_C - G}, and e^{G_C} BK times.
-    Program axis 0 runs over chunks [seg0, seg0 + segc) of sequences seq0, seq0 + 1, ...
-    (``tile_chunk``; varlen: over all chunks, seq0 = seg0 = 0)."""
-    if VARLEN:
-        i_c = tl.program_id(0).to(tl.int64)
-    else:
-        i_c = tile_chunk(seq0, segc, seg0, NT)
-    i_c, i_h, start, end, r, tok, first, last, valid, qrow, t0 = chunk_program_at(i_c, chunks, T_steps, NT, BC, NH, VARLEN)
+    per chunk at ``gcs`` (NT_total, H, 2 BC + BK): e^G, e^{G_C - G}, and e^{G_C} BK times."""
+    i_c, i_h, start, end, r, tok, first, last, valid, qrow, t0 = chunk_program(chunks, T_steps, NT, BC, NH, VARLEN)
     # int64 only in these scalar bases; tile offsets below are int32
     pk = k + (start * H + i_h) * K
     pq = q + (t0 * H + i_h) * K
@@ -325,7 +306,7 @@ def prep_kernel(
 
 @triton.jit
 def state_kernel(
-    q, k, w, u, aqk, g, gcs, o, s0, sT, h, vn, vr, seqs, T_steps, NT, scale, seq0, j_lo, j_hi,
+    q, k, w, u, aqk, g, gcs, o, s0, sT, h, vn, vr, seqs, T_steps, NT, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BC: tl.constexpr, NH: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr,
     HAS_S0: tl.constexpr, STORE_ST: tl.constexpr, WRITE_O: tl.constexpr, SAVE_H: tl.constexpr,
@@ -343,13 +324,9 @@ def state_kernel(
     Vn = A (V - diag(e^G) K S): one (BC, BC) x (BC, BV) product more per chunk, on the sequential
     path, for no W and U in memory. SAVE_R (with AFORM): also store the residuals
     R = V - diag(e^G) K S (the operand of that product, in the inputs' precision) at ``vr``, from
-    which the backward takes dA's state term as dVn R^T rather than forming K S again.
-
-    Runs over chunks [j_lo, j_hi) of sequences seq0, seq0 + 1, ... (program axis 1: N' x H), from
-    the states at s0 (float32 between such launches, which may share one buffer: each program
-    reads its own tile before it writes it)."""
+    which the backward takes dA's state term as dVn R^T rather than forming K S again."""
     i_v = tl.program_id(0)
-    i_nh = seq0 * H + tl.program_id(1).to(tl.int64)
+    i_nh = tl.program_id(1).to(tl.int64)
     i_n = i_nh // H
     i_h = i_nh % H
     bos, eos, c0 = seq_bounds(i_n, seqs, T_steps, NT, VARLEN)
@@ -361,12 +338,12 @@ def state_kernel(
         S = tl.load(s0 + i_nh * K * V + soff, mask=mkv, other=0.0).to(tl.float32)
     else:
         S = tl.zeros((BK, BV), dtype=tl.float32)
-    nch = tl.minimum(tl.cdiv(eos - bos, BC), j_hi)
+    nch = tl.cdiv(eos - bos, BC)
     if HAS_G and PREFETCH:
-        ga, gb, gc = decay_inputs(gcs, g, i_h, c0 + j_lo, bos + j_lo * BC, eos, ck, H, BC, BK, NH, GMODE)
+        ga, gb, gc = decay_inputs(gcs, g, i_h, c0, bos, eos, ck, H, BC, BK, NH, GMODE)
     else:
         ga, gb, gc = tl.zeros((BC,), dtype=tl.float32), tl.zeros((BC,), dtype=tl.float32), tl.zeros((BK,), dtype=tl.float32)
-    for j in range(j_lo, nch):
+    for j in range(0, nch):
         start = bos + j * BC
         Gnow = ga  # (unused unless set below)
         if HAS_G and PREFETCH:

@@ -250,9 +250,6 @@ CONFIG = {
     # 2.504 / 2.511 / 2.785 / 2.860 (its fused kernel no longer holds float32 X tiles), 64 MiB less
     # peak; errors against float64 the same to two digits (dg 2.2e-3, the rest 4.1e-3 - 6.0e-3).
     "x_half": True,
-    # The forward pipelined over tiles of (sequence groups, chunk segments) of equal-length
-    # sequences (pipeline_tiles): (1, 1) runs prep over all chunks, then the pass.
-    "pipeline": (1, 1),
 }
 CHUNK_SIZES = (16, 32, 64)
 # Programs per SM a sequential pass needs before it takes 64 value columns (_Plan.seq_block): the
@@ -571,22 +568,6 @@ def side_stream(device) -> Optional["torch.cuda.Stream"]:
     return _SIDE_STREAMS[index]
 
 
-_PIPE_STREAMS: dict = {}
-
-
-def pipeline_stream(device) -> Optional["torch.cuda.Stream"]:
-    """The high-priority stream of a pipelined forward's passes (``pipeline_tiles``), or None without
-    a CUDA device (the interpreter runs launches in order). High priority: a pass's programs, on the
-    critical path, are placed before prep's of later tiles."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return None
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _PIPE_STREAMS:
-        _PIPE_STREAMS[index] = torch.cuda.Stream(device=index, priority=-1)
-    return _PIPE_STREAMS[index]
-
-
 @contextlib.contextmanager
 def forked(side):
     """Launch the block's kernels on ``side``, after all the current stream's work so far (None: in place)."""
@@ -633,13 +614,6 @@ class Prepped(NamedTuple):
 def prep(q, k, v, beta, g, plan: _Plan, save_x: bool = False) -> Prepped:
     """The chunk quantities of every chunk (``Prepped``), X only when ``save_x`` (for a backward;
     Aqk then as ``scores_in_passes`` says)."""
-    pp = prep_buffers(q, k, v, beta, g, plan, save_x)
-    prep_tile(q, k, v, beta, g, plan, pp, None)
-    return pp
-
-
-def prep_buffers(q, k, v, beta, g, plan: _Plan, save_x: bool = False) -> Prepped:
-    """``prep``'s outputs, unwritten (``prep_tile`` writes them)."""
     a_form = bool(CONFIG["a_form"])
     w = None if a_form else torch.empty_like(k)
     u = None if a_form else torch.empty_like(v)
@@ -659,26 +633,18 @@ def prep_buffers(q, k, v, beta, g, plan: _Plan, save_x: bool = False) -> Prepped
         gcs = torch.empty((plan.NT_total, plan.H, 2 * plan.BC + plan.BK), dtype=torch.float32, device=q.device)
     else:
         gcs = torch.empty(beta.shape, dtype=torch.float32, device=q.device)
-    return Prepped(w, u, a, aqk, xs, gcs, mode if gcs is not None else 0)
-
-
-def prep_tile(q, k, v, beta, g, plan: _Plan, pp: Prepped, tile: Optional[tuple]) -> None:
-    """Write ``pp`` (``prep_buffers``) for the chunks of ``tile`` = (first sequence, sequences,
-    first chunk, chunks) of equal-length sequences (``pipeline_tiles``), or for all when None."""
-    a_form = pp.a is not None
-    seq0, nseq, seg0, segc = tile if tile is not None else (0, plan.N, 0, plan.NT)
-    programs = plan.NT_total if tile is None else nseq * segc
     dummy = beta  # stands for absent tensors; never read or written
-    if programs:
-        launch("prep", _fwd.prep_kernel, (programs, plan.H),
-            q, k, v, beta, _g_arg(g, beta), dummy if a_form else pp.w, dummy if a_form else pp.u, pp.a if a_form else dummy,
-            pp.aqk if pp.aqk is not None else dummy, pp.xs if pp.xs is not None else dummy,
-            pp.gcs if pp.gcs is not None else dummy, plan.chunks, plan.T_steps, plan.NT, seq0, max(segc, 1), seg0,
-            BK=plan.BK, BKP=plan.BKP, BV=plan.BVP, HAS_G=g is not None, SAVE_X=pp.xs is not None,
-            SAVE_G=pp.gcs is not None and pp.gmode != 3, SAVE_E=pp.gcs is not None and pp.gmode == 3, FPREC=plan.FPREC,
-            SPLITS=CONFIG["inverse_splits"], AFORM=a_form, QK_OUT=pp.aqk is not None,
+    if plan.NT_total:
+        launch("prep", _fwd.prep_kernel, (plan.NT_total, plan.H),
+            q, k, v, beta, _g_arg(g, beta), dummy if a_form else w, dummy if a_form else u, a if a_form else dummy,
+            aqk if qk_out else dummy, xs if save_x else dummy, gcs if gcs is not None else dummy,
+            plan.chunks, plan.T_steps, plan.NT,
+            BK=plan.BK, BKP=plan.BKP, BV=plan.BVP, HAS_G=g is not None, SAVE_X=save_x,
+            SAVE_G=gcs is not None and mode != 3, SAVE_E=gcs is not None and mode == 3, FPREC=plan.FPREC,
+            SPLITS=CONFIG["inverse_splits"], AFORM=a_form, QK_OUT=qk_out,
             **plan.common(),
         )
+    return Prepped(w, u, a, aqk, xs, gcs, mode if gcs is not None else 0)
 
 
 def state_pass(q, k, v, pp: Prepped, g, scale, S0, plan: _Plan, *, want_o=True, want_final=True, save_h=False,
@@ -688,70 +654,31 @@ def state_pass(q, k, v, pp: Prepped, g, scale, S0, plan: _Plan, *, want_o=True, 
     R = V - diag(e^G) K S (like v) when ``save_r`` (a_form only); absent ones None.
 
     ``pp``: the chunk quantities from ``prep`` (its running log-decays None: summed from g here)."""
-    o, sT, h, vn, vr = state_buffers(q, v, pp, plan, want_o=want_o, want_final=want_final, save_h=save_h, save_r=save_r)
-    state_tile(q, k, v, pp, g, scale, S0, plan, (o, sT, h, vn, vr), None)
-    return o, sT, h, vn, vr
-
-
-def state_buffers(q, v, pp: Prepped, plan: _Plan, *, want_o=True, want_final=True, save_h=False, save_r=False):
-    """``state_pass``'s outputs, unwritten (``state_tile`` writes them)."""
+    a_form = pp.a is not None
+    w, u, aqk, gcs = (pp.a, v, pp.aqk, pp.gcs) if a_form else (pp.w, pp.u, pp.aqk, pp.gcs)
     B, T, H, K, V = plan.B, plan.T, plan.H, plan.K, plan.V
     dev = q.device
     o = torch.empty((B, T, H, V), dtype=q.dtype, device=dev) if want_o else None
     sT = torch.empty((plan.N, H, K, V), dtype=torch.float32, device=dev) if want_final else None
     h = torch.empty((plan.NT_total, H, K, V), dtype=q.dtype, device=dev) if save_h else None
-    vn = torch.empty_like(v) if save_h else None
-    if save_r and pp.a is None:
+    vn = torch.empty_like(u) if save_h else None
+    if save_r and not a_form:
         raise ValueError("the residuals R = V - diag(e^G) K S are formed only under CONFIG['a_form']")
     vr = torch.empty_like(v) if save_r else None
-    return o, sT, h, vn, vr
-
-
-def state_tile(q, k, v, pp: Prepped, g, scale, S0, plan: _Plan, outs: tuple, tile: Optional[tuple],
-               store_st: Optional[bool] = None) -> None:
-    """The sequential pass over the chunks of ``tile`` (``prep_tile``; None: all) into ``outs`` =
-    (o, sT, h, vn, vr) of ``state_buffers``, from the states S0 (None: zeros); ``store_st``: store
-    the states reached in sT (default: when sT is not None)."""
-    o, sT, h, vn, vr = outs
-    a_form = pp.a is not None
-    w, u, aqk, gcs = (pp.a, v, pp.aqk, pp.gcs) if a_form else (pp.w, pp.u, pp.aqk, pp.gcs)
-    want_o, save_h, save_r = o is not None, h is not None, vr is not None
-    store_st = sT is not None if store_st is None else store_st
-    seq0, nseq, seg0, segc = tile if tile is not None else (0, plan.N, 0, 2**31 - 1)
     dummy = u
     BV, stages = plan.state_launch(g is not None, want_o)
     grid = plan.seq_grid(BV)
-    sms = None if interpreting() else _sm_count(q.device)
-    # (the launch setting of the whole call's program count, whatever the tile)
-    setting = state_setting(g is not None, want_o, grid[0] * grid[1], sms)
-    launch(setting, _fwd.state_kernel, (grid[0], nseq * plan.H),
+    sms = None if interpreting() else _sm_count(dev)
+    launch(state_setting(g is not None, want_o, grid[0] * grid[1], sms), _fwd.state_kernel, grid,
         q, k, w, u, aqk if aqk is not None else dummy, _g_arg(g, dummy), _g_arg(gcs, dummy), o if want_o else dummy, S0 if S0 is not None else dummy,
-        sT if store_st else dummy, h if save_h else dummy, vn if save_h else dummy, vr if save_r else dummy,
-        plan.seqs, plan.T_steps, plan.NT, scale, seq0, seg0, min(seg0 + segc, 2**31 - 1),
-        BK=plan.BK, BV=BV, HAS_G=g is not None, HAS_S0=S0 is not None, STORE_ST=store_st,
+        sT if want_final else dummy, h if save_h else dummy, vn if save_h else dummy, vr if save_r else dummy,
+        plan.seqs, plan.T_steps, plan.NT, scale,
+        BK=plan.BK, BV=BV, HAS_G=g is not None, HAS_S0=S0 is not None, STORE_ST=want_final,
         WRITE_O=want_o, SAVE_H=save_h, GMODE=gate_mode(pp), GATE_V=bool(CONFIG["gate_values"]), AFORM=a_form,
         SAVE_R=save_r, PREFETCH=prefetch_gates(gate_mode(pp), "output" if want_o else "rerun"), QK_IN=aqk is None,
         max_stages=stages, **plan.common(),
     )
-
-
-def pipeline_tiles(plan: _Plan) -> list:
-    """The tiles (first sequence, sequences, first chunk, chunks) of a pipelined forward
-    (CONFIG["pipeline"] = (sequence groups, chunk segments)), in launch order: segment-major, so
-    that each group's pass continues from the states its previous tile reached. One tile (None)
-    when the call is not pipelined: packed sequences, or a single tile."""
-    setting = CONFIG["pipeline"]
-    if not (isinstance(setting, tuple) and len(setting) == 2 and all(isinstance(x, int) and x >= 1 for x in setting)):
-        raise ValueError(f"CONFIG['pipeline'] must be a tuple (sequence groups, chunk segments) of ints >= 1; got {setting!r}")
-    groups, segments = setting
-    if plan.varlen or plan.NT_total == 0:
-        return [None]
-    groups, segments = max(1, min(groups, plan.N)), max(1, min(segments, plan.NT))
-    if groups * segments == 1:
-        return [None]
-    per_g, per_s = triton.cdiv(plan.N, groups), triton.cdiv(plan.NT, segments)
-    return [(n, min(per_g, plan.N - n), j, min(per_s, plan.NT - j))
-            for j in range(0, plan.NT, per_s) for n in range(0, plan.N, per_g)]
+    return o, sT, h, vn, vr
 
 
 class Kept(NamedTuple):
@@ -773,31 +700,11 @@ def _forward(q, k, v, beta, g, scale, S0, plan, want_final, keep=False, keep_sta
     """o and the final states; with ``keep``, also a ``Kept`` for the backward (else None), whose
     per-chunk states h, pseudo-values Vn and residuals R are None unless ``keep_states`` (R also
     unless ``residuals_wanted(dgm)``)."""
+    pp = prep(q, k, v, beta, g, plan, save_x=keep)
     keep_states = keep and keep_states
-    save_r = keep_states and residuals_wanted(dgm)
-    tiles = pipeline_tiles(plan)
-    if tiles == [None]:
-        pp = prep(q, k, v, beta, g, plan, save_x=keep)
-        o, sT, hs, vn, vr = state_pass(q, k, v, pp, g, scale, S0, plan, want_final=want_final, save_h=keep_states,
-                                       save_r=save_r)
-        return o, sT, (Kept(pp, hs, vn, vr) if keep else None)
-    # Pipelined: each tile's pass runs on a second stream once prep has written that tile, beside
-    # prep's launches for the next tiles, so that the latency-bound pass does not wait for the
-    # whole of prep and prep fills the SMs the pass leaves idle. Between a group's tiles its states
-    # go through sT (float32).
-    pp = prep_buffers(q, k, v, beta, g, plan, save_x=keep)
-    outs = state_buffers(q, v, pp, plan, want_final=True, save_h=keep_states, save_r=save_r)
-    side = pipeline_stream(q.device)
-    last = tiles[-1][2]
-    for tile in tiles:
-        prep_tile(q, k, v, beta, g, plan, pp, tile)
-        with forked(side):
-            first = tile[2] == 0
-            state_tile(q, k, v, pp, g, scale, S0 if first else outs[1], plan, outs, tile,
-                       store_st=want_final or tile[2] != last)
-    join(side)
-    o, sT, hs, vn, vr = outs
-    return o, (sT if want_final else None), (Kept(pp, hs, vn, vr) if keep else None)
+    o, sT, hs, vn, vr = state_pass(q, k, v, pp, g, scale, S0, plan, want_final=want_final, save_h=keep_states,
+                                   save_r=keep_states and residuals_wanted(dgm))
+    return o, sT, (Kept(pp, hs, vn, vr) if keep else None)
 
 
 # -- autograd -----------------------------------------------------------------------------
