@@ -406,8 +406,9 @@ def test_each_sequential_pass_takes_its_own_launch_settings():
     assert td.state_setting(True, False, 1, 132) == "state_rerun_gated"
     assert td.setting_name("bwd_state", True) == "bwd_state_gated" and td.setting_name("bwd_state", False) == "bwd_state"
     assert td.setting_name("prep", True) == "prep"
+    assert td.prep_setting(True) == "prep" and td.prep_setting(False) == "prep_no_scores"  # writing Aqk or not
     for name in ("state", "state_few", "state_rerun", "state_gated", "state_few_gated", "state_rerun_gated", "bwd_state_gated",
-                 "bwd_fused_gated"):
+                 "bwd_fused_gated", "prep", "prep_no_scores"):
         warps, stages = td.CONFIG[name]
         assert warps in (1, 2, 4, 8) and stages >= 1, name
 

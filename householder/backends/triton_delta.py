@@ -45,7 +45,17 @@ CONFIG = {
     "BV": None,
     "bwd_state_BV": None,
     "bwd_BV": 64,  # (32: forward+backward 1.804 -> 2.122 ms plain, 2.478 -> 2.908 gated at 16 x 2048, 00af916)
+    # The prep kernel where it writes the masked scores Aqk (the gated op with a backward, or its
+    # forward at the long shapes), and where it does not (prep_no_scores: the plain op, whose passes
+    # form them, and the gated forward that forms them in its pass). On an H200 (a69e79d), 1 warp
+    # instead of 2 took the plain forward from 0.417 / 0.417 / 0.514 / 0.538 to 0.334 / 0.331 / 0.430
+    # / 0.453 ms at the four benchmark shapes, the plain forward+backward from 1.803 / 1.796 / 1.900
+    # / 2.032 to 1.733 / 1.726 / 1.823 / 1.961, and the gated forward at the short shapes from 0.493 /
+    # 0.492 to 0.411 / 0.407; where prep writes Aqk, 1 warp was slower (gated forward 0.629 -> 0.708
+    # at 4 x 8192, gated forward+backward 2.430 -> 2.545 at 16 x 2048), and 4 or 8 warps slower still
+    # (4: 0.494 -> 0.604 ms gated forward at 16 x 2048; benchmarks/results/delta_h200_ab_prep_*_a69e79d.md).
     "prep": (2, 1),
+    "prep_no_scores": (1, 1),
     # The sequential passes, plain and gated (state_setting, setting_name): the forward's pass that
     # writes the output (state, state_gated; state_few, state_few_gated where its programs do not
     # outnumber the SMs) and the backward's run of it again (state_rerun, state_rerun_gated). On an
@@ -454,6 +464,12 @@ def state_setting(gated: bool, want_o: bool, programs: int, sms: Optional[int]) 
     return setting_name("state_few" if sms is not None and programs <= sms else "state", gated)
 
 
+def prep_setting(scores: bool) -> str:
+    """The CONFIG entry of the prep kernel's launch settings: where it writes the masked scores Aqk
+    (``scores``) or not."""
+    return "prep" if scores else "prep_no_scores"
+
+
 def setting_name(name: str, gated: bool) -> str:
     """The CONFIG entry of kernel ``name``'s launch settings for the gated op or the plain one: the
     ``_gated`` entry where there is one."""
@@ -635,7 +651,7 @@ def prep(q, k, v, beta, g, plan: _Plan, save_x: bool = False) -> Prepped:
         gcs = torch.empty(beta.shape, dtype=torch.float32, device=q.device)
     dummy = beta  # stands for absent tensors; never read or written
     if plan.NT_total:
-        launch("prep", _fwd.prep_kernel, (plan.NT_total, plan.H),
+        launch(prep_setting(qk_out), _fwd.prep_kernel, (plan.NT_total, plan.H),
             q, k, v, beta, _g_arg(g, beta), dummy if a_form else w, dummy if a_form else u, a if a_form else dummy,
             aqk if qk_out else dummy, xs if save_x else dummy, gcs if gcs is not None else dummy,
             plan.chunks, plan.T_steps, plan.NT,
