@@ -563,7 +563,7 @@ def test_gated_forward_without_backward_forms_the_scores_alike(rng, monkeypatch,
     inp["g"] = inp["g"] * torch.linspace(0.0, 30.0, 50, device=DEVICE)[None, :, None]
     cu_t = None if cu is None else torch.tensor(cu, device=DEVICE)
     outs = []
-    for setting in (False, True, "few-blocks"):  # one value block under the interpreter: in the pass
+    for setting in (False, True, "few-blocks", "auto"):  # one value block under the interpreter: in the pass
         monkeypatch.setitem(td.CONFIG, "gated_scores_in_pass", setting)
         outs.append(hh.delta_product(**inp, num_householder=n, cu_seqlens=cu_t, output_final_state=True,
                                      chunk_size=32, backend="triton"))
@@ -574,7 +574,7 @@ def test_gated_forward_without_backward_forms_the_scores_alike(rng, monkeypatch,
         assert rel_err(outs[0][0], o) < SAME and rel_err(outs[0][1], S) < SAME
     q, k, v, beta, g = (inp[key] for key in ("q", "k", "v", "beta", "g"))
     plan = td._Plan(1, 50, 2, 16, 16, n, 32, None, q.dtype, q.device)
-    for setting in (True, "few-blocks"):
+    for setting in (True, "few-blocks", "auto"):
         monkeypatch.setitem(td.CONFIG, "gated_scores_in_pass", setting)
         assert td.prep(q, k, v, beta, g, plan, save_x=False).aqk is None
         assert td.prep(q, k, v, beta, g, plan, save_x=True).aqk is not None
@@ -583,21 +583,25 @@ def test_gated_forward_without_backward_forms_the_scores_alike(rng, monkeypatch,
 
 
 @pytest.mark.parametrize(
-    "setting, blocks, want",
-    [(False, 1, False), (True, 4, True), ("few-blocks", 1, True), ("few-blocks", 2, True), ("few-blocks", 4, False)],
+    "setting, blocks, programs, sms, want",
+    [(False, 1, 64, 132, False), (True, 4, 64, 132, True), ("few-blocks", 1, 64, 132, True), ("few-blocks", 2, 512, 132, True),
+     ("few-blocks", 4, 256, 132, False), ("auto", 2, 512, 132, True), ("auto", 4, 256, 132, True),
+     ("auto", 4, 128, 132, False), ("auto", 4, 256, None, False)],
 )
-def test_gated_scores_in_the_pass_where_few_programs_share_a_chunk(monkeypatch, setting, blocks, want):
+def test_gated_scores_in_the_pass_where_few_programs_share_a_chunk(monkeypatch, setting, blocks, programs, sms, want):
     # "few-blocks": the forward's pass forms a chunk's gated scores where at most two value blocks
-    # (programs) of a head would each form them; with a backward only where the gate's gradient
-    # does not read Aqk (dg_from_aqk); without a gate scores_in_passes decides
+    # (programs) of a head would each form them; "auto" also where the pass's programs outnumber the
+    # SMs (none known under the interpreter); with a backward only where the gate's gradient does
+    # not read Aqk (dg_from_aqk); without a gate scores_in_passes decides
     from householder.backends import triton_delta as td
 
     monkeypatch.setitem(td.CONFIG, "gated_scores_in_pass", setting)
     for from_aqk in (True, False):
         monkeypatch.setitem(td.CONFIG, "dg_from_aqk", from_aqk)
-        assert td.scores_in_passes(0.0, backward=False, value_blocks=blocks) is want
-        assert td.scores_in_passes(0.0, backward=True, value_blocks=blocks) is (want and not from_aqk)
-        assert td.scores_in_passes(None, backward=True, value_blocks=blocks) is bool(td.CONFIG["scores_in_passes"])
+        kw = dict(value_blocks=blocks, programs=programs, sms=sms)
+        assert td.scores_in_passes(0.0, backward=False, **kw) is want
+        assert td.scores_in_passes(0.0, backward=True, **kw) is (want and not from_aqk)
+        assert td.scores_in_passes(None, backward=True, **kw) is bool(td.CONFIG["scores_in_passes"])
 
 
 @pytest.mark.parametrize("n, cu", [(1, None), (2, [0, 7, 7, 30, 50])], ids=["delta", "product-varlen"])

@@ -167,8 +167,14 @@ CONFIG = {
     # benchmark shapes (the last two at 32 columns, so as before). Since the pass takes the scores'
     # log-decays from the g it prefetched (a465726: 0.532 / 0.528 -> 0.505 / 0.502 ms at the two
     # short shapes), forming them at the long ones too (True) is still slower: 0.634 -> 0.675 ms at
-    # 4 x 8192, 0.733 -> 0.876 at 2 x 16384 (0.651 and 1.085 at 64 value columns).
-    "gated_scores_in_pass": "few-blocks",
+    # 4 x 8192, 0.733 -> 0.876 at 2 x 16384 (0.651 and 1.085 at 64 value columns). Since prep runs at
+    # 1 warp where it writes no Aqk (prep_no_scores), True took the gated forward at 4 x 8192 from
+    # 0.629 / 0.630 to 0.605 / 0.606 ms, and at 2 x 16384 from 0.735 / 0.734 to 0.818 / 0.819 (H200,
+    # ec82f8f, benchmarks/results/delta_h200_ab_scores_in_pass_ec82f8f.md): with 4 value blocks each,
+    # the pass there runs 256 and 128 programs on 132 SMs. "auto" forms them in the pass where at most
+    # 2 value blocks share a chunk, or where the pass's programs outnumber the SMs (so that another
+    # program's work hides the extra products on each one's chain).
+    "gated_scores_in_pass": "auto",
     # Quadrant splits (0, 1, 2) of the chunk factor's triangular inverse in the prep kernel: 0
     # inverts the whole chunk by doubling, which at chunk 64 is 4.3x (1 split) or 15x (2) the
     # multiply-adds of the split forms. H200, forward at 16 x 2048: 0.984 / 1.022 / 0.948 ms.
@@ -540,18 +546,19 @@ def dg_mode(g) -> int:
     return DG_MODES[form]
 
 
-GATED_SCORES_SETTINGS = (False, True, "few-blocks")
+GATED_SCORES_SETTINGS = (False, True, "few-blocks", "auto")
 
 
-def scores_in_passes(g, backward: bool, value_blocks: int = 1) -> bool:
+def scores_in_passes(g, backward: bool, value_blocks: int = 1, programs: int = 0, sms: Optional[int] = None) -> bool:
     """Whether the sequential passes form the masked scores tril(Q K^T) o Gamma themselves rather
     than read prep's Aqk, for a call with log-decays ``g`` whose chunk quantities serve a
     ``backward`` too, and whose forward pass splits the value columns into ``value_blocks``
-    programs per head: without a gate CONFIG["scores_in_passes"]; with one
-    CONFIG["gated_scores_in_pass"] (``GATED_SCORES_SETTINGS``; "few-blocks": where each chunk's
-    scores are formed at most twice), and where a backward follows only if the gate's gradient does
-    not read Aqk (CONFIG["dg_from_aqk"]: with Aqk written anyway, forming the scores again only
-    slows the passes)."""
+    programs per head, ``programs`` in all on a device of ``sms`` SMs (None: the interpreter):
+    without a gate CONFIG["scores_in_passes"]; with one CONFIG["gated_scores_in_pass"]
+    (``GATED_SCORES_SETTINGS``; "few-blocks": where each chunk's scores are formed at most twice;
+    "auto": there, and where the programs outnumber the SMs), and where a backward follows only if
+    the gate's gradient does not read Aqk (CONFIG["dg_from_aqk"]: with Aqk written anyway, forming
+    the scores again only slows the passes)."""
     if g is None:
         return bool(CONFIG["scores_in_passes"])
     setting = CONFIG["gated_scores_in_pass"]
@@ -559,7 +566,8 @@ def scores_in_passes(g, backward: bool, value_blocks: int = 1) -> bool:
         raise ValueError(f"CONFIG['gated_scores_in_pass'] must be one of {GATED_SCORES_SETTINGS}, got {setting!r}")
     if not setting or (backward and CONFIG["dg_from_aqk"]):
         return False
-    return setting is True or value_blocks <= 2
+    busy = setting == "auto" and sms is not None and programs > sms
+    return setting is True or value_blocks <= 2 or busy
 
 
 def fused_backward(dgm: int) -> bool:
@@ -636,7 +644,8 @@ def prep(q, k, v, beta, g, plan: _Plan, save_x: bool = False) -> Prepped:
     chunk_tiles = (plan.NT_total, plan.H, plan.BC, plan.BC)
     a = torch.empty(chunk_tiles, dtype=q.dtype, device=q.device) if a_form else None
     blocks = plan.seq_grid(plan.state_launch(g is not None, want_o=True)[0])[0] if g is not None else 1
-    qk_out = not scores_in_passes(g, backward=save_x, value_blocks=blocks)
+    sms = None if interpreting() else _sm_count(q.device)
+    qk_out = not scores_in_passes(g, backward=save_x, value_blocks=blocks, programs=blocks * plan.N * plan.H, sms=sms)
     aqk = torch.empty(chunk_tiles, dtype=q.dtype, device=q.device) if qk_out else None
     x_dtype = q.dtype if CONFIG["x_half"] else torch.float32
     xs = torch.empty((plan.NT_total, plan.H, plan.BC, plan.BC), dtype=x_dtype, device=q.device) if save_x else None
