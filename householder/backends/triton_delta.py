@@ -12,16 +12,15 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
-import os
 import weakref
 from typing import NamedTuple, Optional
 
 import torch
-import triton
 import triton.language as tl
 
 from householder.backends import _triton_delta_bwd as _bwd
 from householder.backends import _triton_delta_fwd as _fwd
+from householder.backends.triton import interpreting
 
 MAX_K = 256
 # Launch settings (num_warps, num_stages) per kernel on GPUs; the interpreter ignores them.
@@ -274,9 +273,16 @@ _FILL, _FILL_A_FORM = 0.75, 1.5
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
-def interpreting() -> bool:
-    """True when Triton runs kernels on the CPU (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) of ints, for the launchers. (triton.cdiv and triton.next_power_of_2 are constexpr
+    functions in Triton 3.9: about 15 us a call on the host, 8 of them per forward on a 2-core CPU,
+    where the launchers' own Python took about 200 us a call in all.)"""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of 2 >= n (n >= 1), for the launchers."""
+    return 1 << (n - 1).bit_length()
 
 
 def check_available(x) -> None:
@@ -308,12 +314,12 @@ class _Plan:
             # T tokens can have; the programs of chunks beyond the real ones find no rows and store
             # nothing (the backward's read per-chunk states no pass wrote, and drop what they make)
             self.N = cu_seqlens.shape[0] - 1
-            self.NT_total = triton.cdiv(self.T_steps, BC) + self.N
+            self.NT_total = cdiv(self.T_steps, BC) + self.N
             self.seqs, self.chunks = _device_tables_of(cu_seqlens, NH, BC, self.NT_total, device)
             self.NT = 0
         else:
             self.N = B
-            self.NT = triton.cdiv(self.T_steps, BC)
+            self.NT = cdiv(self.T_steps, BC)
             self.NT_total = B * self.NT
             self.seqs = self.chunks = torch.empty(2, dtype=torch.int64, device=device)
         self.dtype = dtype
@@ -325,7 +331,7 @@ class _Plan:
         # accuracy, tf32 is enough for half inputs, whose outputs round to 8 (bf16) bits anyway.
         self.PREC = "ieee" if interp else "tf32x3"
         self.FPREC = "ieee" if interp else ("tf32x3" if dtype == torch.float32 else "tf32")
-        self.BK = max(16, triton.next_power_of_2(K))
+        self.BK = max(16, next_power_of_2(K))
         # Loads of the sequential passes are double-buffered unless their tiles outgrow shared memory
         # (227 KB on an H100 or H200): float32 at K >= 128 (238 KB in the reverse pass), and the
         # forward pass that writes the output in half precision at K = 256 (232 KB). Only there:
@@ -334,8 +340,8 @@ class _Plan:
         self.seq_stages = 1 if (dtype == torch.float32 and self.BK >= 128) else None
         self.out_stages = 1 if dtype.itemsize * self.BK >= 512 else None
         self.BKP = min(64, self.BK)
-        self.BVP = min(64, max(16, triton.next_power_of_2(V)))
-        self.BVB = min(CONFIG["bwd_BV"], max(16, triton.next_power_of_2(V)))
+        self.BVP = min(64, max(16, next_power_of_2(V)))
+        self.BVB = min(CONFIG["bwd_BV"], max(16, next_power_of_2(V)))
         self.device = device
 
     def state_launch(self, gated: bool, want_o: bool, sms: Optional[int] = None) -> tuple:
@@ -377,7 +383,7 @@ class _Plan:
         """Value columns per program of a sequential pass: ``setting`` (CONFIG["BV"] or
         CONFIG["bwd_state_BV"]), or when None, 64 if ``wide`` and that still gives ``fill`` times
         the SMs a program, else 32."""
-        full = max(16, triton.next_power_of_2(self.V))
+        full = max(16, next_power_of_2(self.V))
         if setting is None:
             if interpreting() and sms is None:
                 return full  # few programs: the interpreter pays per program
@@ -385,22 +391,22 @@ class _Plan:
             # N * H is small: on an H200 (132 SMs), plain, K = V = 128, 64 columns took the forward
             # from 0.96 to 0.76 ms with 128 programs (4 x 8192) and from 0.96 to 1.03 with 64 (2 x 16384)
             sms = sms or _sm_count(self.device)
-            wide = wide and self.N * self.H * triton.cdiv(self.V, 64) >= int(fill * sms)
+            wide = wide and self.N * self.H * cdiv(self.V, 64) >= int(fill * sms)
             setting = 64 if wide else 32
         return min(setting, full)
 
     def seq_grid(self, BV: int) -> tuple:
         """Grid of a sequential pass at ``BV`` value columns per program: (value blocks, N * H)."""
-        return triton.cdiv(self.V, BV), self.N * self.H
+        return cdiv(self.V, BV), self.N * self.H
 
     def key_splits(self, setting: int) -> tuple:
         """(splits, key columns per split) of bwd_dqk's grid: ``setting`` (CONFIG["bwd_dqk_split"])
         programs per chunk and head, at most one per BKP-wide key block, each taking whole blocks."""
         if not isinstance(setting, int) or setting < 1:
             raise ValueError(f"CONFIG['bwd_dqk_split'] must be an int >= 1; got {setting!r}")
-        blocks = triton.cdiv(self.K, self.BKP)
-        per = triton.cdiv(blocks, min(setting, blocks))
-        return triton.cdiv(blocks, per), per * self.BKP
+        blocks = cdiv(self.K, self.BKP)
+        per = cdiv(blocks, min(setting, blocks))
+        return cdiv(blocks, per), per * self.BKP
 
     def common(self):
         return dict(H=self.H, K=self.K, V=self.V, BC=self.BC, NH=self.NH, VARLEN=self.varlen, DT=self.DT, F32=self.F32, PREC=self.PREC)
