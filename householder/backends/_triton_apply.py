@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from householder.backends._launch import cdiv, next_power_of_2
 from householder.backends._triton_factor import _tl_dtype, block_width, mm
 
 
@@ -193,13 +194,13 @@ CONFIG = {"BD": None, "BC": None, "num_warps": None, "num_stages": None}
 def _tiles(D: int, C: int, B: int, interpret: bool) -> tuple[int, int]:
     """(BD, BC): large tiles under the interpreter (few program steps), else enough programs to fill the GPU."""
     if interpret:
-        return max(16, min(128, triton.next_power_of_2(D))), max(16, min(64, triton.next_power_of_2(C)))
+        return max(16, min(128, next_power_of_2(D))), max(16, min(64, next_power_of_2(C)))
     # fastest on an H100 (benchmarks/results/gpu_product_h100.md): 4 warps, d tiles of 64,
     # column tiles of 32, halved down to 16 while the grid would leave multiprocessors idle
-    BD = CONFIG["BD"] or max(16, min(64, triton.next_power_of_2(D)))
-    BC = CONFIG["BC"] or max(16, min(32, triton.next_power_of_2(C)))
+    BD = CONFIG["BD"] or max(16, min(64, next_power_of_2(D)))
+    BC = CONFIG["BC"] or max(16, min(32, next_power_of_2(C)))
     if CONFIG["BC"] is None:
-        while BC > 16 and B * triton.cdiv(C, BC) < 264:  # two programs per multiprocessor of an H100
+        while BC > 16 and B * cdiv(C, BC) < 264:  # two programs per multiprocessor of an H100
             BC //= 2
     return BD, BC
 
@@ -225,7 +226,7 @@ def apply_forward(K, T, x, transpose: bool, out_dtype, cdt, precision: str, save
     ws = torch.empty((B, ws_len, D, C) if m > 1 else (1,), dtype=cdt, device=K.device)
     BT = block_width(b)
     BD, BC = _tiles(D, C, B, interpret)
-    grid = (B, triton.cdiv(C, BC))
+    grid = (B, cdiv(C, BC))
     _apply_fwd_kernel[grid](
         K, T, y if x is None else x, y, ws,
         m, b, D, C, ws_step,
@@ -241,7 +242,7 @@ def apply_backward(K, T, x, ws, dy, transpose: bool, need_dx: bool, cdt, precisi
     C = dy.shape[-1]
     BT = block_width(b)
     BD, BC = _tiles(D, C, B, interpret)
-    n_ct = triton.cdiv(C, BC)
+    n_ct = cdiv(C, BC)
     dK = torch.empty((B, n_ct, m, b, D), dtype=cdt, device=K.device)
     dT = torch.empty((B, n_ct, m, b, b), dtype=cdt, device=K.device)
     dx = torch.empty((B, D, C), dtype=x.dtype, device=K.device) if need_dx else None

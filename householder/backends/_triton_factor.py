@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from householder.backends._launch import next_power_of_2
+
 MAX_BT = 64  # largest block of factors held in registers
 
 _MODES = {"wy": 0, "ut": 1, "utinv": 2}
@@ -358,7 +360,7 @@ def block_width(b: int) -> int:
     """The register block for b factors: a power of two, at least 32 (two halves of tl.dot's minimum 16)."""
     if b > MAX_BT:
         raise ValueError(f"a register block holds at most {MAX_BT} factors; got {b}")
-    return max(32, triton.next_power_of_2(b))
+    return max(32, next_power_of_2(b))
 
 
 # Launch settings; None picks the default. The benchmark script sweeps them on a GPU: on an
@@ -368,7 +370,7 @@ CONFIG = {"BD": None, "num_warps": None, "num_stages": None, "quadrants": None}
 
 
 def _d_tile(D: int) -> int:
-    return CONFIG["BD"] or max(16, min(64, triton.next_power_of_2(D)))
+    return CONFIG["BD"] or max(16, min(64, next_power_of_2(D)))
 
 
 def _launch(BT: int) -> dict:

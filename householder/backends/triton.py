@@ -22,26 +22,15 @@ float64 dots.
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 
 from householder.backends import _triton_apply as _apply
 from householder.backends import _triton_factor as _factor
+from householder.backends._launch import interpreting
 from householder.backends.torch import TorchBackend, compute_dtype
 
 _HALF = (torch.bfloat16, torch.float16)
 _PRECISIONS = ("ieee", "tf32x3", "split", "tf32")
-
-
-@functools.lru_cache(maxsize=None)
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1).
-
-    Read once: Triton itself decides when its kernels are defined (at import), and the launchers
-    ask on every call (reading the environment cost about 7 us each time on a 2-core CPU)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 class TritonBackend(TorchBackend):

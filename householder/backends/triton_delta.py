@@ -20,7 +20,7 @@ import triton.language as tl
 
 from householder.backends import _triton_delta_bwd as _bwd
 from householder.backends import _triton_delta_fwd as _fwd
-from householder.backends.triton import interpreting
+from householder.backends._launch import cdiv, interpreting, next_power_of_2
 
 MAX_K = 256
 # Launch settings (num_warps, num_stages) per kernel on GPUs; the interpreter ignores them.
@@ -271,18 +271,6 @@ CHUNK_SIZES = (16, 32, 64)
 # general rule, and the one of the passes whose chunk step also multiplies by the factor A (a_form)
 _FILL, _FILL_A_FORM = 0.75, 1.5
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-
-
-def cdiv(a: int, b: int) -> int:
-    """ceil(a / b) of ints, for the launchers. (triton.cdiv and triton.next_power_of_2 are constexpr
-    functions in Triton 3.9: about 15 us a call on the host, 8 of them per forward on a 2-core CPU,
-    where the launchers' own Python took about 200 us a call in all.)"""
-    return -(-a // b)
-
-
-def next_power_of_2(n: int) -> int:
-    """The smallest power of 2 >= n (n >= 1), for the launchers."""
-    return 1 << (n - 1).bit_length()
 
 
 def check_available(x) -> None:
