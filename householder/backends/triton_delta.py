@@ -637,9 +637,10 @@ def prep(q, k, v, beta, g, plan: _Plan, save_x: bool = False) -> Prepped:
     u = None if a_form else torch.empty_like(v)
     chunk_tiles = (plan.NT_total, plan.H, plan.BC, plan.BC)
     a = torch.empty(chunk_tiles, dtype=q.dtype, device=q.device) if a_form else None
-    blocks = plan.seq_grid(plan.state_launch(g is not None, want_o=True)[0])[0] if g is not None else 1
-    sms = None if interpreting() else _sm_count(q.device)
-    qk_out = not scores_in_passes(g, backward=save_x, value_blocks=blocks, programs=blocks * plan.N * plan.H, sms=sms)
+    # the gated forward pass's grid, which decides where it forms its own scores
+    blocks, heads = plan.seq_grid(plan.state_launch(True, want_o=True)[0]) if g is not None else (1, 0)
+    sms = None if g is None or interpreting() else _sm_count(q.device)
+    qk_out = not scores_in_passes(g, backward=save_x, value_blocks=blocks, programs=blocks * heads, sms=sms)
     aqk = torch.empty(chunk_tiles, dtype=q.dtype, device=q.device) if qk_out else None
     x_dtype = q.dtype if CONFIG["x_half"] else torch.float32
     xs = torch.empty((plan.NT_total, plan.H, plan.BC, plan.BC), dtype=x_dtype, device=q.device) if save_x else None
