@@ -300,6 +300,9 @@ def main() -> int:
     ap.add_argument("--ab", action="append", default=[], metavar="KEY=V1,V2,...",
                     help="also time our ops at each of --shapes under each value of a triton_delta.CONFIG entry, e.g. "
                          "gates=0,1,2 or 'bwd_fused=8,1;4,1' (values of (num_warps, num_stages) entries separated by ';')")
+    ap.add_argument("--ab-joint", action="append", default=[], metavar="'K=V K2=V2|K=V3 ...'",
+                    help="like --ab, for sets of CONFIG entries changed together: variants separated by '|', each "
+                         "KEY=VALUE items separated by spaces, e.g. 'prep=2,1 prep_scores_last=0|prep=1,1 prep_scores_last=2'")
     ap.add_argument("--ab-ops", default="delta,gated", help="the ops --ab times (delta, gated or both)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override an entry of triton_delta.CONFIG, e.g. BV=64 or bwd_dqk=4,1 (num_warps,num_stages)")
@@ -442,6 +445,10 @@ def main() -> int:
         key, values = setting_values(item)
         lines += [f"## Our ops under each value of CONFIG[{key!r}]", ""] + ab(H, D, shapes, key, values, ab_ops) + [""]
         _write(args.out, lines)
+    for item in args.ab_joint:
+        lines += ["## Our ops under each set of CONFIG entries", ""]
+        lines += ab_variants(H, D, shapes, "settings", joint_variants(item), ab_ops) + [""]
+        _write(args.out, lines)
     if args.sweep:
         lines += ["## Launch-setting sweep (ours, gated delta rule)", ""] + sweep(H, D, shapes) + [""]
 
@@ -497,23 +504,41 @@ def sweep(H, D, shapes):
 
 def ab(H, D, shapes, key, values, ops=("delta", "gated")):
     """Our delta and/or gated ops (``ops``), forward and forward+backward, under each value of CONFIG[key]."""
+    return ab_variants(H, D, shapes, key, [(val, [f"{key}={val}"]) for val in values], ops)
+
+
+def joint_variants(text: str) -> list:
+    """(label, --set items) of each variant of an --ab-joint argument: variants separated by '|',
+    each a space-separated list of KEY=VALUE."""
+    out = []
+    for variant in (v.strip() for v in text.split("|")):
+        items = variant.split()
+        if not items or any("=" not in item for item in items):
+            raise SystemExit(f"--ab-joint: each variant is KEY=VALUE items separated by spaces; got {variant!r}")
+        out.append((" ".join(items), items))
+    return out
+
+
+def ab_variants(H, D, shapes, column, variants, ops=("delta", "gated")):
+    """Our delta and/or gated ops (``ops``), forward and forward+backward, under each of ``variants``
+    ((label, --set items)), taken in turn at each shape; CONFIG is restored after each."""
     from householder.backends import triton_delta as td
 
-    before = td.CONFIG[key]
-    out = [f"| op | B x T | {key} | fwd ms | fwd+bwd ms | peak MiB |", "|---|---|---|---|---|---|"]
+    before = dict(td.CONFIG)
+    out = [f"| op | B x T | {column} | fwd ms | fwd+bwd ms | peak MiB |", "|---|---|---|---|---|---|"]
     for op, gated in ((op, op == "gated") for op in ops):
         for B, T in shapes:
             x = make(B, T, H, D, D, gated=gated)
-            for val in values:
+            for label, items in variants:
                 try:
-                    apply_settings([f"{key}={val}"])
+                    apply_settings(items)
                     f = bench(ours_fn(1, gated), list(x), False)[0]
                     fb, peak = bench(ours_fn(1, gated), list(x), True)
-                    out.append(f"| {op} | {B} x {T} | {val} | {f:.3f} | {fb:.3f} | {peak:.0f} |")
+                    out.append(f"| {op} | {B} x {T} | {label} | {f:.3f} | {fb:.3f} | {peak:.0f} |")
                 except Exception as exc:
-                    out.append(f"| {op} | {B} x {T} | {val} | failed: {exc!r} | | |")
+                    out.append(f"| {op} | {B} x {T} | {label} | failed: {exc!r} | | |")
                 finally:
-                    td.CONFIG[key] = before
+                    td.CONFIG.update(before)
                 print(out[-1], flush=True)
             torch.cuda.empty_cache()
     return out

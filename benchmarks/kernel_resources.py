@@ -99,7 +99,8 @@ def kernels(K: int, chunk: int):
         qk_in = td.scores_in_passes(0.0 if gated else None, backward=True)
         yield ("prep", variant, fwd.prep_kernel, dict(common, BK=plan.BK, BKP=plan.BKP, BV=plan.BVP, HAS_G=gated, SAVE_X=True,
                SAVE_G=gmode in (1, 2), SAVE_E=gmode == 3, FPREC=plan.FPREC, SPLITS=td.CONFIG["inverse_splits"],
-               AFORM=a_form, QK_OUT=not qk_in), td.CONFIG[td.prep_setting(not qk_in)])
+               AFORM=a_form, QK_OUT=not qk_in,
+               QK_LAST=td.prep_scores_last(not qk_in, plan.BKP)), td.CONFIG[td.prep_setting(not qk_in)])
         seq = dict(common, BK=plan.BK, HAS_G=gated, GMODE=gmode, GATE_V=bool(td.CONFIG["gate_values"]), AFORM=a_form,
                    PREFETCH=td.prefetch_gates(gmode, "reverse"), QK_IN=qk_in)
         BV, cap = plan.state_launch(gated, want_o=True, sms=SMS)

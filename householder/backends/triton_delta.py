@@ -55,6 +55,12 @@ CONFIG = {
     # (4: 0.494 -> 0.604 ms gated forward at 16 x 2048; benchmarks/results/delta_h200_ab_prep_*_a69e79d.md).
     "prep": (2, 1),
     "prep_no_scores": (1, 1),
+    # Where prep writes Aqk, form Q K^T after the chunk factor (a second loop over the keys, read
+    # again) rather than beside K K^T (0), so that its float32 tile is never live beside K K^T or
+    # the inverse: 1 in key blocks of BKP columns, 2 of BKP / 2 (prep_scores_last()). At 1 warp
+    # each (64, 64) float32 tile takes 128 registers per thread: built for sm_90 by Triton 3.9,
+    # prep at 1 warp spills 2792 / 888 / 632 B per thread at 0 / 1 / 2, at 2 warps 240 / 96 / 496.
+    "prep_scores_last": 0,
     # The sequential passes, plain and gated (state_setting, setting_name): the forward's pass that
     # writes the output (state, state_gated; state_few, state_few_gated where its programs do not
     # outnumber the SMs) and the backward's run of it again (state_rerun, state_rerun_gated). On an
@@ -464,6 +470,18 @@ def state_setting(gated: bool, want_o: bool, programs: int, sms: Optional[int]) 
     return setting_name("state_few" if sms is not None and programs <= sms else "state", gated)
 
 
+def prep_scores_last(scores: bool, BKP: int) -> int:
+    """prep's QK_LAST for a launch that writes the masked scores (``scores``) or not, with key
+    blocks of ``BKP`` columns: the key columns per block of its late Q K^T loop, 0 for none (see
+    CONFIG["prep_scores_last"]; blocks are at least 16 wide, the matrix units' depth)."""
+    setting = CONFIG["prep_scores_last"]
+    if setting not in (0, 1, 2):
+        raise ValueError(f"CONFIG['prep_scores_last'] must be 0, 1 or 2; got {setting!r}")
+    if not scores or not setting:
+        return 0
+    return max(BKP // setting, min(BKP, 16))
+
+
 def prep_setting(scores: bool) -> str:
     """The CONFIG entry of the prep kernel's launch settings: where it writes the masked scores Aqk
     (``scores``) or not."""
@@ -661,7 +679,7 @@ def prep(q, k, v, beta, g, plan: _Plan, save_x: bool = False) -> Prepped:
             plan.chunks, plan.T_steps, plan.NT,
             BK=plan.BK, BKP=plan.BKP, BV=plan.BVP, HAS_G=g is not None, SAVE_X=save_x,
             SAVE_G=gcs is not None and mode != 3, SAVE_E=gcs is not None and mode == 3, FPREC=plan.FPREC,
-            SPLITS=CONFIG["inverse_splits"], AFORM=a_form, QK_OUT=qk_out,
+            SPLITS=CONFIG["inverse_splits"], AFORM=a_form, QK_OUT=qk_out, QK_LAST=prep_scores_last(qk_out, plan.BKP),
             **plan.common(),
         )
     return Prepped(w, u, a, aqk, xs, gcs, mode if gcs is not None else 0)
