@@ -97,22 +97,26 @@ def kernels(K: int, chunk: int):
         gmode = td.CONFIG["gates"] if gated else 0
         # the kernels of a call with a backward: the scores formed in the passes or read from prep
         qk_in = td.scores_in_passes(0.0 if gated else None, backward=True)
-        yield ("prep", variant, fwd.prep_kernel, dict(common, BK=plan.BK, BKP=plan.BKP, BV=plan.BVP, HAS_G=gated, SAVE_X=True,
-               SAVE_G=gmode in (1, 2), SAVE_E=gmode == 3, FPREC=plan.FPREC, SPLITS=td.CONFIG["inverse_splits"],
-               AFORM=a_form, QK_OUT=not qk_in,
-               QK_LAST=td.prep_scores_last(not qk_in, plan.BKP)), td.CONFIG[td.prep_setting(not qk_in)])
-        seq = dict(common, BK=plan.BK, HAS_G=gated, GMODE=gmode, GATE_V=bool(td.CONFIG["gate_values"]), AFORM=a_form,
-                   PREFETCH=td.prefetch_gates(gmode, "reverse"), QK_IN=qk_in)
         BV, cap = plan.state_launch(gated, want_o=True, sms=SMS)
         blocks, heads = plan.seq_grid(BV)
+        # the output pass writes the scores in prep's place (pass_writes_scores)
+        scores_out = not qk_in and td.pass_writes_scores(0.0 if gated else None, blocks, blocks * heads, SMS)
+        qk_out = not qk_in and not scores_out
+        yield ("prep", variant, fwd.prep_kernel, dict(common, BK=plan.BK, BKP=plan.BKP, BV=plan.BVP, HAS_G=gated, SAVE_X=True,
+               SAVE_G=gmode in (1, 2), SAVE_E=gmode == 3, FPREC=plan.FPREC, SPLITS=td.CONFIG["inverse_splits"],
+               AFORM=a_form, QK_OUT=qk_out,
+               QK_LAST=td.prep_scores_last(qk_out, plan.BKP)), td.CONFIG[td.prep_setting(qk_out)])
+        seq = dict(common, BK=plan.BK, HAS_G=gated, GMODE=gmode, GATE_V=bool(td.CONFIG["gate_values"]), AFORM=a_form,
+                   PREFETCH=td.prefetch_gates(gmode, "reverse"), QK_IN=qk_in)
         BV, launch = seq_launch(plan, td.state_setting(gated, True, blocks * heads, SMS), (BV, cap))
         yield ("state", variant, fwd.state_kernel, dict(seq, BV=BV, HAS_S0=False, STORE_ST=True, WRITE_O=True, SAVE_H=False,
-                                                      SAVE_R=False, PREFETCH=td.prefetch_gates(gmode, "output")), launch)
+                                                      SAVE_R=False, PREFETCH=td.prefetch_gates(gmode, "output"),
+                                                      QK_IN=qk_in or scores_out, SCORES_OUT=scores_out), launch)
         dgm = td.dg_mode(torch.zeros(()) if gated else None)
         residuals = a_form and td.residuals_wanted(dgm)
         BV, launch = seq_launch(plan, td.state_setting(gated, False, 0, SMS), plan.state_launch(gated, want_o=False, sms=SMS))
         yield ("state (rerun)", variant, fwd.state_kernel, dict(seq, BV=BV, HAS_S0=False, STORE_ST=False, WRITE_O=False,
-                                                                SAVE_H=True, SAVE_R=residuals,
+                                                                SAVE_H=True, SAVE_R=residuals, SCORES_OUT=False,
                                                                 PREFETCH=td.prefetch_gates(gmode, "rerun")), launch)
         BV, launch = seq_launch(plan, td.setting_name("bwd_state", gated), plan.reverse_launch(gated, sms=SMS))
         yield ("bwd_state", variant, bwd.bwd_state_kernel, dict(seq, BV=BV, HAS_DST=False), launch)

@@ -661,6 +661,54 @@ def test_prep_forms_the_scores_after_the_factor_alike(rng, monkeypatch, n, cu):
     assert_alike(runs, inp, n, cu_t, do, dS, 10 * SAME)
 
 
+@pytest.mark.parametrize("n, cu", [(1, None), (2, [0, 7, 7, 30, 50])], ids=["delta", "product-varlen"])
+def test_forward_pass_writes_the_scores_for_the_backward_alike(rng, monkeypatch, n, cu):
+    # CONFIG["pass_writes_scores"]: with a backward that reads Aqk, the gated forward's output pass
+    # forms the scores (where it would without a backward) and its first value block's programs
+    # write them in prep's place. Two value blocks (BV 16 of V = 32), so that only one writes; the
+    # same Aqk as prep's and the same gradients, decays down to e^-30 per token.
+    from householder.backends import triton_delta as td
+
+    monkeypatch.setitem(td.CONFIG, "BV", 16)
+    inp, cu_t, do, dS = backward_case(rng, 1, 50, 2, 16, 32, n=n, gated=True, cu=cu)
+    inp["g"] = inp["g"] * torch.linspace(0.0, 30.0, 50, device=DEVICE)[None, :, None]
+    q, k, v, beta, g = (inp[key] for key in ("q", "k", "v", "beta", "g"))
+    plan = td._Plan(1, 50, 2, 16, 32, n, 32, None, q.dtype, q.device)  # one sequence here; cu_seqlens below
+    assert plan.seq_grid(plan.state_launch(True, want_o=True)[0])[0] == 2
+    kept = {}
+    for setting in (False, True):
+        monkeypatch.setitem(td.CONFIG, "pass_writes_scores", setting)
+        pp = td.prep(q, k, v, beta, g, plan, save_x=True, output_pass=True)
+        assert pp.scores_pending is setting and pp.aqk is not None
+        assert td.prep(q, k, v, beta, g, plan, save_x=True).scores_pending is False  # the backward's own prep
+        o, sT, got = td._forward(q, k, v, beta, g, 0.25, None, plan, want_final=True, keep=True, dgm=td.dg_mode(g))
+        assert got.prepped.scores_pending is False
+        kept[setting] = (o, sT, got.prepped.aqk)
+    for a, b in zip(kept[False], kept[True]):
+        assert rel_err(b, a) < SAME
+    assert float(kept[True][2].abs().max()) > 0
+    runs = grads_under(monkeypatch, [dict(pass_writes_scores=s) for s in (False, True)], inp, n, cu_t, do, dS, 32)
+    assert_alike(runs, inp, n, cu_t, do, dS, 10 * SAME)
+
+
+def test_pass_writes_scores_only_where_it_forms_them(monkeypatch):
+    # the output pass writes Aqk only with a gate, under the setting, and where gated_scores_in_pass
+    # has a forward without a backward form the scores in its pass
+    from householder.backends import triton_delta as td
+
+    monkeypatch.setitem(td.CONFIG, "gated_scores_in_pass", "auto")
+    monkeypatch.setitem(td.CONFIG, "pass_writes_scores", True)
+    assert td.pass_writes_scores(0.0, 2, 512, 132) is True
+    assert td.pass_writes_scores(0.0, 4, 256, 132) is True
+    assert td.pass_writes_scores(0.0, 4, 128, 132) is False
+    assert td.pass_writes_scores(None, 1, 64, 132) is False
+    monkeypatch.setitem(td.CONFIG, "gated_scores_in_pass", False)
+    assert td.pass_writes_scores(0.0, 1, 512, 132) is False
+    monkeypatch.setitem(td.CONFIG, "gated_scores_in_pass", "auto")
+    monkeypatch.setitem(td.CONFIG, "pass_writes_scores", False)
+    assert td.pass_writes_scores(0.0, 1, 512, 132) is False
+
+
 @pytest.mark.parametrize("bad", [3, -1, "last", None])
 def test_prep_scores_last_refuses_unknown_values(monkeypatch, bad):
     from householder.backends import triton_delta as td

@@ -323,11 +323,13 @@ def state_kernel(
     HAS_S0: tl.constexpr, STORE_ST: tl.constexpr, WRITE_O: tl.constexpr, SAVE_H: tl.constexpr,
     DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr, GMODE: tl.constexpr, GATE_V: tl.constexpr,
     AFORM: tl.constexpr, SAVE_R: tl.constexpr, PREFETCH: tl.constexpr, QK_IN: tl.constexpr,
+    SCORES_OUT: tl.constexpr,
 ):
     """Per (value block, sequence, head): the sequential pass over chunks, with the output.
 
     QK_IN: the masked scores tril(Q K^T) o Gamma are formed here from the loaded tiles (and g)
-    rather than read from ``aqk`` (``chunk_scores``).
+    rather than read from ``aqk`` (``chunk_scores``); SCORES_OUT (with QK_IN and WRITE_O): the
+    first value block's programs also store them at ``aqk``, as prep would have, for the backward.
 
     GATE_V: the state update's decays scale the (BC, BV) pseudo-values, K^T (diag(d) Vn), rather
     than the (BC, BK) keys, (diag(d) K)^T Vn: the same product on a smaller tile.
@@ -398,6 +400,9 @@ def state_kernel(
             qt = tl.load(q + (t0 * H + i_h) * K + tok[:, None] * (H * K) + ck[None, :], mask=qrow[:, None] & (ck[None, :] < K), other=0.0).to(DT)
             at = chunk_scores(aqk, qt, kt, g + t0 * H + i_h, Gnow, r, tok, valid, first, c0 + j, i_h, H, BC, DT, F32,
                               PREC, HAS_G, QK_IN, PREFETCH and GMODE == 0)
+            if SCORES_OUT:
+                if i_v == 0:
+                    tl.store(aqk + ((c0 + j) * H + i_h) * BC * BC + r[:, None] * BC + r[None, :], at.to(aqk.dtype.element_ty))
             ot = _dot(qt, Sd, F32, PREC)
             if HAS_G:
                 ot = ot * eG[:, None]

@@ -180,6 +180,11 @@ CONFIG = {
     # 2 value blocks share a chunk, or where the pass's programs outnumber the SMs (so that another
     # program's work hides the extra products on each one's chain).
     "gated_scores_in_pass": "auto",
+    # With a backward that reads Aqk (dg_from_aqk), the gated forward's output pass forms the
+    # scores where gated_scores_in_pass would have it form them without a backward, and writes
+    # them (the programs of its first value block) for the backward; prep then writes no Aqk and
+    # runs as prep_no_scores. False: prep writes Aqk for every call with a backward.
+    "pass_writes_scores": True,
     # Quadrant splits (0, 1, 2) of the chunk factor's triangular inverse in the prep kernel: 0
     # inverts the whole chunk by doubling, which at chunk 64 is 4.3x (1 split) or 15x (2) the
     # multiply-adds of the split forms. H200, forward at 16 x 2048: 0.984 / 1.022 / 0.948 ms.
@@ -582,6 +587,16 @@ def scores_in_passes(g, backward: bool, value_blocks: int = 1, programs: int = 0
     return setting is True or value_blocks <= 2 or busy
 
 
+def pass_writes_scores(g, value_blocks: int, programs: int, sms: Optional[int]) -> bool:
+    """Whether the forward's output pass of a gated call whose backward reads Aqk forms the scores
+    and writes them for the backward (its first value block's programs), rather than prep writing
+    them (CONFIG["pass_writes_scores"]): where it would form them in a forward with no backward
+    (``scores_in_passes``; the arguments as there)."""
+    if g is None or not CONFIG["pass_writes_scores"]:
+        return False
+    return scores_in_passes(g, backward=False, value_blocks=value_blocks, programs=programs, sms=sms)
+
+
 def fused_backward(dgm: int) -> bool:
     """Whether the backward runs its per-chunk gradients in one kernel (CONFIG["fuse_bwd"]) for
     the gate-gradient mode ``dgm`` (``dg_mode``; 0: no gate)."""
@@ -645,11 +660,15 @@ class Prepped(NamedTuple):
     xs: Optional[torch.Tensor]
     gcs: Optional[torch.Tensor]
     gmode: int = 0  # CONFIG["gates"] when prep wrote gcs
+    # Aqk is allocated but not yet written: the forward's output pass forms the scores and writes
+    # them there (CONFIG["pass_writes_scores"])
+    scores_pending: bool = False
 
 
-def prep(q, k, v, beta, g, plan: _Plan, save_x: bool = False) -> Prepped:
+def prep(q, k, v, beta, g, plan: _Plan, save_x: bool = False, output_pass: bool = False) -> Prepped:
     """The chunk quantities of every chunk (``Prepped``), X only when ``save_x`` (for a backward;
-    Aqk then as ``scores_in_passes`` says)."""
+    Aqk then as ``scores_in_passes`` says). ``output_pass``: the forward's pass that writes the
+    output runs next on these, and may write Aqk in prep's place (``pass_writes_scores``)."""
     a_form = bool(CONFIG["a_form"])
     w = None if a_form else torch.empty_like(k)
     u = None if a_form else torch.empty_like(v)
@@ -659,7 +678,9 @@ def prep(q, k, v, beta, g, plan: _Plan, save_x: bool = False) -> Prepped:
     blocks, heads = plan.seq_grid(plan.state_launch(True, want_o=True)[0]) if g is not None else (1, 0)
     sms = None if g is None or interpreting() else _sm_count(q.device)
     qk_out = not scores_in_passes(g, backward=save_x, value_blocks=blocks, programs=blocks * heads, sms=sms)
-    aqk = torch.empty(chunk_tiles, dtype=q.dtype, device=q.device) if qk_out else None
+    pending = qk_out and output_pass and pass_writes_scores(g, value_blocks=blocks, programs=blocks * heads, sms=sms)
+    qk_out = qk_out and not pending
+    aqk = torch.empty(chunk_tiles, dtype=q.dtype, device=q.device) if qk_out or pending else None
     x_dtype = q.dtype if CONFIG["x_half"] else torch.float32
     xs = torch.empty((plan.NT_total, plan.H, plan.BC, plan.BC), dtype=x_dtype, device=q.device) if save_x else None
     mode = CONFIG["gates"]
@@ -682,7 +703,7 @@ def prep(q, k, v, beta, g, plan: _Plan, save_x: bool = False) -> Prepped:
             SPLITS=CONFIG["inverse_splits"], AFORM=a_form, QK_OUT=qk_out, QK_LAST=prep_scores_last(qk_out, plan.BKP),
             **plan.common(),
         )
-    return Prepped(w, u, a, aqk, xs, gcs, mode if gcs is not None else 0)
+    return Prepped(w, u, a, aqk, xs, gcs, mode if gcs is not None else 0, pending)
 
 
 def state_pass(q, k, v, pp: Prepped, g, scale, S0, plan: _Plan, *, want_o=True, want_final=True, save_h=False,
@@ -691,7 +712,8 @@ def state_pass(q, k, v, pp: Prepped, g, scale, S0, plan: _Plan, *, want_o=True, 
     (NT_total, H, K, V) and pseudo-values Vn (like v) when ``save_h``, and the residuals
     R = V - diag(e^G) K S (like v) when ``save_r`` (a_form only); absent ones None.
 
-    ``pp``: the chunk quantities from ``prep`` (its running log-decays None: summed from g here)."""
+    ``pp``: the chunk quantities from ``prep`` (its running log-decays None: summed from g here;
+    its Aqk, where ``scores_pending``, formed and written here: ``want_o`` only)."""
     a_form = pp.a is not None
     w, u, aqk, gcs = (pp.a, v, pp.aqk, pp.gcs) if a_form else (pp.w, pp.u, pp.aqk, pp.gcs)
     B, T, H, K, V = plan.B, plan.T, plan.H, plan.K, plan.V
@@ -703,6 +725,8 @@ def state_pass(q, k, v, pp: Prepped, g, scale, S0, plan: _Plan, *, want_o=True, 
     if save_r and not a_form:
         raise ValueError("the residuals R = V - diag(e^G) K S are formed only under CONFIG['a_form']")
     vr = torch.empty_like(v) if save_r else None
+    if pp.scores_pending and not want_o:
+        raise ValueError("the scores pending in prep's output are written by the pass that writes the output")
     dummy = u
     BV, stages = plan.state_launch(g is not None, want_o)
     grid = plan.seq_grid(BV)
@@ -713,8 +737,8 @@ def state_pass(q, k, v, pp: Prepped, g, scale, S0, plan: _Plan, *, want_o=True, 
         plan.seqs, plan.T_steps, plan.NT, scale,
         BK=plan.BK, BV=BV, HAS_G=g is not None, HAS_S0=S0 is not None, STORE_ST=want_final,
         WRITE_O=want_o, SAVE_H=save_h, GMODE=gate_mode(pp), GATE_V=bool(CONFIG["gate_values"]), AFORM=a_form,
-        SAVE_R=save_r, PREFETCH=prefetch_gates(gate_mode(pp), "output" if want_o else "rerun"), QK_IN=aqk is None,
-        max_stages=stages, **plan.common(),
+        SAVE_R=save_r, PREFETCH=prefetch_gates(gate_mode(pp), "output" if want_o else "rerun"),
+        QK_IN=aqk is None or pp.scores_pending, SCORES_OUT=pp.scores_pending, max_stages=stages, **plan.common(),
     )
     return o, sT, h, vn, vr
 
@@ -738,10 +762,11 @@ def _forward(q, k, v, beta, g, scale, S0, plan, want_final, keep=False, keep_sta
     """o and the final states; with ``keep``, also a ``Kept`` for the backward (else None), whose
     per-chunk states h, pseudo-values Vn and residuals R are None unless ``keep_states`` (R also
     unless ``residuals_wanted(dgm)``)."""
-    pp = prep(q, k, v, beta, g, plan, save_x=keep)
+    pp = prep(q, k, v, beta, g, plan, save_x=keep, output_pass=True)
     keep_states = keep and keep_states
     o, sT, hs, vn, vr = state_pass(q, k, v, pp, g, scale, S0, plan, want_final=want_final, save_h=keep_states,
                                    save_r=keep_states and residuals_wanted(dgm))
+    pp = pp._replace(scores_pending=False)  # the pass wrote them
     return o, sT, (Kept(pp, hs, vn, vr) if keep else None)
 
 
