@@ -302,7 +302,7 @@ def main() -> int:
                          "gates=0,1,2 or 'bwd_fused=8,1;4,1' (values of (num_warps, num_stages) entries separated by ';')")
     ap.add_argument("--ab-joint", action="append", default=[], metavar="'K=V K2=V2|K=V3 ...'",
                     help="like --ab, for sets of CONFIG entries changed together: variants separated by '|', each "
-                         "KEY=VALUE items separated by spaces, e.g. 'prep=2,1 prep_scores_last=0|prep=1,1 prep_scores_last=2'")
+                         "KEY=VALUE items separated by spaces, e.g. 'bwd_fused=4,2 bwd_fused_gated=4,2|bwd_fused=8,2 bwd_fused_gated=8,2'")
     ap.add_argument("--ab-ops", default="delta,gated", help="the ops --ab times (delta, gated or both)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override an entry of triton_delta.CONFIG, e.g. BV=64 or bwd_dqk=4,1 (num_warps,num_stages)")

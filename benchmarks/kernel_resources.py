@@ -104,8 +104,7 @@ def kernels(K: int, chunk: int):
         qk_out = not qk_in and not scores_out
         yield ("prep", variant, fwd.prep_kernel, dict(common, BK=plan.BK, BKP=plan.BKP, BV=plan.BVP, HAS_G=gated, SAVE_X=True,
                SAVE_G=gmode in (1, 2), SAVE_E=gmode == 3, FPREC=plan.FPREC, SPLITS=td.CONFIG["inverse_splits"],
-               AFORM=a_form, QK_OUT=qk_out,
-               QK_LAST=td.prep_scores_last(qk_out, plan.BKP)), td.CONFIG[td.prep_setting(qk_out)])
+               AFORM=a_form, QK_OUT=qk_out), td.CONFIG[td.prep_setting(qk_out)])
         seq = dict(common, BK=plan.BK, HAS_G=gated, GMODE=gmode, GATE_V=bool(td.CONFIG["gate_values"]), AFORM=a_form,
                    PREFETCH=td.prefetch_gates(gmode, "reverse"), QK_IN=qk_in)
         BV, launch = seq_launch(plan, td.state_setting(gated, True, blocks * heads, SMS), (BV, cap))

@@ -444,9 +444,9 @@ def test_benchmark_joint_variants_parse():
     # compare_delta.py --ab-joint: variants separated by '|', each KEY=VALUE items separated by spaces
     from benchmarks.compare_delta import joint_variants
 
-    got = joint_variants("prep=2,1 prep_scores_last=0 | prep=1,1 prep_scores_last=2")
-    assert got == [("prep=2,1 prep_scores_last=0", ["prep=2,1", "prep_scores_last=0"]),
-                   ("prep=1,1 prep_scores_last=2", ["prep=1,1", "prep_scores_last=2"])]
+    got = joint_variants("prep=2,1 bwd_fused_gated=4,2 | prep=1,1 bwd_fused_gated=8,1")
+    assert got == [("prep=2,1 bwd_fused_gated=4,2", ["prep=2,1", "bwd_fused_gated=4,2"]),
+                   ("prep=1,1 bwd_fused_gated=8,1", ["prep=1,1", "bwd_fused_gated=8,1"])]
     for bad in ("prep=2,1|", "prep 2,1"):
         with pytest.raises(SystemExit, match="--ab-joint"):
             joint_variants(bad)
@@ -638,30 +638,6 @@ def test_gated_backward_forms_the_scores_or_reads_them_alike(rng, monkeypatch, n
 
 
 @pytest.mark.parametrize("n, cu", [(1, None), (2, [0, 7, 7, 30, 50])], ids=["delta", "product-varlen"])
-def test_prep_forms_the_scores_after_the_factor_alike(rng, monkeypatch, n, cu):
-    # CONFIG["prep_scores_last"]: prep forms Q K^T beside K K^T (0) or after the chunk factor in key
-    # blocks of BKP (1) or BKP / 2 (2) columns; K = 64, so that 2 takes two 32-wide blocks. The
-    # same Aqk and chunk quantities, and the same gradients, decays down to e^-30 per token.
-    from householder.backends import triton_delta as td
-
-    inp, cu_t, do, dS = backward_case(rng, 1, 50, 2, 64, 16, n=n, gated=True, cu=cu)
-    inp["g"] = inp["g"] * torch.linspace(0.0, 30.0, 50, device=DEVICE)[None, :, None]
-    q, k, v, beta, g = (inp[key] for key in ("q", "k", "v", "beta", "g"))
-    plan = td._Plan(1, 50, 2, 64, 16, n, 32, None, q.dtype, q.device)
-    preps = []
-    for setting in (0, 1, 2):
-        monkeypatch.setitem(td.CONFIG, "prep_scores_last", setting)
-        assert td.prep_scores_last(True, plan.BKP) == (0, plan.BKP, plan.BKP // 2)[setting]
-        preps.append(td.prep(q, k, v, beta, g, plan, save_x=True))
-    assert preps[0].aqk is not None and float(preps[0].aqk.abs().max()) > 0
-    for pp in preps[1:]:
-        for name in ("aqk", "a", "xs"):
-            assert rel_err(getattr(pp, name), getattr(preps[0], name)) < SAME, name
-    runs = grads_under(monkeypatch, [dict(prep_scores_last=s) for s in (0, 2)], inp, n, cu_t, do, dS, 32)
-    assert_alike(runs, inp, n, cu_t, do, dS, 10 * SAME)
-
-
-@pytest.mark.parametrize("n, cu", [(1, None), (2, [0, 7, 7, 30, 50])], ids=["delta", "product-varlen"])
 def test_forward_pass_writes_the_scores_for_the_backward_alike(rng, monkeypatch, n, cu):
     # CONFIG["pass_writes_scores"]: with a backward that reads Aqk, the gated forward's output pass
     # forms the scores (where it would without a backward) and its first value block's programs
@@ -707,30 +683,6 @@ def test_pass_writes_scores_only_where_it_forms_them(monkeypatch):
     monkeypatch.setitem(td.CONFIG, "gated_scores_in_pass", "auto")
     monkeypatch.setitem(td.CONFIG, "pass_writes_scores", False)
     assert td.pass_writes_scores(0.0, 1, 512, 132) is False
-
-
-@pytest.mark.parametrize("bad", [3, -1, "last", None])
-def test_prep_scores_last_refuses_unknown_values(monkeypatch, bad):
-    from householder.backends import triton_delta as td
-
-    monkeypatch.setitem(td.CONFIG, "prep_scores_last", bad)
-    with pytest.raises(ValueError, match="prep_scores_last"):
-        td.prep_scores_last(True, 64)
-
-
-def test_prep_scores_last_block_width():
-    # the late loop's key blocks: BKP / setting columns, never under the matrix units' depth of 16
-    # (nor over BKP); no late loop where prep writes no scores
-    from householder.backends import triton_delta as td
-
-    saved = td.CONFIG["prep_scores_last"]
-    try:
-        for setting, bkp, want in ((1, 64, 64), (2, 64, 32), (2, 32, 16), (2, 16, 16), (1, 16, 16), (0, 64, 0)):
-            td.CONFIG["prep_scores_last"] = setting
-            assert td.prep_scores_last(True, bkp) == want
-            assert td.prep_scores_last(False, bkp) == 0
-    finally:
-        td.CONFIG["prep_scores_last"] = saved
 
 
 @pytest.mark.parametrize("bad", ["few", 1, None])

@@ -232,14 +232,10 @@ def prep_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BKP: tl.constexpr, BV: tl.constexpr,
     BC: tl.constexpr, NH: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr, SAVE_X: tl.constexpr,
     SAVE_G: tl.constexpr, SAVE_E: tl.constexpr, DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr, FPREC: tl.constexpr,
-    SPLITS: tl.constexpr, AFORM: tl.constexpr, QK_OUT: tl.constexpr, QK_LAST: tl.constexpr,
+    SPLITS: tl.constexpr, AFORM: tl.constexpr, QK_OUT: tl.constexpr,
 ):
     """Per (chunk, head): W = A diag(e^G) K, U = A V (AFORM: A, in the inputs' precision, at ``af``)
     and Aqk = tril(Q K^T) o Gamma (QK_OUT; else q is not read) (and X and G, float32).
-
-    QK_LAST > 0: Q K^T is formed after the factor, in a second key loop (the keys read again) of
-    QK_LAST columns a block, so that its float32 tile is never live beside K K^T's or the inverse's
-    (0: beside K K^T).
 
     SAVE_G: G per step at ``gcs`` (B, T_steps, H); SAVE_E: instead the decays of ``seq_decays``
     per chunk at ``gcs`` (NT_total, H, 2 BC + BK): e^G, e^{G_C - G}, and e^{G_C} BK times."""
@@ -263,12 +259,12 @@ def prep_kernel(
         kb = tl.load(pk + r[:, None] * (H * K) + ck[None, :], mask=valid[:, None] & mk, other=0.0).to(DT)
         # (both loads before the products: with q's load after K K^T the gated build for sm_90
         # spilled 528 B per thread against 376, Triton 3.9)
-        if QK_OUT and not QK_LAST:
+        if QK_OUT:
             qb = tl.load(pq + tok[:, None] * (H * K) + ck[None, :], mask=qrow[:, None] & mk, other=0.0).to(DT)
         Gm += _dot(kb, tl.trans(kb), F32, PREC)
-        if QK_OUT and not QK_LAST:
+        if QK_OUT:
             QK += _dot(qb, tl.trans(kb), F32, PREC)
-    if QK_OUT and not QK_LAST:
+    if QK_OUT:
         # stored before the inverse, so that Q K^T is not live through it: the gated build for
         # sm_90 (Triton 3.9) spills 232 B per thread against 384 with the store after it (Gamma
         # is formed here and again in chunk_factor rather than held through the inverse)
@@ -305,14 +301,6 @@ def prep_kernel(
             vb = tl.load(pv + r[:, None] * (H * V) + cv[None, :], mask=m, other=0.0).to(DT)
             ub = _dot(Ad, vb, F32, PREC)
             tl.store(pu + r[:, None] * (H * V) + cv[None, :], ub.to(u.dtype.element_ty), mask=m)
-    if QK_OUT and QK_LAST:
-        for k0 in tl.static_range(0, K, QK_LAST):
-            ck = k0 + tl.arange(0, QK_LAST)
-            mk = ck[None, :] < K
-            kb = tl.load(pk + r[:, None] * (H * K) + ck[None, :], mask=valid[:, None] & mk, other=0.0).to(DT)
-            qb = tl.load(pq + tok[:, None] * (H * K) + ck[None, :], mask=qrow[:, None] & mk, other=0.0).to(DT)
-            QK += _dot(qb, tl.trans(kb), F32, PREC)
-        tl.store(aqk + (i_c * H + i_h) * BC * BC + r[:, None] * BC + r[None, :], (QK * chunk_gamma(Gc, BC, HAS_G, True)).to(aqk.dtype.element_ty))
 
 
 @triton.jit

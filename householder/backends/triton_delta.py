@@ -53,14 +53,14 @@ CONFIG = {
     # 0.492 to 0.411 / 0.407; where prep writes Aqk, 1 warp was slower (gated forward 0.629 -> 0.708
     # at 4 x 8192, gated forward+backward 2.430 -> 2.545 at 16 x 2048), and 4 or 8 warps slower still
     # (4: 0.494 -> 0.604 ms gated forward at 16 x 2048; benchmarks/results/delta_h200_ab_prep_*_a69e79d.md).
+    # Forming Q K^T after the chunk factor, in a second loop over the keys, so that its float32 tile
+    # is never live beside K K^T's or the inverse's (31e9bbb; sm_90 spills at 1 warp 2792 -> 888 B
+    # per thread, 632 with 32-column key blocks; at 2 warps 240 -> 96) was slower at every warp
+    # count: gated forward+backward 2.434 -> 2.475 (2 warps), 2.503 / 2.477 (1 warp) ms at
+    # 16 x 2048 (H200, delta_h200_ab_fused_warps_prep_scores_last_31e9bbb.md). Since
+    # pass_writes_scores, prep writes Aqk only where the output pass reads it (2 x 16384).
     "prep": (2, 1),
     "prep_no_scores": (1, 1),
-    # Where prep writes Aqk, form Q K^T after the chunk factor (a second loop over the keys, read
-    # again) rather than beside K K^T (0), so that its float32 tile is never live beside K K^T or
-    # the inverse: 1 in key blocks of BKP columns, 2 of BKP / 2 (prep_scores_last()). At 1 warp
-    # each (64, 64) float32 tile takes 128 registers per thread: built for sm_90 by Triton 3.9,
-    # prep at 1 warp spills 2792 / 888 / 632 B per thread at 0 / 1 / 2, at 2 warps 240 / 96 / 496.
-    "prep_scores_last": 0,
     # The sequential passes, plain and gated (state_setting, setting_name): the forward's pass that
     # writes the output (state, state_gated; state_few, state_few_gated where its programs do not
     # outnumber the SMs) and the backward's run of it again (state_rerun, state_rerun_gated). On an
@@ -96,7 +96,10 @@ CONFIG = {
     # pipeline stages (Triton 3.6; 41a9639): 2.858 / 2.857 / 3.126 / 3.326 -> 2.753 / 2.753 / 3.021 /
     # 3.225 ms (8 warps, 2 stages: 3.025 / 3.026 / 3.290 / 3.489); at 0fe442e's order of loads,
     # 3.067 / 3.068 / 3.336 / 3.537 -> 2.729 / 2.727 / 2.999 / 3.195 (43738ca's run). Triton 3.9
-    # builds the same registers, spills and shared memory for sm_90 at 1 and 2 stages.
+    # builds the same registers, spills and shared memory for sm_90 at 1 and 2 stages. At 2 warps
+    # (2152 -> 2800 B spilled per thread) both fused kernels were ten times slower: forward+backward
+    # 1.732 -> 18.09 ms plain, 2.436 -> 22.35 gated at 16 x 2048 (H200, 31e9bbb,
+    # delta_h200_ab_fused_warps_prep_scores_last_31e9bbb.md).
     "bwd_fused_gated": (4, 2),
     "bwd_chunk": None,  # chunk size of the backward pass (None: the forward's)
     # How the sequential passes get the decays of a chunk: 0 sum the log-decays from g there (a
@@ -183,7 +186,10 @@ CONFIG = {
     # With a backward that reads Aqk (dg_from_aqk), the gated forward's output pass forms the
     # scores where gated_scores_in_pass would have it form them without a backward, and writes
     # them (the programs of its first value block) for the backward; prep then writes no Aqk and
-    # runs as prep_no_scores. False: prep writes Aqk for every call with a backward.
+    # runs as prep_no_scores. False: prep writes Aqk for every call with a backward. On an H200
+    # (b04c801, two rounds in one process) the gated forward+backward went from 2.418 / 2.419 /
+    # 2.629 ms to 2.336 / 2.345 / 2.617 at 16 x 2048, 8 x 4096 and 4 x 8192 (2.80 at 2 x 16384,
+    # where the pass reads Aqk either way; delta_h200_ab_pass_writes_scores_b04c801.md).
     "pass_writes_scores": True,
     # Quadrant splits (0, 1, 2) of the chunk factor's triangular inverse in the prep kernel: 0
     # inverts the whole chunk by doubling, which at chunk 64 is 4.3x (1 split) or 15x (2) the
@@ -475,18 +481,6 @@ def state_setting(gated: bool, want_o: bool, programs: int, sms: Optional[int]) 
     return setting_name("state_few" if sms is not None and programs <= sms else "state", gated)
 
 
-def prep_scores_last(scores: bool, BKP: int) -> int:
-    """prep's QK_LAST for a launch that writes the masked scores (``scores``) or not, with key
-    blocks of ``BKP`` columns: the key columns per block of its late Q K^T loop, 0 for none (see
-    CONFIG["prep_scores_last"]; blocks are at least 16 wide, the matrix units' depth)."""
-    setting = CONFIG["prep_scores_last"]
-    if setting not in (0, 1, 2):
-        raise ValueError(f"CONFIG['prep_scores_last'] must be 0, 1 or 2; got {setting!r}")
-    if not scores or not setting:
-        return 0
-    return max(BKP // setting, min(BKP, 16))
-
-
 def prep_setting(scores: bool) -> str:
     """The CONFIG entry of the prep kernel's launch settings: where it writes the masked scores Aqk
     (``scores``) or not."""
@@ -700,7 +694,7 @@ def prep(q, k, v, beta, g, plan: _Plan, save_x: bool = False, output_pass: bool 
             plan.chunks, plan.T_steps, plan.NT,
             BK=plan.BK, BKP=plan.BKP, BV=plan.BVP, HAS_G=g is not None, SAVE_X=save_x,
             SAVE_G=gcs is not None and mode != 3, SAVE_E=gcs is not None and mode == 3, FPREC=plan.FPREC,
-            SPLITS=CONFIG["inverse_splits"], AFORM=a_form, QK_OUT=qk_out, QK_LAST=prep_scores_last(qk_out, plan.BKP),
+            SPLITS=CONFIG["inverse_splits"], AFORM=a_form, QK_OUT=qk_out,
             **plan.common(),
         )
     return Prepped(w, u, a, aqk, xs, gcs, mode if gcs is not None else 0, pending)
