@@ -102,9 +102,12 @@ def kernels(K: int, chunk: int):
         # the output pass writes the scores in prep's place (pass_writes_scores)
         scores_out = not qk_in and td.pass_writes_scores(0.0 if gated else None, blocks, blocks * heads, SMS)
         qk_out = not qk_in and not scores_out
+        apart = qk_out and bool(td.CONFIG["scores_kernel"])
         yield ("prep", variant, fwd.prep_kernel, dict(common, BK=plan.BK, BKP=plan.BKP, BV=plan.BVP, HAS_G=gated, SAVE_X=True,
                SAVE_G=gmode in (1, 2), SAVE_E=gmode == 3, FPREC=plan.FPREC, SPLITS=td.CONFIG["inverse_splits"],
-               AFORM=a_form, QK_OUT=qk_out), td.CONFIG[td.prep_setting(qk_out)])
+               AFORM=a_form, QK_OUT=qk_out and not apart), td.CONFIG[td.prep_setting(qk_out and not apart)])
+        if apart:
+            yield ("scores", variant, fwd.scores_kernel, dict(common, BKS=plan.BKP, HAS_G=gated), td.CONFIG["scores"])
         seq = dict(common, BK=plan.BK, HAS_G=gated, GMODE=gmode, GATE_V=bool(td.CONFIG["gate_values"]), AFORM=a_form,
                    PREFETCH=td.prefetch_gates(gmode, "reverse"), QK_IN=qk_in)
         BV, launch = seq_launch(plan, td.state_setting(gated, True, blocks * heads, SMS), (BV, cap))

@@ -667,6 +667,38 @@ def test_forward_pass_writes_the_scores_for_the_backward_alike(rng, monkeypatch,
     assert_alike(runs, inp, n, cu_t, do, dS, 10 * SAME)
 
 
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+@pytest.mark.parametrize("n, cu", [(1, None), (2, [0, 7, 7, 30, 50])], ids=["delta", "product-varlen"])
+def test_scores_kernel_writes_the_scores_alike(rng, monkeypatch, gated, n, cu):
+    # CONFIG["scores_kernel"]: where the passes read Aqk, a kernel of its own writes it and prep
+    # none (prep then at its no-scores launch setting); the same Aqk as prep's, the same outputs
+    # and gradients. K = 64, two key blocks; decays down to e^-30 per token.
+    from householder.backends import triton_delta as td
+
+    monkeypatch.setitem(td.CONFIG, "gated_scores_in_pass", False)
+    monkeypatch.setitem(td.CONFIG, "scores_in_passes", False)
+    inp, cu_t, do, dS = backward_case(rng, 1, 50, 2, 64, 16, n=n, gated=gated, cu=cu)
+    if gated:
+        inp["g"] = inp["g"] * torch.linspace(0.0, 30.0, 50, device=DEVICE)[None, :, None]
+    q, k, v, beta, g = (inp.get(key) for key in ("q", "k", "v", "beta", "g"))
+    plan = td._Plan(1, 50, 2, 64, 16, n, 32, None, q.dtype, q.device)
+    launched = []
+    real = td.launch
+    monkeypatch.setattr(td, "launch", lambda name, *a, **kw: (launched.append(name), real(name, *a, **kw)))
+    preps = []
+    for setting in (False, True):
+        monkeypatch.setitem(td.CONFIG, "scores_kernel", setting)
+        launched.clear()
+        preps.append(td.prep(q, k, v, beta, g, plan, save_x=True, output_pass=True))
+        assert launched == (["prep_no_scores", "scores"] if setting else ["prep"])
+    assert preps[0].aqk is not None and float(preps[0].aqk.abs().max()) > 0
+    for name in ("aqk", "a", "xs"):
+        assert rel_err(getattr(preps[1], name), getattr(preps[0], name)) < SAME, name
+    monkeypatch.setattr(td, "launch", real)
+    runs = grads_under(monkeypatch, [dict(scores_kernel=s) for s in (False, True)], inp, n, cu_t, do, dS, 32)
+    assert_alike(runs, inp, n, cu_t, do, dS, 10 * SAME)
+
+
 def test_pass_writes_scores_only_where_it_forms_them(monkeypatch):
     # the output pass writes Aqk only with a gate, under the setting, and where gated_scores_in_pass
     # has a forward without a backward form the scores in its pass

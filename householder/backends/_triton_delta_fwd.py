@@ -213,6 +213,39 @@ def chunk_scores(aqk, qt, kt, gp, gr, r, tok, valid, first, i_c, i_h, H: tl.cons
 
 
 @triton.jit
+def store_scores(aqk, QK, Gc, i_c, i_h, r, H: tl.constexpr, BC: tl.constexpr, HAS_G: tl.constexpr):
+    """Store the chunk's masked scores tril(Q K^T) o Gamma (``QK`` = Q K^T, (BC, BC) float32; Gc
+    the running log-decays) at ``aqk`` (NT_total, H, BC, BC), in its dtype."""
+    tl.store(aqk + (i_c * H + i_h) * BC * BC + r[:, None] * BC + r[None, :],
+             (QK * chunk_gamma(Gc, BC, HAS_G, True)).to(aqk.dtype.element_ty))
+
+
+@triton.jit
+def scores_kernel(
+    q, k, g, aqk, chunks, T_steps, NT,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BKS: tl.constexpr, BC: tl.constexpr, NH: tl.constexpr,
+    HAS_G: tl.constexpr, VARLEN: tl.constexpr, DT: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr,
+):
+    """Per (chunk, head): the masked scores Aqk = tril(Q K^T) o Gamma alone, in key blocks of BKS
+    columns (CONFIG["scores_kernel"]: prep then writes none and runs as prep_no_scores)."""
+    i_c, i_h, start, end, r, tok, first, last, valid, qrow, t0 = chunk_program(chunks, T_steps, NT, BC, NH, VARLEN)
+    pk = k + (start * H + i_h) * K
+    pq = q + (t0 * H + i_h) * K
+    if HAS_G:
+        Gc = chunk_gates(g + t0 * H + i_h, tok, valid, first, H)
+    else:
+        Gc = tl.zeros((BC,), dtype=tl.float32)
+    QK = tl.zeros((BC, BC), dtype=tl.float32)
+    for k0 in tl.static_range(0, K, BKS):
+        ck = k0 + tl.arange(0, BKS)
+        mk = ck[None, :] < K
+        kb = tl.load(pk + r[:, None] * (H * K) + ck[None, :], mask=valid[:, None] & mk, other=0.0).to(DT)
+        qb = tl.load(pq + tok[:, None] * (H * K) + ck[None, :], mask=qrow[:, None] & mk, other=0.0).to(DT)
+        QK += _dot(qb, tl.trans(kb), F32, PREC)
+    store_scores(aqk, QK, Gc, i_c, i_h, r, H, BC, HAS_G)
+
+
+@triton.jit
 def chunk_factor(Gm, b, Gc, BC: tl.constexpr, HAS_G: tl.constexpr, FPREC: tl.constexpr, SPLITS: tl.constexpr):
     """The gated chunk factor A = (X o Gamma) diag(beta), X = (I + tril(diag(beta) K K^T, -1))^{-1}.
 
@@ -268,8 +301,7 @@ def prep_kernel(
         # stored before the inverse, so that Q K^T is not live through it: the gated build for
         # sm_90 (Triton 3.9) spills 232 B per thread against 384 with the store after it (Gamma
         # is formed here and again in chunk_factor rather than held through the inverse)
-        tl.store(aqk + (i_c * H + i_h) * BC * BC + r[:, None] * BC + r[None, :],
-                 (QK * chunk_gamma(Gc, BC, HAS_G, True)).to(aqk.dtype.element_ty))
+        store_scores(aqk, QK, Gc, i_c, i_h, r, H, BC, HAS_G)
     if HAS_G:
         if SAVE_G:
             tl.store(gcs + start * H + i_h + r * H, Gc, mask=valid)

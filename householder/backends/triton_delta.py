@@ -61,6 +61,15 @@ CONFIG = {
     # pass_writes_scores, prep writes Aqk only where the output pass reads it (2 x 16384).
     "prep": (2, 1),
     "prep_no_scores": (1, 1),
+    # Where Aqk is written before the passes (the gated pass reads it: at 2 x 16384, or at every
+    # shape under gated_scores_in_pass False), a kernel of its own writes it (scores_kernel, at
+    # the "scores" launch setting) and prep none, so that prep runs at 1 warp (prep_no_scores).
+    # Off: not yet timed. (Per 31e9bbb's profile, prep took 0.271 ms writing Aqk at 2 warps and
+    # 0.107 without at 1, plain; the gated pass at 4 x 8192 took 0.380 ms reading Aqk against
+    # about 0.49 forming the scores, a465726 / ec82f8f: a scores kernel under about 0.13 ms would
+    # make reading them the faster there.)
+    "scores_kernel": False,
+    "scores": (4, 1),
     # The sequential passes, plain and gated (state_setting, setting_name): the forward's pass that
     # writes the output (state, state_gated; state_few, state_few_gated where its programs do not
     # outnumber the SMs) and the backward's run of it again (state_rerun, state_rerun_gated). On an
@@ -675,6 +684,7 @@ def prep(q, k, v, beta, g, plan: _Plan, save_x: bool = False, output_pass: bool 
     pending = qk_out and output_pass and pass_writes_scores(g, value_blocks=blocks, programs=blocks * heads, sms=sms)
     qk_out = qk_out and not pending
     aqk = torch.empty(chunk_tiles, dtype=q.dtype, device=q.device) if qk_out or pending else None
+    apart = qk_out and bool(CONFIG["scores_kernel"])  # Aqk from scores_kernel, not prep
     x_dtype = q.dtype if CONFIG["x_half"] else torch.float32
     xs = torch.empty((plan.NT_total, plan.H, plan.BC, plan.BC), dtype=x_dtype, device=q.device) if save_x else None
     mode = CONFIG["gates"]
@@ -688,15 +698,18 @@ def prep(q, k, v, beta, g, plan: _Plan, save_x: bool = False, output_pass: bool 
         gcs = torch.empty(beta.shape, dtype=torch.float32, device=q.device)
     dummy = beta  # stands for absent tensors; never read or written
     if plan.NT_total:
-        launch(prep_setting(qk_out), _fwd.prep_kernel, (plan.NT_total, plan.H),
+        launch(prep_setting(qk_out and not apart), _fwd.prep_kernel, (plan.NT_total, plan.H),
             q, k, v, beta, _g_arg(g, beta), dummy if a_form else w, dummy if a_form else u, a if a_form else dummy,
             aqk if qk_out else dummy, xs if save_x else dummy, gcs if gcs is not None else dummy,
             plan.chunks, plan.T_steps, plan.NT,
             BK=plan.BK, BKP=plan.BKP, BV=plan.BVP, HAS_G=g is not None, SAVE_X=save_x,
             SAVE_G=gcs is not None and mode != 3, SAVE_E=gcs is not None and mode == 3, FPREC=plan.FPREC,
-            SPLITS=CONFIG["inverse_splits"], AFORM=a_form, QK_OUT=qk_out,
+            SPLITS=CONFIG["inverse_splits"], AFORM=a_form, QK_OUT=qk_out and not apart,
             **plan.common(),
         )
+        if apart:
+            launch("scores", _fwd.scores_kernel, (plan.NT_total, plan.H), q, k, _g_arg(g, beta), aqk,
+                   plan.chunks, plan.T_steps, plan.NT, BKS=plan.BKP, HAS_G=g is not None, **plan.common())
     return Prepped(w, u, a, aqk, xs, gcs, mode if gcs is not None else 0, pending)
 
 
