@@ -96,17 +96,15 @@ def kernels(K: int, chunk: int):
         variant = "gated" if gated else "plain"
         gmode = td.CONFIG["gates"] if gated else 0
         # the kernels of a call with a backward: the scores formed in the passes or read from prep
-        qk_in = td.scores_in_passes(0.0 if gated else None, backward=True)
         BV, cap = plan.state_launch(gated, want_o=True, sms=SMS)
         blocks, heads = plan.seq_grid(BV)
-        # the output pass writes the scores in prep's place (pass_writes_scores)
-        scores_out = not qk_in and td.pass_writes_scores(0.0 if gated else None, blocks, blocks * heads, SMS)
-        qk_out = not qk_in and not scores_out
-        apart = qk_out and bool(td.CONFIG["scores_kernel"])
+        writer = td.scores_writer(0.0 if gated else None, backward=True, output_pass=True, value_blocks=blocks,
+                                  programs=blocks * heads, sms=SMS)
+        qk_in, scores_out = writer is None, writer == "pass"
         yield ("prep", variant, fwd.prep_kernel, dict(common, BK=plan.BK, BKP=plan.BKP, BV=plan.BVP, HAS_G=gated, SAVE_X=True,
                SAVE_G=gmode in (1, 2), SAVE_E=gmode == 3, FPREC=plan.FPREC, SPLITS=td.CONFIG["inverse_splits"],
-               AFORM=a_form, QK_OUT=qk_out and not apart), td.CONFIG[td.prep_setting(qk_out and not apart)])
-        if apart:
+               AFORM=a_form, QK_OUT=writer == "prep"), td.CONFIG[td.prep_setting(writer == "prep")])
+        if writer == "scores_kernel":
             yield ("scores", variant, fwd.scores_kernel, dict(common, BKS=plan.BKP, HAS_G=gated), td.CONFIG["scores"])
         seq = dict(common, BK=plan.BK, HAS_G=gated, GMODE=gmode, GATE_V=bool(td.CONFIG["gate_values"]), AFORM=a_form,
                    PREFETCH=td.prefetch_gates(gmode, "reverse"), QK_IN=qk_in)

@@ -699,6 +699,24 @@ def test_scores_kernel_writes_the_scores_alike(rng, monkeypatch, gated, n, cu):
     assert_alike(runs, inp, n, cu_t, do, dS, 10 * SAME)
 
 
+def test_scores_writer_names_one_writer_of_aqk(monkeypatch):
+    # scores_writer: nothing where the passes form the scores, else the output pass
+    # (pass_writes_scores, with a backward and the output pass next), scores_kernel or prep
+    from householder.backends import triton_delta as td
+
+    monkeypatch.setitem(td.CONFIG, "gated_scores_in_pass", "auto")
+    monkeypatch.setitem(td.CONFIG, "pass_writes_scores", True)
+    monkeypatch.setitem(td.CONFIG, "scores_kernel", False)
+    kw = dict(value_blocks=2, programs=512, sms=132)
+    assert td.scores_writer(0.0, False, True, **kw) is None
+    assert td.scores_writer(0.0, True, True, **kw) == "pass"
+    assert td.scores_writer(0.0, True, False, **kw) == "prep"
+    assert td.scores_writer(0.0, True, True, value_blocks=4, programs=128, sms=132) == "prep"
+    monkeypatch.setitem(td.CONFIG, "scores_kernel", True)
+    assert td.scores_writer(0.0, True, True, value_blocks=4, programs=128, sms=132) == "scores_kernel"
+    assert td.scores_writer(None, True, True, **kw) is None  # scores_in_passes, plain
+
+
 def test_pass_writes_scores_only_where_it_forms_them(monkeypatch):
     # the output pass writes Aqk only with a gate, under the setting, and where gated_scores_in_pass
     # has a forward without a backward form the scores in its pass

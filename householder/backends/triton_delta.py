@@ -600,6 +600,19 @@ def pass_writes_scores(g, value_blocks: int, programs: int, sms: Optional[int]) 
     return scores_in_passes(g, backward=False, value_blocks=value_blocks, programs=programs, sms=sms)
 
 
+def scores_writer(g, backward: bool, output_pass: bool, value_blocks: int = 1, programs: int = 0,
+                  sms: Optional[int] = None) -> Optional[str]:
+    """What writes the masked scores Aqk of a call (the arguments as for ``scores_in_passes``;
+    ``output_pass``: the forward's output pass runs on prep's quantities): None where the passes
+    form them and nothing writes them, "pass" (``pass_writes_scores``), "scores_kernel"
+    (CONFIG["scores_kernel"]) or "prep"."""
+    if scores_in_passes(g, backward=backward, value_blocks=value_blocks, programs=programs, sms=sms):
+        return None
+    if output_pass and pass_writes_scores(g, value_blocks=value_blocks, programs=programs, sms=sms):
+        return "pass"
+    return "scores_kernel" if CONFIG["scores_kernel"] else "prep"
+
+
 def fused_backward(dgm: int) -> bool:
     """Whether the backward runs its per-chunk gradients in one kernel (CONFIG["fuse_bwd"]) for
     the gate-gradient mode ``dgm`` (``dg_mode``; 0: no gate)."""
@@ -680,11 +693,9 @@ def prep(q, k, v, beta, g, plan: _Plan, save_x: bool = False, output_pass: bool 
     # the gated forward pass's grid, which decides where it forms its own scores
     blocks, heads = plan.seq_grid(plan.state_launch(True, want_o=True)[0]) if g is not None else (1, 0)
     sms = None if g is None or interpreting() else _sm_count(q.device)
-    qk_out = not scores_in_passes(g, backward=save_x, value_blocks=blocks, programs=blocks * heads, sms=sms)
-    pending = qk_out and output_pass and pass_writes_scores(g, value_blocks=blocks, programs=blocks * heads, sms=sms)
-    qk_out = qk_out and not pending
-    aqk = torch.empty(chunk_tiles, dtype=q.dtype, device=q.device) if qk_out or pending else None
-    apart = qk_out and bool(CONFIG["scores_kernel"])  # Aqk from scores_kernel, not prep
+    writer = scores_writer(g, save_x, output_pass, value_blocks=blocks, programs=blocks * heads, sms=sms)
+    qk_out, pending, apart = writer == "prep", writer == "pass", writer == "scores_kernel"
+    aqk = torch.empty(chunk_tiles, dtype=q.dtype, device=q.device) if writer is not None else None
     x_dtype = q.dtype if CONFIG["x_half"] else torch.float32
     xs = torch.empty((plan.NT_total, plan.H, plan.BC, plan.BC), dtype=x_dtype, device=q.device) if save_x else None
     mode = CONFIG["gates"]
@@ -698,13 +709,13 @@ def prep(q, k, v, beta, g, plan: _Plan, save_x: bool = False, output_pass: bool 
         gcs = torch.empty(beta.shape, dtype=torch.float32, device=q.device)
     dummy = beta  # stands for absent tensors; never read or written
     if plan.NT_total:
-        launch(prep_setting(qk_out and not apart), _fwd.prep_kernel, (plan.NT_total, plan.H),
+        launch(prep_setting(qk_out), _fwd.prep_kernel, (plan.NT_total, plan.H),
             q, k, v, beta, _g_arg(g, beta), dummy if a_form else w, dummy if a_form else u, a if a_form else dummy,
             aqk if qk_out else dummy, xs if save_x else dummy, gcs if gcs is not None else dummy,
             plan.chunks, plan.T_steps, plan.NT,
             BK=plan.BK, BKP=plan.BKP, BV=plan.BVP, HAS_G=g is not None, SAVE_X=save_x,
             SAVE_G=gcs is not None and mode != 3, SAVE_E=gcs is not None and mode == 3, FPREC=plan.FPREC,
-            SPLITS=CONFIG["inverse_splits"], AFORM=a_form, QK_OUT=qk_out and not apart,
+            SPLITS=CONFIG["inverse_splits"], AFORM=a_form, QK_OUT=qk_out,
             **plan.common(),
         )
         if apart:
