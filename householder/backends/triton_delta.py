@@ -61,14 +61,15 @@ CONFIG = {
     # pass_writes_scores, prep writes Aqk only where the output pass reads it (2 x 16384).
     "prep": (2, 1),
     "prep_no_scores": (1, 1),
-    # Where Aqk is written before the passes (the gated pass reads it: at 2 x 16384, or at every
-    # shape under gated_scores_in_pass False), a kernel of its own writes it (scores_kernel, at
-    # the "scores" launch setting) and prep none, so that prep runs at 1 warp (prep_no_scores).
-    # Off: not yet timed. (Per 31e9bbb's profile, prep took 0.271 ms writing Aqk at 2 warps and
-    # 0.107 without at 1, plain; the gated pass at 4 x 8192 took 0.380 ms reading Aqk against
-    # about 0.49 forming the scores, a465726 / ec82f8f: a scores kernel under about 0.13 ms would
-    # make reading them the faster there.)
-    "scores_kernel": False,
+    # Where Aqk is written before the passes (the gated pass reads it: at the long shapes, or at
+    # every shape under gated_scores_in_pass False), a kernel of its own writes it (scores_kernel, at
+    # the "scores" launch setting) and prep none, so that prep runs at 1 warp (prep_no_scores). On an
+    # H200 (2f75423, delta_h200_ab_scores_kernel_2f75423.md), with gated_scores_in_pass "few-blocks"
+    # (the pass reads Aqk at 4 x 8192 and 2 x 16384), the gated forward went from 0.602 / 0.730 ms to
+    # 0.578 / 0.684 there and the forward+backward from 2.623 / 2.803 to 2.581 / 2.750; the short
+    # shapes, where the pass forms the scores, unchanged (0.407 / 2.337 ms at 16 x 2048). 2 or 8
+    # warps instead of 4: 0.597 / 0.600 ms at 4 x 8192.
+    "scores_kernel": True,
     "scores": (4, 1),
     # The sequential passes, plain and gated (state_setting, setting_name): the forward's pass that
     # writes the output (state, state_gated; state_few, state_few_gated where its programs do not
@@ -190,8 +191,10 @@ CONFIG = {
     # ec82f8f, benchmarks/results/delta_h200_ab_scores_in_pass_ec82f8f.md): with 4 value blocks each,
     # the pass there runs 256 and 128 programs on 132 SMs. "auto" forms them in the pass where at most
     # 2 value blocks share a chunk, or where the pass's programs outnumber the SMs (so that another
-    # program's work hides the extra products on each one's chain).
-    "gated_scores_in_pass": "auto",
+    # program's work hides the extra products on each one's chain). Since scores_kernel writes Aqk
+    # and prep runs at 1 warp beside it, reading it is the faster at 4 x 8192 too: "few-blocks"
+    # (0.578 ms against "auto"'s 0.604 there, 2f75423; the same elsewhere).
+    "gated_scores_in_pass": "few-blocks",
     # With a backward that reads Aqk (dg_from_aqk), the gated forward's output pass forms the
     # scores where gated_scores_in_pass would have it form them without a backward, and writes
     # them (the programs of its first value block) for the backward; prep then writes no Aqk and
