@@ -22,6 +22,7 @@ import argparse
 import datetime
 import os
 import platform
+import signal
 import sys
 
 import torch
@@ -316,6 +317,7 @@ def main() -> int:
     H, D = args.heads, args.dim
     CHUNK[0] = args.chunk
     apply_settings(args.set)
+    signal.signal(signal.SIGTERM, stop_marker(args.out))
     # fla >= 0.6 hands its gated op to FlashQLA when that is installed: keep fla's own Triton path
     # in the fla columns (FlashQLA has columns of its own)
     os.environ.setdefault("FLA_FLASH_QLA", "0")
@@ -391,6 +393,13 @@ def main() -> int:
             variants += [(f"ours {key}={val}", [f"{key}={val}"]) for val in values]
         acc = ["| op | B x T x H | impl | " + " | ".join(["o", "dq", "dk", "dv", "dbeta", "dg"]) + " |",
                "|---|---|---|---|---|---|---|---|---|"]
+        head = [
+            "## Accuracy against float64 (max |err| / max |ref|, bf16 inputs)",
+            "",
+            "The reference is our torch path in float64 on the same bf16-rounded inputs. DeltaProduct "
+            "(n = 2) runs T tokens of two steps each.",
+            "",
+        ]
         for B, T, H_ in (tuple(int(x) for x in s.split("x")) for s in args.accuracy_shapes.split(",") if s):
             for op, gated, n in (("delta", False, 1), ("gated", True, 1), ("product2", True, 2)):
                 try:
@@ -402,14 +411,9 @@ def main() -> int:
                     cells = [f"{e:.1e}" for e in errs] + ["-"] * (6 - len(errs))
                     acc.append(f"| {op} | {B} x {T} x {H_} | {who} | " + " | ".join(cells) + " |")
                 print("\n".join(acc[-len(rows):]), flush=True)
+                _write(args.out, lines + head + acc + [""])
                 torch.cuda.empty_cache()
-        lines += [
-            "## Accuracy against float64 (max |err| / max |ref|, bf16 inputs)",
-            "",
-            "The reference is our torch path in float64 on the same bf16-rounded inputs. DeltaProduct "
-            "(n = 2) runs T tokens of two steps each.",
-            "",
-        ] + acc + [""]
+        lines += head + acc + [""]
         _write(args.out, lines)
 
     if args.no_sdpa:
@@ -461,6 +465,21 @@ def _write(path, lines) -> None:
     """Rewrite the report so far (a run cut short still leaves its finished sections)."""
     with open(path, "w") as fh:
         fh.write("\n".join(lines) + "\n")
+
+
+STOPPED = ("**The run was stopped here (SIGTERM, e.g. a time limit): the section above may be cut "
+           "short, and the sections the command asked for after it were not run.**")
+
+
+def stop_marker(path):
+    """A SIGTERM handler that appends ``STOPPED`` to the report at ``path`` and exits with status
+    124 (timeout's), so that a report cut short says so rather than passing for a whole one."""
+    def handler(signum, frame):
+        if os.path.exists(path):
+            with open(path, "a") as fh:
+                fh.write("\n" + STOPPED + "\n")
+        raise SystemExit(124)
+    return handler
 
 
 def sweep(H, D, shapes):

@@ -452,6 +452,23 @@ def test_benchmark_joint_variants_parse():
             joint_variants(bad)
 
 
+def test_benchmark_report_says_when_a_run_was_stopped(tmp_path):
+    # compare_delta.py under `timeout`: SIGTERM appends a line saying the report is cut short
+    import signal
+
+    from benchmarks.compare_delta import STOPPED, stop_marker
+
+    out = tmp_path / "report.md"
+    out.write_text("| delta | 16 x 2048 | 0.332 |\n")
+    with pytest.raises(SystemExit) as info:
+        stop_marker(str(out))(signal.SIGTERM, None)
+    assert info.value.code == 124
+    assert out.read_text() == "| delta | 16 x 2048 | 0.332 |\n\n" + STOPPED + "\n"
+    with pytest.raises(SystemExit):  # before the first write: nothing to mark, no file made
+        stop_marker(str(tmp_path / "none.md"))(signal.SIGTERM, None)
+    assert not (tmp_path / "none.md").exists()
+
+
 def test_passes_side_by_side_only_on_a_gpu(monkeypatch):
     # CONFIG["overlap_passes"] puts the reverse pass on a second stream of a CUDA device; the
     # interpreter (CPU tensors) runs every launch in order on none
