@@ -58,7 +58,7 @@ CONFIG = {
     # per thread, 632 with 32-column key blocks; at 2 warps 240 -> 96) was slower at every warp
     # count: gated forward+backward 2.434 -> 2.475 (2 warps), 2.503 / 2.477 (1 warp) ms at
     # 16 x 2048 (H200, delta_h200_ab_fused_warps_prep_scores_last_31e9bbb.md). Since
-    # pass_writes_scores, prep writes Aqk only where the output pass reads it (2 x 16384).
+    # pass_writes_scores and scores_kernel, prep writes Aqk only with both of those off.
     "prep": (2, 1),
     "prep_no_scores": (1, 1),
     # Where Aqk is written before the passes (the gated pass reads it: at the long shapes, or at
