@@ -85,10 +85,11 @@ def seq_launch(plan, name, launch):
     return BV, (warps, min(stages, cap or stages))
 
 
-def kernels(K: int, chunk: int):
-    """(name, variant, kernel, constexprs, (warps, stages)) of one forward+backward as the launchers set them."""
-    # B = 16 and 132 SMs (H100, H200): the value columns the launchers pick at compare_delta.py's 16 x 2048
-    plan = td._Plan(16, 4 * chunk, 16, K, K, 1, chunk, None, torch.bfloat16, torch.device("cpu"))
+def kernels(K: int, chunk: int, batch: int = 16):
+    """(name, variant, kernel, constexprs, (warps, stages)) of one forward+backward as the launchers set them
+    for ``batch`` sequences of H = 16 heads on 132 SMs (H100, H200): 16 as compare_delta.py's 16 x 2048, 2 as
+    its 2 x 16384 (fewer programs: other value columns and launch settings of the sequential passes)."""
+    plan = td._Plan(batch, 4 * chunk, 16, K, K, 1, chunk, None, torch.bfloat16, torch.device("cpu"))
     common = plan.common()
     small = min(plan.BKP, plan.BVB) < 64  # the backward's 4-warp cap (see _triton_delta_bwd.backward)
     a_form = bool(td.CONFIG["a_form"])
@@ -137,6 +138,7 @@ def main() -> int:
     ap.add_argument("--out", required=True, help="markdown file to write")
     ap.add_argument("--dim", type=int, default=128, help="K = V")
     ap.add_argument("--chunk", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=16, help="sequences B (H = 16): the launchers pick per B x H")
     ap.add_argument("--only", default="", help="comma-separated kernel names (default: all)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override an entry of triton_delta.CONFIG, as compare_delta.py --set")
@@ -154,20 +156,21 @@ def main() -> int:
         f"- bf16 inputs, K = V = {args.dim}, chunk {args.chunk}, H = 16; launch settings of triton_delta.CONFIG: "
         + ", ".join(f"{k}={v}" for k, v in td.CONFIG.items()),
         "- value columns of the state pass (forward, with the output) and the reverse pass: CONFIG's BV and bwd_state_BV, "
-        "or under None what the launchers pick at B = 16, H = 16 on 132 SMs (_Plan.state_launch, reverse_launch)",
+        f"or under None what the launchers pick at B = {args.batch}, H = 16 on 132 SMs (_Plan.state_launch, reverse_launch)",
         "- stack: bytes of local memory per thread (register spills); shared: dynamic shared memory per program",
         "",
-        "| kernel | variant | warps | stages | registers | stack B | shared KiB |",
-        "|---|---|---|---|---|---|---|",
+        "| kernel | variant | value cols | warps | stages | registers | stack B | shared KiB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for name, variant, fn, meta, (warps, stages) in kernels(args.dim, args.chunk):
+    for name, variant, fn, meta, (warps, stages) in kernels(args.dim, args.chunk, args.batch):
         if only and name not in only:
             continue
+        cols = meta.get("BV", "-")  # value columns per program (per step of the per-chunk kernels' loops)
         try:
             r = resources(fn, meta, warps, stages)
-            row = f"| {name} | {variant} | {warps} | {stages} | {r['registers']} | {r['stack']} | {r['shared'] / 1024:.1f} |"
+            row = f"| {name} | {variant} | {cols} | {warps} | {stages} | {r['registers']} | {r['stack']} | {r['shared'] / 1024:.1f} |"
         except Exception as exc:  # a kernel that does not compile is a result too
-            row = f"| {name} | {variant} | {warps} | {stages} | failed: {type(exc).__name__}: {str(exc)[:200]} | | |"
+            row = f"| {name} | {variant} | {cols} | {warps} | {stages} | failed: {type(exc).__name__}: {str(exc)[:200]} | | |"
         lines.append(row)
         print(row, flush=True)
     with open(args.out, "w") as f:

@@ -469,6 +469,24 @@ def test_benchmark_report_says_when_a_run_was_stopped(tmp_path):
     assert not (tmp_path / "none.md").exists()
 
 
+def test_kernel_resources_lists_the_launchers_choices_per_batch(monkeypatch):
+    # benchmarks/kernel_resources.py --batch: the kernels of one forward+backward and the settings
+    # the launchers pick for B sequences of 16 heads on 132 SMs (listed without compiling here)
+    from benchmarks.kernel_resources import kernels
+    from householder.backends import triton_delta as td
+
+    for key, value in dict(BV=None, scores_kernel=True, gated_scores_in_pass="few-blocks", pass_writes_scores=True,
+                           fuse_bwd=2).items():
+        monkeypatch.setitem(td.CONFIG, key, value)
+    short = {(name, variant): (meta.get("BV"), launch) for name, variant, _, meta, launch in kernels(128, 64, 16)}
+    long_ = {(name, variant): (meta.get("BV"), launch) for name, variant, _, meta, launch in kernels(128, 64, 2)}
+    # 16 x 16 heads: 64 value columns, the pass forms (and writes) the gated scores, no scores kernel
+    assert short[("state", "gated")] == (64, td.CONFIG["state_gated"]) and ("scores", "gated") not in short
+    # 2 x 16 heads: 32 columns at the few-programs setting, and the scores kernel writes Aqk
+    assert long_[("state", "gated")] == (32, td.CONFIG["state_few_gated"]) and ("scores", "gated") in long_
+    assert ("scores", "plain") not in long_  # the plain passes form their scores at every shape
+
+
 def test_passes_side_by_side_only_on_a_gpu(monkeypatch):
     # CONFIG["overlap_passes"] puts the reverse pass on a second stream of a CUDA device; the
     # interpreter (CPU tensors) runs every launch in order on none
