@@ -3,6 +3,7 @@
 Usage (any machine with triton installed; no GPU needed)::
 
     python benchmarks/kernel_resources.py --out benchmarks/results/delta_kernel_resources_sm90.md
+    python benchmarks/kernel_resources.py --batch 2 --out delta_kernel_resources_sm90_b2.md  # as at 2 x 16384
 
 Each kernel is compiled for sm_90 (H100, H200) at the launch settings and tile sizes that
 ``triton_delta`` would use for bf16 inputs at the given K = V and chunk size, and its cubin is
